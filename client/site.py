@@ -1,0 +1,106 @@
+"""A hospital site as a Flower ``NumPyClient``: converts messages to calls into ``fedtune.common``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from fedtune.common import instructions
+from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
+from fedtune.common.config import FedConfig
+from fedtune.common.model import (
+    PeftSpec,
+    build_peft_model,
+    load_tokenizer,
+    resolve_model_dir,
+    verify_fingerprint,
+)
+from fedtune.common.sites import SiteData, site_data
+from fedtune.common.train import evaluate, select_device, train
+from flwr.client import NumPyClient
+
+log = logging.getLogger(__name__)
+
+
+def check_secagg_range(arrays: list[np.ndarray], num_examples: int, max_weight: float, clip: float) -> None:
+    """Refuse an upload that SecAgg+ would silently distort.
+
+    SecAgg+ multiplies each value by ``num_examples / max_weight`` and clips it to
+    ``[-clip, clip]`` before quantising; either overflow would corrupt the aggregate.
+
+    Raises
+    ------
+    ValueError
+        Naming the setting to raise.
+    """
+    if num_examples > max_weight:
+        raise ValueError(
+            f"Site has {num_examples} training examples > SecAgg+ `secagg-max-weight` {max_weight:g}: "
+            "its weight would be clipped. Raise `secagg-max-weight` to at least the largest site's count."
+        )
+    peak = max(float(np.abs(a).max()) for a in arrays if a.size) * num_examples / max_weight
+    if peak > clip:
+        raise ValueError(
+            f"Weighted adapter value {peak:.3g} exceeds SecAgg+ `secagg-clipping-range` {clip:g} "
+            "and would be "
+            "clipped; raise `secagg-clipping-range`."
+        )
+
+
+class SiteClient(NumPyClient):
+    """One site: its private data stays here; only the PEFT state goes back."""
+
+    def __init__(self, node_config: dict[str, Any]) -> None:
+        self.node_config = node_config
+
+    def _prepare(self, parameters: list[np.ndarray], config: dict[str, Any]):  # noqa: ANN202
+        ins = instructions.decode(config)
+        model_dir = resolve_model_dir(str(self.node_config.get("base-model", ins.cfg.base_model)))
+        verify_fingerprint(model_dir, ins.base_fingerprint)
+        data: SiteData = site_data(ins.cfg, self.node_config)
+        model = build_peft_model(PeftSpec.from_config(ins.cfg, model_dir, len(data.train.label_names)))
+        set_adapter_arrays(model, parameters)
+        return ins, data, model, load_tokenizer(model_dir), select_device(ins.cfg.device)
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):  # noqa: ANN201
+        """Train the adapter locally and return it (never the base model, never data)."""
+        ins, data, model, tokenizer, device = self._prepare(parameters, config)
+        cfg: FedConfig = ins.cfg
+        result = train(
+            model,
+            tokenizer,
+            data.train,
+            epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            max_length=cfg.max_length,
+            device=device,
+            seed=cfg.seed + ins.server_round,
+            proximal_mu=ins.proximal_mu,
+        )
+        arrays = get_adapter_arrays(model)
+        if cfg.secure_aggregation:
+            check_secagg_range(arrays, len(data.train), ins.max_weight, cfg.secagg_clipping_range)
+        metrics = {
+            "train_loss": result.loss,
+            "train_seconds": result.seconds,
+            "examples_per_second": result.examples / result.seconds,
+        }
+        return arrays, len(data.train), metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]):  # noqa: ANN201
+        """Score the shared adapter on this site's local test split."""
+        ins, data, model, tokenizer, device = self._prepare(parameters, config)
+        if len(data.test) == 0:
+            return 0.0, 0, {}
+        res = evaluate(
+            model,
+            tokenizer,
+            data.test,
+            batch_size=ins.cfg.batch_size,
+            max_length=ins.cfg.max_length,
+            device=device,
+        )
+        return res.loss, res.examples, res.as_metrics()

@@ -1,0 +1,252 @@
+"""The one typed run configuration of fedtune.
+
+Flower hands a run its configuration as a flat mapping of kebab-case keys
+(``[tool.flwr.app.config]`` in ``pyproject.toml``, fused with ``--run-config``
+overrides). :func:`parse_run_config` turns that mapping into one frozen
+:class:`FedConfig` exactly once; everything downstream takes the typed fields it
+needs. An unknown key or a value outside its allowed set is an error that lists
+what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+PeftMethod = Literal["lora", "prefix"]
+Task = Literal["icd10-chapter", "diabetes", "csv"]
+Partitioning = Literal["iid", "dirichlet", "specialty"]
+StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ConfigError(ValueError):
+    """A run-config key or value is invalid; the message names the key and the fix."""
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors peft's field help
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """Resolved configuration of one fedtune run (field ``a_b`` is run-config key ``a-b``)."""
+
+    # --- federation -------------------------------------------------------------------
+    num_server_rounds: int = _opt(5, "Federated rounds to run.", min=1)
+    fraction_train: float = _opt(
+        1.0, "Fraction of connected sites sampled to train each round.", min=0.0, max=1.0
+    )
+    fraction_evaluate: float = _opt(
+        1.0, "Fraction of connected sites sampled to evaluate locally.", min=0.0, max=1.0
+    )
+    min_clients: int = _opt(2, "Sites that must be connected (and sampled) before a round starts.", min=1)
+    strategy: StrategyName = _opt("fedavg", "Server aggregation: fedavg, fedprox or fedadam.")
+    fedprox_mu: float = _opt(0.01, "FedProx proximal weight on the PEFT parameters.", min=0.0)
+    fedadam_eta: float = _opt(1e-3, "FedAdam server learning rate.", min=0.0)
+    fedadam_beta_1: float = _opt(0.9, "FedAdam first-moment decay.", min=0.0, max=1.0)
+    fedadam_beta_2: float = _opt(0.99, "FedAdam second-moment decay.", min=0.0, max=1.0)
+    fedadam_tau: float = _opt(1e-9, "FedAdam adaptivity (epsilon).", min=0.0)
+    # --- secure aggregation (Flower SecAgg+) ------------------------------------------
+    secure_aggregation: bool = _opt(
+        True, "Mask site updates with Flower's SecAgg+ (server sees only the sum)."
+    )
+    secagg_num_shares: int = _opt(
+        3, "SecAgg+ secret shares per site (clamped to the number of sampled sites).", min=2
+    )
+    secagg_reconstruction_threshold: int = _opt(2, "SecAgg+ shares needed to unmask a dropped site.", min=2)
+    secagg_clipping_range: float = _opt(
+        8.0, "SecAgg+ clips every weighted value to +-this before quantising.", min=0.0
+    )
+    secagg_quantization_range: int = _opt(2**22, "SecAgg+ quantisation levels.", min=2)
+    secagg_max_weight: float = _opt(
+        0.0, "SecAgg+ weight normaliser; 0 = auto (the run's pooled training examples).", min=0.0
+    )
+    # --- model and PEFT ---------------------------------------------------------------
+    base_model: str = _opt("", "Local Hugging Face model directory; empty = packaged all-MiniLM-L6-v2.")
+    peft_method: PeftMethod = _opt("lora", "PEFT method trained at the sites: lora or prefix.")
+    lora_r: int = _opt(8, "LoRA rank.", min=1)
+    lora_alpha: int = _opt(16, "LoRA scaling alpha.", min=1)
+    lora_dropout: float = _opt(0.05, "LoRA dropout.", min=0.0, max=1.0)
+    lora_target_modules: str = _opt("query,value", "Comma-separated module names LoRA adapts.")
+    prefix_virtual_tokens: int = _opt(10, "Prefix-tuning virtual tokens per layer.", min=1)
+    max_length: int = _opt(48, "Tokenizer truncation length.", min=8)
+    # --- local training ---------------------------------------------------------------
+    local_epochs: int = _opt(1, "Local epochs per round at each site.", min=1)
+    batch_size: int = _opt(32, "Local mini-batch size.", min=1)
+    learning_rate: float = _opt(5e-3, "Local AdamW learning rate (adapter and head).", min=0.0)
+    weight_decay: float = _opt(0.0, "Local AdamW weight decay.", min=0.0)
+    device: Device = _opt("auto", "Where sites train: auto (CUDA if present, else CPU), cpu or cuda.")
+    # --- data ---------------------------------------------------------------------------
+    task: Task = _opt("icd10-chapter", "Task: icd10-chapter, diabetes or csv.")
+    data_path: str = _opt(
+        "", "CSV/JSONL file for task=csv (a deployed site's own file comes from its node config)."
+    )
+    test_data_path: str = _opt("", "Optional held-out CSV/JSONL the server scores the shared adapter on.")
+    text_column: str = _opt("", "Text column for task=csv; empty = serialise every other column.")
+    label_column: str = _opt("label", "Label column for task=csv.")
+    labels: str = _opt(
+        "", "Comma-separated label names (fixes class ids across sites); empty = from the data."
+    )
+    max_examples: int = _opt(
+        4000, "Stratified subsample of the task's data before splitting; 0 = all.", min=0
+    )
+    holdout_fraction: float = _opt(
+        0.15, "Share kept aside as the server's held-out test set.", min=0.0, max=0.9
+    )
+    test_fraction: float = _opt(
+        0.2, "Share of each site's data kept as its local test split.", min=0.0, max=0.9
+    )
+    partitioning: Partitioning = _opt(
+        "dirichlet", "How simulated sites split the data: iid, dirichlet, specialty."
+    )
+    dirichlet_alpha: float = _opt(
+        1.0, "Dirichlet concentration over labels (smaller = more skewed).", min=0.0
+    )
+    specialty_labels: int = _opt(2, "Dominant labels per specialty site.", min=1)
+    specialty_share: float = _opt(
+        0.8, "Share of a specialty site's data drawn from its dominant labels.", min=0.0, max=1.0
+    )
+    # --- run ------------------------------------------------------------------------------
+    seed: int = _opt(42, "Seed for sampling, partitioning, initialisation and training.")
+    out_dir: str = _opt(
+        "fedtune-out", "Folder the server writes checkpoints, the adapter, metrics and plots to."
+    )
+
+    def __post_init__(self) -> None:
+        if self.secagg_reconstruction_threshold > self.secagg_num_shares:
+            raise ConfigError(
+                "`secagg-reconstruction-threshold` must not exceed `secagg-num-shares` "
+                f"({self.secagg_reconstruction_threshold} > {self.secagg_num_shares})."
+            )
+        if self.task == "csv" and not self.data_path:
+            raise ConfigError("`task=csv` needs `data-path` (a CSV or JSONL file).")
+        if self.test_data_path and self.task != "csv":
+            raise ConfigError(
+                "`test-data-path` is for `task=csv`; the packaged tasks hold out `holdout-fraction`."
+            )
+        if self.peft_method == "lora" and not self.target_modules:
+            raise ConfigError("`lora-target-modules` is empty; give e.g. `query,value`.")
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """LoRA target module names, parsed from ``lora-target-modules``."""
+        return tuple(m.strip() for m in self.lora_target_modules.split(",") if m.strip())
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """Label names fixed by ``labels`` (empty when taken from the data)."""
+        return tuple(x.strip() for x in self.labels.split(",") if x.strip())
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flat kebab-case mapping; ``parse_run_config(c.to_run_config()) == c``."""
+        return {key_of(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def save(self, path: Path) -> None:
+        """Write the resolved config as JSON (kebab-case keys)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_run_config(), indent=2, sort_keys=True) + "\n")
+
+
+def key_of(field_name: str) -> str:
+    """Run-config key of a :class:`FedConfig` field (``num_server_rounds`` -> ``num-server-rounds``)."""
+    return field_name.replace("_", "-")
+
+
+_FIELDS = {key_of(f.name): f for f in dataclasses.fields(FedConfig)}
+_HINTS = typing.get_type_hints(FedConfig)
+VALID_KEYS: tuple[str, ...] = tuple(sorted(_FIELDS))
+
+
+def _coerce(key: str, raw: Any) -> Any:
+    f = _FIELDS[key]
+    hint = _HINTS[f.name]
+    choices = get_args(hint) if typing.get_origin(hint) is Literal else ()
+    text = raw.strip() if isinstance(raw, str) else raw
+    try:
+        if hint is bool:
+            if isinstance(text, bool):
+                value: Any = text
+            elif str(text).lower() in {"true", "1", "yes"}:
+                value = True
+            elif str(text).lower() in {"false", "0", "no"}:
+                value = False
+            else:
+                raise ValueError
+        elif hint is int:
+            if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+                raise ValueError
+            value = int(float(text)) if isinstance(text, str) and "e" in text.lower() else int(text)
+        elif hint is float:
+            if isinstance(text, bool):
+                raise ValueError
+            value = float(text)
+        else:
+            value = str(text)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"Run-config key `{key}` expects "
+            f"{'true/false' if hint is bool else getattr(hint, '__name__', hint)}, "
+            f"got {raw!r}."
+        ) from None
+    if choices and value not in choices:
+        raise ConfigError(
+            f"Run-config key `{key}` got {value!r}; valid values: {', '.join(map(str, choices))}."
+        )
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"Run-config key `{key}` must be {bounds}, got {value!r}.")
+    return value
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> FedConfig:
+    """Parse a flat kebab-case run config into a :class:`FedConfig`.
+
+    Parameters
+    ----------
+    run_config
+        Keys as in ``[tool.flwr.app.config]``; missing keys take the embedded defaults.
+        Values may be typed (from TOML) or strings (from the command line).
+
+    Raises
+    ------
+    ConfigError
+        On an unknown key (the message lists every valid key) or a bad value.
+    """
+    unknown = sorted(set(run_config) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"Unknown run-config key(s): {', '.join(f'`{k}`' for k in unknown)}. "
+            f"Valid keys: {', '.join(VALID_KEYS)}."
+        )
+    kwargs = {_FIELDS[k].name: _coerce(k, v) for k, v in run_config.items()}
+    return FedConfig(**kwargs)
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """Parse ``"key=value key=value"`` (shell-style quoting allowed) into a dict.
+
+    Raises
+    ------
+    ConfigError
+        When an item has no ``=``.
+    """
+    out: dict[str, str] = {}
+    for item in shlex.split(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"Run-config item {item!r} is not `key=value` (e.g. `num-server-rounds=3`).")
+        out[key.strip()] = value.strip().strip('"').strip("'")
+    return out
+
+
+def defaults() -> dict[str, bool | int | float | str]:
+    """The embedded defaults as a flat run config (mirrored in ``pyproject.toml``)."""
+    return FedConfig().to_run_config()

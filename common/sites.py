@@ -1,0 +1,117 @@
+"""Which private data a site trains and tests on, and the coordinator's held-out test set.
+
+Simulation: the task's pooled data is split once (seeded) into a held-out test set for
+the coordinator and the rest; the rest is partitioned over the simulated hospitals;
+each hospital keeps a local test split of its partition.
+Deployment: a site reads only its own file (node config ``data-path``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+from .config import FedConfig
+from .data import TextDataset, load_task, split
+from .partition import Partitioner, make_partitioner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's private training data and its local test split."""
+
+    train: TextDataset
+    test: TextDataset
+
+
+def load_configured(cfg: FedConfig, data_path: str | None = None) -> TextDataset:
+    """Load ``cfg.task`` from ``data_path`` (default ``cfg.data-path``) with the configured columns/labels."""
+    return load_task(
+        cfg.task,
+        data_path=cfg.data_path if data_path is None else data_path,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        labels=cfg.label_names,
+        max_examples=cfg.max_examples,
+        seed=cfg.seed,
+    )
+
+
+@functools.cache
+def simulation_pool(cfg: FedConfig) -> tuple[TextDataset, TextDataset]:
+    """``(rest, holdout)``: the pooled task data minus the coordinator's held-out test set."""
+    return split(load_configured(cfg), cfg.holdout_fraction, cfg.seed)
+
+
+@functools.cache
+def _partitioner(cfg: FedConfig, num_partitions: int) -> Partitioner:
+    rest, _ = simulation_pool(cfg)
+    return make_partitioner(
+        cfg.partitioning,
+        rest.labels,
+        num_partitions,
+        alpha=cfg.dirichlet_alpha,
+        labels_per_site=cfg.specialty_labels,
+        share=cfg.specialty_share,
+        seed=cfg.seed,
+    )
+
+
+def simulated_site(cfg: FedConfig, partition_id: int, num_partitions: int) -> SiteData:
+    """Private data of simulated hospital ``partition_id`` of ``num_partitions``."""
+    rest, _ = simulation_pool(cfg)
+    indices = _partitioner(cfg, num_partitions).load_partition(partition_id)
+    train, test = split(rest.subset(indices), cfg.test_fraction, cfg.seed + partition_id)
+    if len(train) == 0:
+        raise ValueError(
+            f"Simulated site {partition_id} has no training examples ({len(indices)} in its partition); "
+            "use fewer sites, a larger `max-examples` or a smaller `test-fraction`."
+        )
+    return SiteData(train=train, test=test)
+
+
+def deployed_site(cfg: FedConfig, data_path: str) -> SiteData:
+    """Private data of a deployed site: its own file, split into train and a local test set."""
+    train, test = split(load_configured(cfg, data_path), cfg.test_fraction, cfg.seed)
+    return SiteData(train=train, test=test)
+
+
+def site_data(cfg: FedConfig, node_config: dict) -> SiteData:
+    """Resolve a site's data from its Flower node config.
+
+    Raises
+    ------
+    ValueError
+        When the node config has neither ``partition-id`` (simulation) nor ``data-path`` (deployment).
+    """
+    if "partition-id" in node_config:
+        return simulated_site(cfg, int(node_config["partition-id"]), int(node_config["num-partitions"]))
+    if "data-path" in node_config:
+        return deployed_site(cfg, str(node_config["data-path"]))
+    raise ValueError(
+        f"Node config {sorted(node_config)} names no data: give the SuperNode "
+        "`--node-config \"data-path='/path/site.csv'\"`."
+    )
+
+
+def coordinator_test_set(cfg: FedConfig) -> TextDataset:
+    """The coordinator's held-out test set: ``test-data-path`` when given, else the simulation holdout."""
+    if cfg.test_data_path:
+        rest, _ = simulation_pool(cfg)
+        return load_task(
+            "csv",
+            data_path=cfg.test_data_path,
+            text_column=cfg.text_column,
+            label_column=cfg.label_column,
+            labels=rest.label_names,
+            seed=cfg.seed,
+        )
+    _, holdout = simulation_pool(cfg)
+    if len(holdout) == 0:
+        raise ValueError(
+            "`holdout-fraction` is 0 and no `test-data-path` is set: the server has nothing to score."
+        )
+    return holdout

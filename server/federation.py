@@ -1,0 +1,230 @@
+"""The coordinator's run: pin the base model, aggregate, score, checkpoint, write the shared adapter."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import flwr
+import numpy as np
+import torch
+from fedtune.common import instructions
+from fedtune.common.adapters import (
+    adapter_names,
+    get_adapter_arrays,
+    nbytes,
+    save_shared_adapter,
+    set_adapter_arrays,
+)
+from fedtune.common.config import FedConfig
+from fedtune.common.model import (
+    PeftSpec,
+    base_model_nbytes,
+    build_peft_model,
+    fingerprint,
+    load_tokenizer,
+    resolve_model_dir,
+    trainable_counts,
+)
+from fedtune.common.plots import plot_records
+from fedtune.common.sites import coordinator_test_set, simulation_pool
+from fedtune.common.train import evaluate, select_device
+from flwr.app import Context
+from flwr.server import ServerConfig
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.default_workflows import default_fit_workflow
+from flwr.serverapp import Grid
+
+from .progress import RunProgress
+from .strategy import make_strategy, weighted_mean
+from .wire import MeteredGrid
+from .workflow import FedtuneWorkflow
+
+log = logging.getLogger(__name__)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temp file and rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _latest(history_metrics: dict[str, list[tuple[int, Any]]], key: str, server_round: int) -> Any:
+    values = [v for r, v in history_metrics.get(key, []) if r == server_round]
+    return float(values[-1]) if values else None
+
+
+@dataclass
+class Coordinator:
+    """State of one coordinator run; its methods are the strategy and workflow callbacks."""
+
+    cfg: FedConfig
+    out_dir: Path
+    progress: RunProgress | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.model_dir = resolve_model_dir(self.cfg.base_model)
+        self.base_fingerprint = fingerprint(self.model_dir)
+        self.test_set = coordinator_test_set(self.cfg)
+        self.label_names = self.test_set.label_names
+        self.model = build_peft_model(PeftSpec.from_config(self.cfg, self.model_dir, len(self.label_names)))
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.device = select_device(self.cfg.device)
+        self.initial = get_adapter_arrays(self.model)
+        self.max_weight = self.cfg.secagg_max_weight or float(len(simulation_pool(self.cfg)[0]))
+        self.trainable, self.total = trainable_counts(self.model)
+        self.base_model_bytes = base_model_nbytes(self.model_dir)
+        self._round_start = time.perf_counter()
+        self.grid: MeteredGrid | None = None
+        self._site_examples: list[int] = []
+
+    # --- strategy callbacks -------------------------------------------------------------------
+    def instruction(self, server_round: int) -> dict[str, Any]:
+        """Config sent with every train/evaluate message of ``server_round``."""
+        return instructions.encode(self.cfg, server_round, self.base_fingerprint, self.max_weight)
+
+    def evaluate_shared(
+        self, server_round: int, arrays: list[np.ndarray], _: dict
+    ) -> tuple[float, dict[str, float]]:
+        """Score the current shared adapter on the coordinator's held-out test set."""
+        set_adapter_arrays(self.model, arrays)
+        res = evaluate(
+            self.model,
+            self.tokenizer,
+            self.test_set,
+            batch_size=self.cfg.batch_size,
+            max_length=self.cfg.max_length,
+            device=self.device,
+        )
+        if server_round == 0:
+            self.records.append({"round": 0, **res.as_metrics(), "seconds": 0.0})
+        return res.loss, res.as_metrics()
+
+    def fit_metrics(self, results: list[tuple[int, dict]]) -> dict[str, float]:
+        """Aggregate the sites' fit metrics; remember each site's example count for the round record."""
+        self._site_examples = sorted(n for n, _ in results)
+        return weighted_mean(results)
+
+    # --- workflow hook ----------------------------------------------------------------------------
+    def round_end(self, server_round: int, context: LegacyContext) -> None:
+        """Record the round, rewrite ``metrics.json`` and the checkpoint; fail loudly if the round failed."""
+        hist = context.history
+        if not any(r == server_round for r, _ in hist.metrics_distributed_fit.get("train_loss", [])):
+            raise RuntimeError(
+                f"Round {server_round} produced no aggregate "
+                "(too few sites replied or SecAgg+ could not unmask); "
+                f"the last good adapter is in {self.out_dir / 'checkpoint'}."
+            )
+        wire = self.grid.round_bytes(server_round) if self.grid else {"down": {}, "up": {}}
+        central, dist = hist.metrics_centralized, hist.metrics_distributed
+        record = {
+            "round": server_round,
+            **{k: _latest(central, k, server_round) for k in ("loss", "accuracy", "macro_f1", "auc")},
+            **{f"sites_{k}": _latest(dist, k, server_round) for k in ("loss", "accuracy", "macro_f1", "auc")},
+            "train_loss": _latest(hist.metrics_distributed_fit, "train_loss", server_round),
+            "site_train_examples": self._site_examples,
+            "site_examples_per_second": _latest(
+                hist.metrics_distributed_fit, "examples_per_second", server_round
+            ),
+            "bytes_up": sum(wire["up"].values()),
+            "bytes_down": sum(wire["down"].values()),
+            "bytes_up_per_site": {str(k): v for k, v in sorted(wire["up"].items())},
+            "bytes_down_per_site": {str(k): v for k, v in sorted(wire["down"].items())},
+            "seconds": time.perf_counter() - self._round_start,
+        }
+        self._round_start = time.perf_counter()
+        self.records.append(record)
+        write_json_atomic(self.out_dir / "metrics.json", self.records)
+        save_shared_adapter(
+            self.model, self.out_dir / "checkpoint", {**self.metadata(), "round": server_round}
+        )
+        if self.progress:
+            self.progress.round_done(record)
+
+    # --- outputs -------------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        """What ``fedtune.json`` records beside the adapter."""
+        return {
+            "base_model": str(self.model_dir),
+            "base_model_fingerprint": self.base_fingerprint,
+            "peft_method": self.cfg.peft_method,
+            "task": self.cfg.task,
+            "label_names": list(self.label_names),
+            "text_serialisation": self.test_set.serialisation,
+            "max_length": self.cfg.max_length,
+            "adapter_tensors": adapter_names(self.model),
+            "adapter_bytes": nbytes(self.initial),
+            "base_model_bytes": self.base_model_bytes,
+            "trainable_parameters": self.trainable,
+            "total_parameters": self.total,
+            "trainable_percent": 100.0 * self.trainable / self.total,
+            "secure_aggregation": self.cfg.secure_aggregation,
+            "secagg_max_weight": self.max_weight,
+            "versions": {
+                "flwr": flwr.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        }
+
+    def finish(self) -> Path:
+        """Write ``adapter/`` (PEFT format + fedtune.json) and the plots; return the adapter folder."""
+        adapter = save_shared_adapter(
+            self.model, self.out_dir / "adapter", {**self.metadata(), "rounds": self.cfg.num_server_rounds}
+        )
+        plot_records(self.records, self.out_dir / "plots")
+        return adapter
+
+
+def run_coordinator(
+    grid: Grid, context: Context, cfg: FedConfig, progress: RunProgress | None = None
+) -> Coordinator:
+    """Run the whole federation on ``grid`` and write every output under ``cfg.out_dir``."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(out_dir / "run_config.json")
+    coord = Coordinator(cfg=cfg, out_dir=out_dir, progress=progress)
+    log.info(
+        "Base model %s (fingerprint %s); trainable %d / %d parameters (%.3f%%)",
+        coord.model_dir,
+        coord.base_fingerprint[:16],
+        coord.trainable,
+        coord.total,
+        100 * coord.trainable / coord.total,
+    )
+    strategy = make_strategy(
+        cfg,
+        initial=coord.initial,
+        on_fit_config_fn=coord.instruction,
+        on_evaluate_config_fn=coord.instruction,
+        evaluate_fn=coord.evaluate_shared,
+        fit_metrics_fn=coord.fit_metrics,
+    )
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds), strategy=strategy
+    )
+    if cfg.secure_aggregation:
+        fit_workflow = SecAggPlusWorkflow(
+            num_shares=cfg.secagg_num_shares,
+            reconstruction_threshold=cfg.secagg_reconstruction_threshold,
+            max_weight=coord.max_weight,
+            clipping_range=cfg.secagg_clipping_range,
+            quantization_range=cfg.secagg_quantization_range,
+        )
+        shares = (cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold)
+    else:
+        fit_workflow, shares = default_fit_workflow, None
+    coord.grid = MeteredGrid(grid, progress.stage if progress else None)
+    FedtuneWorkflow(fit_workflow, coord.round_end, shares)(coord.grid, legacy)
+    coord.finish()
+    return coord

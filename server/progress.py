@@ -1,0 +1,82 @@
+"""Live progress of a run (round, stage, sites done, metrics) and the final results table, with rich."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+# record key -> column header, in display order
+COLUMNS: dict[str, str] = {
+    "round": "round",
+    "train_loss": "train loss",
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "auc": "AUC",
+    "sites_accuracy": "sites acc",
+    "sites_macro_f1": "sites F1",
+    "bytes_up": "bytes up",
+    "bytes_down": "bytes down",
+    "seconds": "s",
+}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
+    if isinstance(value, int) and value >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def results_table(records: Sequence[dict[str, Any]], title: str) -> Table:
+    """A table with one row per round and the columns of :data:`COLUMNS` that have values."""
+    keys = [k for k in COLUMNS if any(r.get(k) is not None for r in records)]
+    table = Table(title=title)
+    for key in keys:
+        table.add_column(COLUMNS[key], justify="right")
+    for record in records:
+        table.add_row(*(_fmt(record.get(k)) for k in keys))
+    return table
+
+
+class RunProgress:
+    """A progress bar per stage (sites done / sampled) plus a line per finished round."""
+
+    def __init__(self, num_rounds: int, console: Console | None = None) -> None:
+        self.num_rounds = num_rounds
+        self.console = console or Console()
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("sites"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._task = self._progress.add_task("starting", total=None)
+
+    def __enter__(self) -> RunProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def stage(self, server_round: int, kind: str, done: int, expected: int) -> None:
+        """Show ``done`` of ``expected`` site replies for a ``kind`` stage of ``server_round``."""
+        label = f"round {server_round}/{self.num_rounds} · {kind}" if server_round else kind
+        self._progress.update(self._task, description=label, completed=done, total=expected)
+
+    def round_done(self, record: dict[str, Any]) -> None:
+        """Print one finished round's headline figures."""
+        parts = [
+            f"{COLUMNS[k]} {_fmt(record[k])}" for k in COLUMNS if k != "round" and record.get(k) is not None
+        ]
+        self.console.print(f"[green]round {record['round']}/{self.num_rounds}[/green]  " + "  ".join(parts))
