@@ -194,14 +194,15 @@ def run_coordinator(
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "run_config.json")
     coord = Coordinator(cfg=cfg, out_dir=out_dir, progress=progress)
-    log.info(
-        "Base model %s (fingerprint %s); trainable %d / %d parameters (%.3f%%)",
-        coord.model_dir,
-        coord.base_fingerprint[:16],
-        coord.trainable,
-        coord.total,
-        100 * coord.trainable / coord.total,
+    summary = (
+        f"Base model {coord.model_dir} (fingerprint {coord.base_fingerprint[:16]}...); {cfg.peft_method} trains "
+        f"{coord.trainable:,} of {coord.total:,} parameters ({100 * coord.trainable / coord.total:.3f}%); "
+        f"adapter {nbytes(coord.initial) / 1e6:.2f} MB vs base model {coord.base_model_bytes / 1e6:.1f} MB; "
+        f"secure aggregation {'SecAgg+' if cfg.secure_aggregation else 'off'}; strategy {cfg.strategy}."
     )
+    log.info(summary)
+    if progress:
+        progress.console.print(summary)
     strategy = make_strategy(
         cfg,
         initial=coord.initial,

@@ -2,36 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-# record key -> column header, in display order
-COLUMNS: dict[str, str] = {
-    "round": "round",
-    "train_loss": "train loss",
-    "accuracy": "accuracy",
-    "macro_f1": "macro-F1",
-    "auc": "AUC",
-    "sites_accuracy": "sites acc",
-    "sites_macro_f1": "sites F1",
-    "bytes_up": "bytes up",
-    "bytes_down": "bytes down",
-    "seconds": "s",
+def _num(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def _mb(value: float) -> str:
+    return f"{value / 1e6:.2f} MB"
+
+
+def _s(value: float) -> str:
+    return f"{value:.1f}"
+
+
+# record key -> (column header, formatter), in display order
+COLUMNS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "round": ("round", str),
+    "train_loss": ("train loss", _num),
+    "accuracy": ("acc", _num),
+    "macro_f1": ("macro-F1", _num),
+    "auc": ("AUC", _num),
+    "sites_accuracy": ("sites acc", _num),
+    "sites_macro_f1": ("sites F1", _num),
+    "bytes_up": ("up", _mb),
+    "bytes_down": ("down", _mb),
+    "seconds": ("s", _s),
 }
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
-    if isinstance(value, int) and value >= 10_000:
-        return f"{value:,}"
-    return str(value)
+def _fmt(key: str, value: Any) -> str:
+    return "-" if value is None else COLUMNS[key][1](value)
 
 
 def results_table(records: Sequence[dict[str, Any]], title: str) -> Table:
@@ -39,9 +45,9 @@ def results_table(records: Sequence[dict[str, Any]], title: str) -> Table:
     keys = [k for k in COLUMNS if any(r.get(k) is not None for r in records)]
     table = Table(title=title)
     for key in keys:
-        table.add_column(COLUMNS[key], justify="right")
+        table.add_column(COLUMNS[key][0], justify="right")
     for record in records:
-        table.add_row(*(_fmt(record.get(k)) for k in keys))
+        table.add_row(*(_fmt(k, record.get(k)) for k in keys))
     return table
 
 

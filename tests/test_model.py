@@ -1,0 +1,348 @@
+"""Tests of fedtune.common.model: base fingerprint, model-dir checks, PEFT registry, frozen base."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fedtune.common.config import FedConfig
+from fedtune.common.model import (
+    PEFT_METHODS,
+    FingerprintMismatchError,
+    PeftSpec,
+    base_model_nbytes,
+    build_peft_model,
+    fingerprint,
+    frozen_state_fingerprint,
+    hash_tensors,
+    load_base_model,
+    packaged_model_dir,
+    resolve_model_dir,
+    trainable_counts,
+    verify_fingerprint,
+)
+from safetensors.torch import load_file, save_file
+
+PERTURBED = "encoder.layer.0.attention.self.query.weight"
+PEFT_MARKERS = ("lora_", "prompt_encoder", "modules_to_save")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    # Tiny CPU batches: on 2 shared cores, OpenMP spinning across threads makes each step far slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_dir() -> Path:
+    return resolve_model_dir("")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(base_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(base_dir / "model.safetensors")
+
+
+def _write_checkpoint(folder: Path, base_dir: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir(parents=True)
+    shutil.copy(base_dir / "config.json", folder / "config.json")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+# ---- fingerprint -----------------------------------------------------------------------------------
+
+
+def test_fingerprint_is_stable_64_hex(base_dir: Path) -> None:
+    # Prepare / Execute
+    first = fingerprint(base_dir)
+    uncached = fingerprint.__wrapped__(base_dir)
+
+    # Assert
+    assert re.fullmatch(r"[0-9a-f]{64}", first)
+    assert uncached == first == fingerprint(base_dir)
+
+
+def test_copied_model_dir_has_the_same_fingerprint(base_dir: Path, tmp_path: Path) -> None:
+    # Prepare
+    copy = Path(shutil.copytree(base_dir, tmp_path / "copy"))
+
+    # Execute
+    copied = fingerprint(copy)
+
+    # Assert
+    assert copied == fingerprint(base_dir)
+    verify_fingerprint(copy, fingerprint(base_dir))  # no error
+
+
+def test_pytorch_bin_copy_has_the_same_fingerprint(
+    base_dir: Path, checkpoint: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    # Prepare
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    shutil.copy(base_dir / "config.json", folder / "config.json")
+    torch.save(checkpoint, folder / "pytorch_model.bin")
+
+    # Execute
+    converted = fingerprint(folder)
+
+    # Assert
+    assert converted == fingerprint(base_dir)
+
+
+def test_one_changed_weight_changes_fingerprint_and_is_refused(
+    base_dir: Path, checkpoint: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    # Prepare
+    tensors = dict(checkpoint)
+    tensors[PERTURBED] = checkpoint[PERTURBED].clone()
+    tensors[PERTURBED][0, 0] += 1e-3
+    folder = _write_checkpoint(tmp_path / "perturbed", base_dir, tensors)
+    pinned = fingerprint(base_dir)
+
+    # Execute
+    local = fingerprint(folder)
+    with pytest.raises(FingerprintMismatchError) as excinfo:
+        verify_fingerprint(folder, pinned)
+
+    # Assert
+    assert local != pinned
+    assert pinned in str(excinfo.value) and local in str(excinfo.value)
+    assert str(folder) in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "same"),
+    [
+        ("reorder", True),
+        ("rename", False),
+        ("dtype", False),
+        ("reshape", False),
+        ("value", False),
+        ("drop", False),
+    ],
+)
+def test_hash_tensors_covers_names_dtypes_shapes_and_bytes(change: str, same: bool) -> None:
+    # Prepare
+    a, b = torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.ones(4, dtype=torch.int64)
+    original = {"a": a, "b": b}
+    changed = {
+        "reorder": {"b": b, "a": a},
+        "rename": {"a2": a, "b": b},
+        "dtype": {"a": a.double(), "b": b},
+        "reshape": {"a": a.reshape(3, 2), "b": b},
+        "value": {"a": a + torch.tensor([[0, 0, 0], [0, 0, 1e-6]]), "b": b},
+        "drop": {"a": a},
+    }[change]
+
+    # Execute
+    result = hash_tensors(changed) == hash_tensors(original)
+
+    # Assert
+    assert result is same
+
+
+def test_base_model_nbytes_counts_every_checkpoint_tensor(
+    base_dir: Path, checkpoint: dict[str, torch.Tensor]
+) -> None:
+    # Prepare
+    expected = sum(t.numel() * t.element_size() for t in checkpoint.values())
+
+    # Execute / Assert
+    assert base_model_nbytes(base_dir) == expected > 80_000_000
+
+
+# ---- model directory -------------------------------------------------------------------------------
+
+
+def test_empty_base_model_resolves_to_packaged_model() -> None:
+    # Prepare / Execute
+    path = resolve_model_dir("")
+
+    # Assert
+    assert path == packaged_model_dir()
+    assert (path / "config.json").is_file()
+
+
+@pytest.mark.parametrize("make_dir", [True, False])
+def test_resolve_model_dir_without_config_names_base_model(tmp_path: Path, make_dir: bool) -> None:
+    # Prepare
+    folder = tmp_path / "not-a-model"
+    if make_dir:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"")
+
+    # Execute
+    with pytest.raises(FileNotFoundError) as excinfo:
+        resolve_model_dir(str(folder))
+
+    # Assert
+    assert "`base-model`" in str(excinfo.value) and "config.json" in str(excinfo.value)
+
+
+def test_resolve_model_dir_accepts_a_local_folder(base_dir: Path, tmp_path: Path) -> None:
+    # Prepare
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(base_dir / "config.json", folder / "config.json")
+
+    # Execute / Assert
+    assert resolve_model_dir(str(folder)) == folder.resolve()
+
+
+def test_fingerprint_of_folder_without_weights_names_base_model(base_dir: Path, tmp_path: Path) -> None:
+    # Prepare
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(base_dir / "config.json", folder / "config.json")
+
+    # Execute / Assert
+    with pytest.raises(FileNotFoundError, match="`base-model`"):
+        fingerprint(folder)
+
+
+def test_checkpoint_missing_a_base_weight_is_rejected(
+    base_dir: Path, checkpoint: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    # Prepare
+    tensors = {k: v for k, v in checkpoint.items() if not k.startswith("pooler.")}
+    folder = _write_checkpoint(tmp_path / "no-pooler", base_dir, tensors)
+
+    # Execute
+    with pytest.raises(ValueError) as excinfo:
+        load_base_model(folder, num_labels=2)
+
+    # Assert
+    message = str(excinfo.value)
+    assert "`base-model`" in message and "lacks 2 base weight(s)" in message
+    assert "pooler.dense" in message
+
+
+def test_complete_checkpoint_loads_with_a_fresh_head(base_dir: Path) -> None:
+    # Prepare / Execute
+    model = load_base_model(base_dir, num_labels=5)
+
+    # Assert
+    assert model.classifier.out_features == 5
+
+
+# ---- PEFT registry ---------------------------------------------------------------------------------
+
+
+def test_unsupported_method_lists_supported_ones(base_dir: Path) -> None:
+    # Prepare
+    spec = PeftSpec(model_dir=base_dir, method="ia3", num_labels=2)
+
+    # Execute
+    with pytest.raises(ValueError) as excinfo:
+        build_peft_model(spec)
+
+    # Assert
+    message = str(excinfo.value)
+    assert "`peft-method`" in message and "'ia3'" in message
+    assert all(method in message for method in PEFT_METHODS)
+    assert set(PEFT_METHODS) == {"lora", "prefix"}
+
+
+def test_peft_spec_from_config_copies_model_fields(base_dir: Path) -> None:
+    # Prepare
+    cfg = FedConfig(
+        peft_method="prefix",
+        lora_r=4,
+        lora_alpha=32,
+        lora_dropout=0.1,
+        lora_target_modules="query, key",
+        prefix_virtual_tokens=7,
+        seed=3,
+    )
+
+    # Execute
+    spec = PeftSpec.from_config(cfg, base_dir, num_labels=4)
+
+    # Assert
+    assert spec == PeftSpec(
+        model_dir=base_dir,
+        method="prefix",
+        num_labels=4,
+        lora_r=4,
+        lora_alpha=32,
+        lora_dropout=0.1,
+        target_modules=("query", "key"),
+        virtual_tokens=7,
+        seed=3,
+    )
+    assert hash(spec) == hash(PeftSpec.from_config(cfg, base_dir, num_labels=4))
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_only_peft_and_head_parameters_train(
+    base_dir: Path, checkpoint: dict[str, torch.Tensor], method: str
+) -> None:
+    # Prepare
+    spec = PeftSpec(model_dir=base_dir, method=method, num_labels=3)
+
+    # Execute
+    model = build_peft_model(spec)
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    n_trainable, n_total = trainable_counts(model)
+
+    # Assert
+    assert model is build_peft_model(spec)  # cached per spec
+    assert trainable and all(any(m in n for m in PEFT_MARKERS) for n in trainable)
+    assert all(not p.requires_grad for n, p in params.items() if not any(m in n for m in PEFT_MARKERS))
+    assert any("classifier.modules_to_save" in n for n in trainable)
+    method_marker = "lora_" if method == "lora" else "prompt_encoder"
+    assert any(method_marker in n for n in trainable)
+    assert n_trainable == sum(params[n].numel() for n in trainable)
+    assert 0 < n_trainable / n_total < 0.01
+    frozen_embeddings = [p for n, p in params.items() if n.endswith("bert.embeddings.word_embeddings.weight")]
+    assert len(frozen_embeddings) == 1 and not frozen_embeddings[0].requires_grad
+    assert torch.equal(frozen_embeddings[0], checkpoint["embeddings.word_embeddings.weight"])
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        # 6 layers x (query, value) x (A: r x 384 + B: 384 x r), head 384 x 3 + 3
+        ("lora", 6 * 2 * (8 * 384 + 384 * 8) + 384 * 3 + 3),
+        # 10 virtual tokens x 6 layers x (key, value) x 384, head 384 x 3 + 3
+        ("prefix", 10 * 6 * 2 * 384 + 384 * 3 + 3),
+    ],
+)
+def test_trainable_counts_match_the_peft_shapes(base_dir: Path, method: str, expected: int) -> None:
+    # Prepare
+    spec = PeftSpec(model_dir=base_dir, method=method, num_labels=3)
+
+    # Execute
+    n_trainable, _ = trainable_counts(build_peft_model(spec))
+
+    # Assert
+    assert n_trainable == expected
+
+
+def test_frozen_state_fingerprint_ignores_trainables_and_sees_frozen() -> None:
+    # Prepare
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    before = frozen_state_fingerprint(model)
+
+    # Execute
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    after_trainable = frozen_state_fingerprint(model)
+    with torch.no_grad():
+        model.bias.add_(1.0)
+    after_frozen = frozen_state_fingerprint(model)
+
+    # Assert
+    assert after_trainable == before
+    assert after_frozen != before

@@ -1,0 +1,282 @@
+"""Tests of fedtune.server.strategy: metric averaging, strategy choice, and Flower's aggregation maths."""
+
+from __future__ import annotations
+
+from typing import Any
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+from fedtune.common.config import FedConfig
+from fedtune.server.strategy import make_strategy, weighted_mean
+from flwr.common import (
+    Code,
+    FitRes,
+    Metrics,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+INITIAL = [np.array([[0.0, 1.0], [2.0, -1.0]], np.float32), np.array([0.5, -0.5, 0.0], np.float32)]
+
+
+def _fit_config(server_round: int) -> dict[str, Any]:
+    return {"fedtune.round": server_round, "note": "fit"}
+
+
+def _evaluate_config(server_round: int) -> dict[str, Any]:
+    return {"fedtune.round": server_round, "note": "evaluate"}
+
+
+def _strategy(cfg: FedConfig, evaluate_fn: Any = None) -> Strategy:
+    return make_strategy(
+        cfg,
+        initial=INITIAL,
+        on_fit_config_fn=_fit_config,
+        on_evaluate_config_fn=_evaluate_config,
+        evaluate_fn=evaluate_fn,
+    )
+
+
+def _proxy(cid: str) -> ClientProxy:
+    proxy = Mock(spec=ClientProxy)
+    proxy.cid = cid
+    return proxy
+
+
+def _fit_res(arrays: list[np.ndarray], num_examples: int, metrics: Metrics) -> FitRes:
+    return FitRes(
+        status=Status(code=Code.OK, message="ok"),
+        parameters=ndarrays_to_parameters(arrays),
+        num_examples=num_examples,
+        metrics=metrics,
+    )
+
+
+def _results(sites: list[tuple[list[np.ndarray], int, Metrics]]) -> list[tuple[ClientProxy, FitRes]]:
+    return [(_proxy(str(i)), _fit_res(a, n, m)) for i, (a, n, m) in enumerate(sites)]
+
+
+SITE_A = ([np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), np.array([0.0, 4.0, -8.0], np.float32)], 1)
+SITE_B = ([np.array([[5.0, 6.0], [7.0, 8.0]], np.float32), np.array([4.0, 0.0, 8.0], np.float32)], 3)
+# example-weighted (1 x A + 3 x B) / 4
+MEAN_AB = [np.array([[4.0, 5.0], [6.0, 7.0]]), np.array([3.0, 1.0, 4.0])]
+
+
+# ---- weighted_mean -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("results", "expected"),
+    [
+        ([], {}),
+        ([(10, {"acc": 0.5})], {"acc": 0.5}),
+        ([(10, {"acc": 0.5}), (30, {"acc": 0.9})], {"acc": 0.8}),
+        ([(1, {"loss": 2.0, "acc": 1.0}), (3, {"loss": 6})], {"loss": 5.0, "acc": 1.0}),
+        ([(0, {"acc": 100.0}), (10, {"acc": 0.5})], {"acc": 0.5}),
+        ([(0, {"acc": 1.0}), (0, {"acc": 0.0})], {}),
+        ([(2, {"acc": 0.5, "name": "site-a"}), (2, {"acc": 1.0, "name": "site-b"})], {"acc": 0.75}),
+    ],
+)
+def test_weighted_mean(results: list[tuple[int, Metrics]], expected: dict[str, float]) -> None:
+    # Prepare / Execute
+    out = weighted_mean(results)
+
+    # Assert
+    assert out == pytest.approx(expected)
+    assert set(out) == set(expected)
+
+
+# ---- make_strategy ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)],
+)
+def test_make_strategy_by_name(name: str, cls: type[Strategy]) -> None:
+    # Prepare
+    cfg = FedConfig(strategy=name, min_clients=3, fraction_train=0.5, fraction_evaluate=0.25)
+
+    # Execute
+    strategy = _strategy(cfg)
+
+    # Assert
+    assert type(strategy) is cls
+    assert strategy.fraction_fit == 0.5 and strategy.fraction_evaluate == 0.25
+    assert strategy.min_fit_clients == strategy.min_available_clients == strategy.min_evaluate_clients == 3
+    assert strategy.accept_failures is False
+    assert strategy.fit_metrics_aggregation_fn is weighted_mean
+    assert strategy.evaluate_metrics_aggregation_fn is weighted_mean
+    initial = parameters_to_ndarrays(strategy.initialize_parameters(client_manager=SimpleClientManager()))
+    assert all(np.array_equal(a, b) for a, b in zip(initial, INITIAL, strict=True))
+
+
+def test_make_strategy_passes_algorithm_settings() -> None:
+    # Prepare
+    prox_cfg = FedConfig(strategy="fedprox", fedprox_mu=0.3)
+    adam_cfg = FedConfig(
+        strategy="fedadam", fedadam_eta=0.05, fedadam_beta_1=0.8, fedadam_beta_2=0.95, fedadam_tau=1e-4
+    )
+
+    # Execute
+    prox, adam = _strategy(prox_cfg), _strategy(adam_cfg)
+
+    # Assert
+    assert prox.proximal_mu == 0.3
+    assert (adam.eta, adam.eta_l, adam.beta_1, adam.beta_2, adam.tau) == (
+        0.05,
+        adam_cfg.learning_rate,
+        0.8,
+        0.95,
+        1e-4,
+    )
+
+
+def test_no_evaluation_needs_no_evaluate_clients() -> None:
+    # Prepare / Execute
+    strategy = _strategy(FedConfig(fraction_evaluate=0.0, min_clients=4))
+
+    # Assert
+    assert strategy.min_evaluate_clients == 0
+    assert strategy.min_fit_clients == 4
+
+
+def test_unknown_strategy_is_refused() -> None:
+    # Prepare
+    cfg = FedConfig(strategy="fedyogi")  # type: ignore[arg-type] - direct construction skips the parser
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="fedavg, fedprox, fedadam"):
+        _strategy(cfg)
+
+
+def test_centralised_evaluate_fn_is_wired() -> None:
+    # Prepare
+    calls: list[tuple[int, int]] = []
+
+    def evaluate_fn(
+        server_round: int, arrays: list[np.ndarray], config: dict[str, Any]
+    ) -> tuple[float, dict]:
+        calls.append((server_round, len(arrays)))
+        return 0.25, {"accuracy": 0.75}
+
+    strategy = _strategy(FedConfig(), evaluate_fn=evaluate_fn)
+
+    # Execute
+    out = strategy.evaluate(2, ndarrays_to_parameters(INITIAL))
+
+    # Assert
+    assert out == (0.25, {"accuracy": 0.75})
+    assert calls == [(2, len(INITIAL))]
+
+
+# ---- aggregate_fit ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+def test_fedavg_and_fedprox_average_weighted_by_examples(name: str) -> None:
+    # Prepare
+    strategy = _strategy(FedConfig(strategy=name))
+    results = _results(
+        [(SITE_A[0], SITE_A[1], {"train_loss": 0.4}), (SITE_B[0], SITE_B[1], {"train_loss": 0.8})]
+    )
+
+    # Execute
+    parameters, metrics = strategy.aggregate_fit(1, results, [])
+
+    # Assert
+    assert isinstance(parameters, Parameters)
+    aggregated = parameters_to_ndarrays(parameters)
+    assert len(aggregated) == len(MEAN_AB)
+    for got, want in zip(aggregated, MEAN_AB, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert metrics == pytest.approx({"train_loss": 0.7})
+
+
+def test_a_failed_site_voids_the_round() -> None:
+    # Prepare
+    strategy = _strategy(FedConfig())
+    results = _results([(SITE_A[0], SITE_A[1], {})])
+
+    # Execute
+    parameters, metrics = strategy.aggregate_fit(1, results, [RuntimeError("site crashed")])
+
+    # Assert
+    assert parameters is None and metrics == {}
+
+
+def test_fedprox_sends_proximal_mu_with_the_fit_config() -> None:
+    # Prepare
+    strategy = _strategy(FedConfig(strategy="fedprox", fedprox_mu=0.25, min_clients=2))
+    manager = SimpleClientManager()
+    for cid in ("a", "b", "c"):
+        manager.register(_proxy(cid))
+
+    # Execute
+    pairs = strategy.configure_fit(3, ndarrays_to_parameters(INITIAL), manager)
+
+    # Assert
+    assert len(pairs) == 3
+    assert {proxy.cid for proxy, _ in pairs} == {"a", "b", "c"}
+    for _, fit_ins in pairs:
+        assert fit_ins.config == {"fedtune.round": 3, "note": "fit", "proximal_mu": 0.25}
+        sent = parameters_to_ndarrays(fit_ins.parameters)
+        assert all(np.array_equal(a, b) for a, b in zip(sent, INITIAL, strict=True))
+
+
+def test_fedavg_fit_config_has_no_proximal_mu() -> None:
+    # Prepare
+    strategy = _strategy(FedConfig(strategy="fedavg", fraction_train=0.5, min_clients=2))
+    manager = SimpleClientManager()
+    for cid in ("a", "b", "c", "d"):
+        manager.register(_proxy(cid))
+
+    # Execute
+    pairs = strategy.configure_fit(1, ndarrays_to_parameters(INITIAL), manager)
+
+    # Assert
+    assert len(pairs) == 2
+    assert all(fit_ins.config == {"fedtune.round": 1, "note": "fit"} for _, fit_ins in pairs)
+
+
+def test_fedadam_takes_a_server_adam_step_from_the_initial_adapter() -> None:
+    # Prepare
+    cfg = FedConfig(
+        strategy="fedadam", fedadam_eta=0.1, fedadam_beta_1=0.9, fedadam_beta_2=0.99, fedadam_tau=1e-3
+    )
+    strategy = _strategy(cfg)
+    rounds = [
+        _results([(SITE_A[0], SITE_A[1], {}), (SITE_B[0], SITE_B[1], {})]),
+        _results([(SITE_B[0], 2, {}), (SITE_A[0], 2, {})]),
+    ]
+    b1, b2, eta, tau = cfg.fedadam_beta_1, cfg.fedadam_beta_2, cfg.fedadam_eta, cfg.fedadam_tau
+    weights = [a.astype(np.float64) for a in INITIAL]
+    m = [np.zeros_like(w) for w in weights]
+    v = [np.zeros_like(w) for w in weights]
+
+    for server_round, results in enumerate(rounds, start=1):
+        # Execute
+        parameters, _ = strategy.aggregate_fit(server_round, results, [])
+
+        # Assert: flwr's FedAdam on the example-weighted mean (its bias correction uses round + 1)
+        total = sum(res.num_examples for _, res in results)
+        mean = [
+            sum(res.num_examples * parameters_to_ndarrays(res.parameters)[i] for _, res in results) / total
+            for i in range(len(weights))
+        ]
+        delta = [x - w for x, w in zip(mean, weights, strict=True)]
+        m = [b1 * mi + (1 - b1) * d for mi, d in zip(m, delta, strict=True)]
+        v = [b2 * vi + (1 - b2) * d * d for vi, d in zip(v, delta, strict=True)]
+        eta_norm = eta * np.sqrt(1 - b2 ** (server_round + 1)) / (1 - b1 ** (server_round + 1))
+        weights = [w + eta_norm * mi / (np.sqrt(vi) + tau) for w, mi, vi in zip(weights, m, v, strict=True)]
+        got = parameters_to_ndarrays(parameters)
+        assert len(got) == len(weights)
+        for g, w in zip(got, weights, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+        assert not all(np.allclose(g, x) for g, x in zip(got, mean, strict=True))  # not plain FedAvg

@@ -1,0 +1,339 @@
+"""Tests of fedtune.common.train: local training, frozen base, FedProx, scoring, device choice."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
+from fedtune.common.data import TextDataset
+from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer, resolve_model_dir
+from fedtune.common.train import (
+    EvalResult,
+    TrainResult,
+    autocast_dtype,
+    evaluate,
+    predict_proba,
+    score,
+    select_device,
+    train,
+)
+from peft import PeftModel
+from sklearn.metrics import f1_score, roc_auc_score
+from transformers import PreTrainedTokenizerBase
+
+CPU = torch.device("cpu")
+MAX_LENGTH = 16
+CLINICAL = [
+    "patient reports fever and a dry cough",
+    "severe chest pain radiating to the left arm",
+    "headache with nausea since yesterday",
+    "fractured wrist after a fall on ice",
+    "shortness of breath and wheezing at night",
+    "rash on both legs with itching",
+    "persistent abdominal pain after meals",
+    "elevated blood pressure at the last visit",
+]
+OTHER = [
+    "the invoice was paid by bank transfer",
+    "stock prices rose sharply this morning",
+    "the football match ended in a draw",
+    "our flight to paris was delayed again",
+    "the car needs new winter tyres",
+    "she baked bread with fresh rosemary",
+    "the concert tickets sold out in minutes",
+    "a new library opened downtown",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    # Tiny CPU batches: on 2 shared cores, OpenMP spinning across threads makes each step far slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_dir() -> Path:
+    return resolve_model_dir("")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_dir: Path) -> PreTrainedTokenizerBase:
+    return load_tokenizer(base_dir)
+
+
+@pytest.fixture(scope="module")
+def dataset() -> TextDataset:
+    texts = CLINICAL * 2 + OTHER * 2
+    labels = np.array([1] * (2 * len(CLINICAL)) + [0] * (2 * len(OTHER)))
+    return TextDataset(
+        texts=tuple(texts),
+        labels=labels,
+        label_names=("other", "clinical"),
+        serialisation="text",
+        source="test",
+    )
+
+
+@pytest.fixture(scope="module")
+def model_and_start(base_dir: Path) -> tuple[PeftModel, list[np.ndarray]]:
+    # A seed of its own: this module trains the process-cached model, no other module gets it.
+    model = build_peft_model(PeftSpec(model_dir=base_dir, method="lora", num_labels=2, seed=21))
+    return model, get_adapter_arrays(model)
+
+
+@pytest.fixture
+def model(model_and_start: tuple[PeftModel, list[np.ndarray]]) -> PeftModel:
+    """The module's model, reset to its initial adapter before each test."""
+    model, start = model_and_start
+    set_adapter_arrays(model, start)
+    return model
+
+
+def _train(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ds: TextDataset,
+    *,
+    epochs: int = 1,
+    seed: int = 0,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    return train(
+        model,
+        tokenizer,
+        ds,
+        epochs=epochs,
+        batch_size=8,
+        learning_rate=5e-3,
+        weight_decay=0.0,
+        max_length=MAX_LENGTH,
+        device=CPU,
+        seed=seed,
+        proximal_mu=proximal_mu,
+    )
+
+
+def _distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(np.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(a, b, strict=True))))
+
+
+# ---- train --------------------------------------------------------------------------------------------
+
+
+def test_train_moves_every_trainable_and_no_frozen_tensor(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset
+) -> None:
+    # Prepare
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    # Execute
+    result = _train(model, tokenizer, dataset, epochs=2)
+
+    # Assert
+    after = model.state_dict()
+    assert set(after) == set(before)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == trainable
+    assert result.examples == 2 * len(dataset)
+    assert np.isfinite(result.loss) and result.seconds > 0
+    assert all(p.device == CPU for p in model.parameters())
+
+
+def test_loss_decreases_on_a_separable_task(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset
+) -> None:
+    # Prepare
+    kwargs = {"batch_size": 16, "max_length": MAX_LENGTH, "device": CPU}
+    start = evaluate(model, tokenizer, dataset, **kwargs)
+
+    # Execute
+    losses = [_train(model, tokenizer, dataset, seed=epoch).loss for epoch in range(4)]
+    end = evaluate(model, tokenizer, dataset, **kwargs)
+
+    # Assert
+    assert losses[-1] < losses[0] / 2
+    assert end.loss < start.loss / 4
+    assert end.accuracy == 1.0
+    assert end.examples == len(dataset)
+
+
+def test_same_seed_and_start_give_identical_adapters(
+    model: PeftModel,
+    model_and_start: tuple[PeftModel, list[np.ndarray]],
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: TextDataset,
+) -> None:
+    # Prepare
+    _, start = model_and_start
+
+    # Execute
+    _train(model, tokenizer, dataset, seed=5)
+    first = get_adapter_arrays(model)
+    set_adapter_arrays(model, start)
+    _train(model, tokenizer, dataset, seed=5)
+    second = get_adapter_arrays(model)
+
+    # Assert
+    assert _distance(first, start) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_fedprox_keeps_the_adapter_near_the_global_one(
+    model: PeftModel,
+    model_and_start: tuple[PeftModel, list[np.ndarray]],
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: TextDataset,
+) -> None:
+    # Prepare
+    _, start = model_and_start
+
+    # Execute
+    free = _train(model, tokenizer, dataset, epochs=2, seed=3, proximal_mu=0.0)
+    free_distance = _distance(get_adapter_arrays(model), start)
+    set_adapter_arrays(model, start)
+    prox = _train(model, tokenizer, dataset, epochs=2, seed=3, proximal_mu=1e4)
+    prox_distance = _distance(get_adapter_arrays(model), start)
+
+    # Assert
+    assert 0 < prox_distance < free_distance / 4
+    assert prox.loss > free.loss  # the reported loss excludes the proximal term, which held it back
+
+
+def test_train_refuses_an_empty_dataset(model: PeftModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    # Prepare
+    empty = TextDataset(texts=(), labels=np.zeros(0), label_names=("a", "b"), serialisation="", source="")
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="empty"):
+        _train(model, tokenizer, empty)
+
+
+def test_predict_proba_rows_are_distributions(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset
+) -> None:
+    # Prepare
+    ds = dataset.subset(np.arange(5))
+
+    # Execute
+    probs = predict_proba(model, tokenizer, ds, batch_size=2, max_length=MAX_LENGTH, device=CPU)
+
+    # Assert
+    assert probs.shape == (5, 2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+# ---- score --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("probs", "labels", "num_labels", "accuracy", "auc"),
+    [
+        # binary: predictions 0, 1, 0, 1; positive scores 0.8, 0.4 vs negative 0.1, 0.7 -> 3 of 4 pairs
+        ([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]], [0, 1, 1, 0], 2, 0.5, 0.75),
+        # binary, perfectly ranked and classified
+        ([[0.9, 0.1], [0.4, 0.6], [0.45, 0.55], [0.7, 0.3]], [0, 1, 1, 0], 2, 1.0, 1.0),
+        # binary task but one class only in the truth: AUC undefined
+        ([[0.9, 0.1], [0.2, 0.8]], [0, 0], 2, 0.5, None),
+        # three classes: no AUC
+        ([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.5, 0.4, 0.1]], [0, 1, 2, 1], 3, 0.75, None),
+        # four classes, class 3 never seen nor predicted
+        ([[0.7, 0.2, 0.1, 0.0], [0.1, 0.1, 0.8, 0.0], [0.2, 0.5, 0.2, 0.1]], [0, 1, 1], 4, 2 / 3, None),
+    ],
+)
+def test_score_on_hand_made_probabilities(
+    probs: list[list[float]], labels: list[int], num_labels: int, accuracy: float, auc: float | None
+) -> None:
+    # Prepare
+    p, y = np.array(probs), np.array(labels)
+    expected_loss = -np.mean(np.log(p[np.arange(len(y)), y]))
+    expected_f1 = f1_score(y, p.argmax(axis=1), average="macro", zero_division=0)
+
+    # Execute
+    result = score(p, y, num_labels)
+
+    # Assert
+    assert result.accuracy == pytest.approx(accuracy)
+    assert result.macro_f1 == pytest.approx(expected_f1)
+    assert result.loss == pytest.approx(expected_loss)
+    assert result.examples == len(y)
+    if auc is None:
+        assert result.auc is None and "auc" not in result.as_metrics()
+    else:
+        assert result.auc == pytest.approx(auc) == pytest.approx(roc_auc_score(y, p[:, 1]))
+        assert result.as_metrics()["auc"] == result.auc
+
+
+def test_score_macro_f1_by_hand() -> None:
+    # Prepare: predictions 0, 1, 0, 2 vs truth 1, 1, 0, 2
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.8, 0.1], [0.6, 0.4, 0.0], [0.0, 0.1, 0.9]])
+    labels = np.array([1, 1, 0, 2])
+
+    # Execute
+    result = score(probs, labels, 3)
+
+    # Assert: F1 = 2tp / (2tp + fp + fn): class 0 2/3 (tp 1, fp 1), class 1 2/3 (tp 1, fn 1), class 2 1
+    assert result.accuracy == pytest.approx(3 / 4)
+    assert result.macro_f1 == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_score_clips_zero_probability_loss() -> None:
+    # Prepare
+    probs = np.array([[1.0, 0.0]])
+
+    # Execute
+    result = score(probs, np.array([1]), 2)
+
+    # Assert
+    assert result.loss == pytest.approx(-np.log(1e-12))
+    assert result.as_metrics() == {"loss": result.loss, "accuracy": 0.0, "macro_f1": 0.0}
+
+
+def test_score_refuses_empty_labels() -> None:
+    # Prepare / Execute / Assert
+    with pytest.raises(ValueError, match="empty"):
+        score(np.zeros((0, 2)), np.zeros(0, dtype=np.int64), 2)
+
+
+def test_eval_result_metrics_include_auc_only_when_defined() -> None:
+    # Prepare
+    with_auc = EvalResult(loss=0.1, accuracy=0.9, macro_f1=0.8, auc=0.95, examples=10)
+    without = EvalResult(loss=0.1, accuracy=0.9, macro_f1=0.8, auc=None, examples=10)
+
+    # Execute / Assert
+    assert with_auc.as_metrics() == {"loss": 0.1, "accuracy": 0.9, "macro_f1": 0.8, "auc": 0.95}
+    assert without.as_metrics() == {"loss": 0.1, "accuracy": 0.9, "macro_f1": 0.8}
+
+
+# ---- device ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("preference", "expected"),
+    [("cpu", "cpu"), ("auto", "cuda" if torch.cuda.is_available() else "cpu")],
+)
+def test_select_device(preference: str, expected: str) -> None:
+    # Prepare / Execute
+    device = select_device(preference)
+
+    # Assert
+    assert device.type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible")
+def test_select_cuda_without_gpu_raises() -> None:
+    # Prepare / Execute / Assert
+    with pytest.raises(RuntimeError, match="device=cuda"):
+        select_device("cuda")
+
+
+def test_no_autocast_on_cpu() -> None:
+    # Prepare / Execute / Assert
+    assert autocast_dtype(CPU) is None
