@@ -195,7 +195,8 @@ def run_coordinator(
     cfg.save(out_dir / "run_config.json")
     coord = Coordinator(cfg=cfg, out_dir=out_dir, progress=progress)
     summary = (
-        f"Base model {coord.model_dir} (fingerprint {coord.base_fingerprint[:16]}...); {cfg.peft_method} trains "
+        f"Base model {coord.model_dir} (fingerprint {coord.base_fingerprint[:16]}...); "
+        f"{cfg.peft_method} trains "
         f"{coord.trainable:,} of {coord.total:,} parameters ({100 * coord.trainable / coord.total:.3f}%); "
         f"adapter {nbytes(coord.initial) / 1e6:.2f} MB vs base model {coord.base_model_bytes / 1e6:.1f} MB; "
         f"secure aggregation {'SecAgg+' if cfg.secure_aggregation else 'off'}; strategy {cfg.strategy}."

@@ -15,11 +15,16 @@ import platform
 from pathlib import Path
 
 import torch
-
 from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
 from fedtune.common.config import parse_overrides, parse_run_config
 from fedtune.common.data import split
-from fedtune.common.model import PeftSpec, build_peft_model, frozen_state_fingerprint, load_tokenizer, resolve_model_dir
+from fedtune.common.model import (
+    PeftSpec,
+    build_peft_model,
+    frozen_state_fingerprint,
+    load_tokenizer,
+    resolve_model_dir,
+)
 from fedtune.common.sites import load_configured
 from fedtune.common.train import autocast_dtype, evaluate, select_device, train
 
@@ -56,7 +61,9 @@ def check(devices: list[str], run_config: dict[str, str]) -> list[dict]:
             {
                 "requested": name,
                 "device": str(device),
-                "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+                "device_name": torch.cuda.get_device_name()
+                if device.type == "cuda"
+                else platform.processor(),
                 "autocast": str(autocast_dtype(device)),
                 "train_examples_per_second": fit.examples / fit.seconds,
                 "train_seconds": fit.seconds,
@@ -83,7 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     (out / "device_check.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
+    lines += [
+        "| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
+        for r in rows
+    ]
     if len(rows) > 1:
         ratio = rows[0]["train_examples_per_second"] / rows[-1]["train_examples_per_second"]
         lines.append(f"\nTraining speed {rows[0]['device']} / {rows[-1]['device']}: {ratio:.2f}x")
