@@ -54,11 +54,7 @@ def set_adapter_arrays(model: PeftModel, arrays: list[np.ndarray]) -> None:
         if not np.isfinite(arr).all():
             raise ValueError(f"Adapter tensor `{name}` received non-finite values (NaN/Inf).")
         new_state[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32)).to(ref.dtype)
-    result = set_peft_model_state_dict(model, new_state)
-    unexpected = [
-        k for k in result.unexpected_keys if "lora_" in k or "prompt" in k or "modules_to_save" in k
-    ]
-    assert not unexpected, unexpected
+    set_peft_model_state_dict(model, new_state)
 
 
 def nbytes(arrays: list[np.ndarray]) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
 import typing
 from collections.abc import Mapping
@@ -180,16 +181,17 @@ def _coerce(key: str, raw: Any) -> Any:
             else:
                 raise ValueError
         elif hint is int:
-            if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+            number = float(text) if isinstance(text, str) and "e" in text.lower() else text
+            if isinstance(number, bool) or (isinstance(number, float) and not number.is_integer()):
                 raise ValueError
-            value = int(float(text)) if isinstance(text, str) and "e" in text.lower() else int(text)
+            value = int(number)
         elif hint is float:
-            if isinstance(text, bool):
+            if isinstance(text, bool) or not math.isfinite(float(text)):
                 raise ValueError
             value = float(text)
         else:
             value = str(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(
             f"Run-config key `{key}` expects "
             f"{'true/false' if hint is bool else getattr(hint, '__name__', hint)}, "

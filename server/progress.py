@@ -83,7 +83,6 @@ class RunProgress:
 
     def round_done(self, record: dict[str, Any]) -> None:
         """Print one finished round's headline figures."""
-        parts = [
-            f"{COLUMNS[k]} {_fmt(record[k])}" for k in COLUMNS if k != "round" and record.get(k) is not None
-        ]
+        shown = [k for k in COLUMNS if k != "round" and record.get(k) is not None]
+        parts = [f"{COLUMNS[k][0]} {_fmt(k, record[k])}" for k in shown]
         self.console.print(f"[green]round {record['round']}/{self.num_rounds}[/green]  " + "  ".join(parts))

@@ -24,10 +24,6 @@ from transformers import AutoModelForSequenceClassification
 
 NUM_LABELS = 3
 TEXTS = ["fever and dry cough for three days", "invoice paid by bank transfer", "fractured left wrist"]
-PREFIX_SET_BUG = (
-    "adapters.set_adapter_arrays asserts on the 'prompt_embeddings' key that peft always reports as "
-    "unexpected for prompt-learning methods (it loads it separately), so every prefix model is refused"
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,10 +91,8 @@ def test_arrays_follow_sorted_state_names_as_float32_copies(model: PeftModel) ->
     assert any("classifier" in n for n in names)
 
 
-def test_set_then_get_round_trips(model: PeftModel, method: str, request: pytest.FixtureRequest) -> None:
+def test_set_then_get_round_trips(model: PeftModel) -> None:
     # Prepare
-    if method == "prefix":
-        request.applymarker(pytest.mark.xfail(reason=PREFIX_SET_BUG, raises=AssertionError, strict=True))
     arrays = _random_like(get_adapter_arrays(model), seed=1)
 
     # Execute

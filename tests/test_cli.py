@@ -1,0 +1,100 @@
+"""The ``fedtune`` CLI contract, packaging and the Flower app declaration (no simulation run)."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import tomllib
+from fedtune.common.config import VALID_KEYS
+from fedtune.simulations.cli import main
+from fedtune.simulations.simulate import resolve
+
+PYPROJECT = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--run-config", "no-such-key=1"], "Valid keys: " + ", ".join(VALID_KEYS)),
+        (["--run-config", "peft-method=ia3"], "valid values: lora, prefix"),
+        (["--run-config", "task=csv"], "`task=csv` needs `data-path`"),
+        (["--num-clients", "1"], "`--num-clients` 1"),
+        (["--run-config", "broken"], "is not `key=value`"),
+    ],
+)
+def test_simulate_rejects_bad_input_with_a_message_naming_the_fix(argv, expected, capsys) -> None:
+    # Execute
+    rc = main(["simulate", *argv])
+
+    # Assert
+    assert rc == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_preset_then_overrides_then_out_resolve_into_one_config() -> None:
+    # Execute
+    cfg, n = resolve("prefix", 7, {"num-server-rounds": "9"}, "somewhere")
+
+    # Assert
+    assert (n, cfg.peft_method, cfg.num_server_rounds, cfg.out_dir) == (7, "prefix", 9, "somewhere")
+
+
+def test_flower_components_point_at_the_apps() -> None:
+    # Prepare
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    components = PYPROJECT["tool"]["flwr"]["app"]["components"]
+
+    # Execute
+    loaded = {}
+    for key, ref in components.items():
+        module, attr = ref.split(":")
+        loaded[key] = getattr(importlib.import_module(module), attr)
+
+    # Assert
+    assert isinstance(loaded["serverapp"], ServerApp) and isinstance(loaded["clientapp"], ClientApp)
+
+
+def test_the_wheel_holds_only_fedtune_namespaced_packages(tmp_path: Path) -> None:
+    # Execute: build the wheel a user would install
+    root = Path(__file__).parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("fedtune-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+
+    # Assert: nothing lands in site-packages as a bare `server`, `common`, ...
+    assert {n.split("/")[0] for n in names} == {
+        "fedtune",
+        wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info",
+    }
+    for sub in ("server", "client", "common", "simulations"):
+        assert f"fedtune/{sub}/__init__.py" in names
+    assert "fedtune/common/config.py" in names and "fedtune/server/app.py" in names
+
+
+def test_common_never_imports_flower() -> None:
+    # Assert
+    for path in (Path(__file__).parents[1] / "common").glob("*.py"):
+        text = path.read_text()
+        assert "import flwr" not in text and "from flwr" not in text, path.name

@@ -1,0 +1,68 @@
+"""What a person reads: the live round lines, the results table, the plots, atomic JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from fedtune.common.plots import plot_records
+from fedtune.server.federation import write_json_atomic
+from fedtune.server.progress import RunProgress, results_table
+from rich.console import Console
+
+RECORDS = [
+    {"round": 0, "accuracy": 0.1, "macro_f1": 0.05, "loss": 3.0, "seconds": 0.0},
+    {
+        "round": 1,
+        "accuracy": 0.6,
+        "macro_f1": 0.3,
+        "loss": 1.2,
+        "train_loss": 1.5,
+        "sites_accuracy": 0.55,
+        "bytes_up": 2_500_000,
+        "bytes_down": 3_000_000,
+        "seconds": 12.34,
+    },
+]
+
+
+def _console() -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    return Console(file=buf, width=200, force_terminal=False), buf
+
+
+def test_round_line_and_table_show_the_figures_of_each_round() -> None:
+    # Prepare
+    console, buf = _console()
+
+    # Execute
+    RunProgress(3, console).round_done(RECORDS[1])
+    console.print(results_table(RECORDS, "run"))
+    text = buf.getvalue()
+
+    # Assert
+    assert "round 1/3" in text and "acc 0.6000" in text and "up 2.50 MB" in text and "s 12.3" in text
+    assert "0.3000" in text and "3.00 MB" in text and "auc" not in text.lower()  # no AUC column without AUC
+
+
+def test_plots_are_written_for_the_series_present(tmp_path: Path) -> None:
+    # Execute
+    written = plot_records(RECORDS, tmp_path)
+
+    # Assert
+    assert {p.name for p in written} == {"quality.png", "loss.png", "bytes.png"}
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5_000 for p in written)
+
+
+def test_json_is_replaced_atomically(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "metrics.json"
+    write_json_atomic(path, [1])
+
+    # Execute
+    write_json_atomic(path, RECORDS)
+
+    # Assert
+    assert json.loads(path.read_text()) == RECORDS
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

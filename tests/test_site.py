@@ -1,0 +1,107 @@
+"""A site (ClientApp side) driven directly: fingerprint refusal, what it returns, the SecAgg mod."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fedtune.client.mods import REQUIRE_SECAGG, secure_aggregation_mod
+from fedtune.client.site import SiteClient
+from fedtune.common import instructions
+from fedtune.common.adapters import adapter_names, get_adapter_arrays
+from fedtune.common.config import parse_run_config
+from fedtune.common.model import (
+    FingerprintMismatchError,
+    PeftSpec,
+    build_peft_model,
+    fingerprint,
+    resolve_model_dir,
+)
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.supercore.task_identity import TaskIdentity
+
+CFG = parse_run_config({"max-examples": 300, "partitioning": "iid", "max-length": 16, "seed": 3})
+NODE = {"partition-id": 1, "num-partitions": 3}
+
+
+@pytest.fixture(scope="module")
+def start() -> tuple[list[np.ndarray], list[str]]:
+    model = build_peft_model(PeftSpec.from_config(CFG, resolve_model_dir(""), 22))
+    return get_adapter_arrays(model), adapter_names(model)
+
+
+def test_site_refuses_a_foreign_base_model_naming_both_fingerprints(start) -> None:
+    # Prepare
+    arrays, _ = start
+    foreign = "f" * 64
+    config = instructions.encode(CFG, 1, foreign, 1000.0)
+
+    # Execute / Assert
+    with pytest.raises(FingerprintMismatchError) as err:
+        SiteClient(NODE).fit(arrays, config)
+    assert foreign in str(err.value) and fingerprint(resolve_model_dir("")) in str(err.value)
+
+
+def test_site_returns_only_a_trained_adapter_of_the_same_shapes(start) -> None:
+    # Prepare
+    arrays, names = start
+    config = instructions.encode(CFG, 1, fingerprint(resolve_model_dir("")), 1000.0)
+
+    # Execute
+    new, num_examples, metrics = SiteClient(NODE).fit([a.copy() for a in arrays], config)
+
+    # Assert: same tensors (PEFT state only), changed values, examples counted (not batches)
+    assert [a.shape for a in new] == [a.shape for a in arrays]
+    assert all("lora_" in n or "classifier" in n for n in names)
+    assert any(not np.array_equal(a, b) for a, b in zip(new, arrays, strict=True))
+    assert 50 < num_examples < 300 and metrics["train_loss"] > 0
+
+
+def test_site_evaluate_scores_its_local_test_split(start) -> None:
+    # Prepare
+    arrays, _ = start
+    config = instructions.encode(CFG, 1, fingerprint(resolve_model_dir("")), 1000.0)
+
+    # Execute
+    loss, n, metrics = SiteClient(NODE).evaluate(arrays, config)
+
+    # Assert
+    assert n > 0 and loss > 0 and 0 <= metrics["accuracy"] <= 1 and "macro_f1" in metrics
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Flower 1.42 stamps new messages with the running task's identity.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _train_message(with_secagg: bool) -> Message:
+    content = RecordDict({"secaggplus_configs": ConfigRecord({"stage": "setup"})} if with_secagg else {})
+    return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def test_mod_refuses_unmasked_training_when_the_site_requires_secagg() -> None:
+    # Prepare
+    ctxt = Context(
+        run_id=1, node_id=7, node_config={REQUIRE_SECAGG: "true"}, state=RecordDict(), run_config={}
+    )
+    called = []
+
+    # Execute / Assert
+    with pytest.raises(PermissionError, match=REQUIRE_SECAGG):
+        secure_aggregation_mod(_train_message(False), ctxt, lambda m, c: called.append(m))
+    assert not called
+
+
+def test_mod_passes_unmasked_training_through_when_not_required() -> None:
+    # Prepare
+    ctxt = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    called = []
+
+    # Execute
+    secure_aggregation_mod(_train_message(False), ctxt, lambda m, c: called.append(m) or m)
+
+    # Assert
+    assert len(called) == 1
