@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--run-config", default="", help='Overrides, e.g. "num-server-rounds=5 peft-method=prefix".'
     )
-    sim.add_argument("--out", default=None, help="Output folder (run-config `out-dir`).")
+    sim.add_argument("--out", default=None, help="Output folder (default: fedtune-out/<date-time>).")
+    sim.add_argument("--overwrite", action="store_true", help="Allow an --out folder that holds a run.")
     sim.add_argument("--verbose", action="store_true", help="Show Flower's and the sites' logs.")
     return parser
 

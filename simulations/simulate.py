@@ -28,13 +28,20 @@ def resolve(
     num_clients: int | None = None,
     overrides: Mapping[str, Any] | None = None,
     out: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[FedConfig, int]:
     """Preset + overrides (+ ``--out``) -> the run's config and number of simulated hospitals."""
     p = get_preset(preset)
     run_config = {**p.run_config, **(overrides or {})}
     if out is not None:
         run_config[key_of("out_dir")] = out
+    elif key_of("out_dir") not in run_config:  # a fresh folder per run: never overwrite earlier results
+        run_config[key_of("out_dir")] = str(Path(FedConfig.out_dir) / time.strftime("%Y%m%d-%H%M%S"))
     cfg = parse_run_config(run_config)
+    if (Path(cfg.out_dir) / "metrics.json").exists() and not overwrite:
+        raise ValueError(
+            f"`--out` {cfg.out_dir} already holds a run; pass --overwrite or choose another folder."
+        )
     n = num_clients if num_clients is not None else p.num_clients
     if n < max(2, cfg.min_clients):
         raise ValueError(

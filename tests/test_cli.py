@@ -98,3 +98,23 @@ def test_common_never_imports_flower() -> None:
     for path in (Path(__file__).parents[1] / "common").glob("*.py"):
         text = path.read_text()
         assert "import flwr" not in text and "from flwr" not in text, path.name
+
+
+def test_a_finished_run_is_never_overwritten_without_asking(tmp_path: Path, capsys) -> None:
+    # Prepare
+    (tmp_path / "metrics.json").write_text("[]")
+
+    # Execute
+    rc = main(["simulate", "--out", str(tmp_path)])
+
+    # Assert
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
+    assert resolve("smoke", None, {}, str(tmp_path), overwrite=True)[0].out_dir == str(tmp_path)
+
+
+def test_default_output_is_a_fresh_timestamped_folder() -> None:
+    # Execute
+    cfg, _ = resolve("smoke")
+
+    # Assert
+    assert Path(cfg.out_dir).parent == Path("fedtune-out") and Path(cfg.out_dir).name[:2] == "20"
