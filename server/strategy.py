@@ -12,7 +12,19 @@ from collections.abc import Callable
 
 import numpy as np
 from fedtune.common.config import FedConfig
-from flwr.common import Metrics, Scalar, ndarrays_to_parameters
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Metrics,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 ConfigFn = Callable[[int], dict[str, Scalar]]
@@ -32,6 +44,62 @@ def weighted_mean(results: list[tuple[int, Metrics]]) -> Metrics:
     return {key: sums[key] / weights[key] for key in sums}
 
 
+class Float32Adapter(Strategy):
+    """Wrap a strategy so the aggregated adapter stays float32.
+
+    SecAgg+ dequantises into float64 and FedAdam's maths promotes to float64; without this the
+    next round would broadcast twice the adapter's bytes.
+    """
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    def __repr__(self) -> str:
+        return f"Float32Adapter({self.strategy!r})"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:  # noqa: D102
+        return self.strategy.initialize_parameters(client_manager)
+
+    def configure_fit(  # noqa: D102
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        return self.strategy.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Aggregate with the wrapped strategy, then cast every tensor to float32."""
+        parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        if parameters is not None:
+            parameters = ndarrays_to_parameters(
+                [a.astype(np.float32) for a in parameters_to_ndarrays(parameters)]
+            )
+        return parameters, metrics
+
+    def configure_evaluate(  # noqa: D102
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(  # noqa: D102
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        return self.strategy.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:  # noqa: D102
+        return self.strategy.evaluate(server_round, parameters)
+
+    def num_fit_clients(self, num_available_clients: int) -> tuple[int, int]:
+        """Sites sampled to train (delegated; the SecAgg+ share count depends on it)."""
+        return self.strategy.num_fit_clients(num_available_clients)  # type: ignore[attr-defined]
+
+
 def make_strategy(
     cfg: FedConfig,
     *,
@@ -41,7 +109,7 @@ def make_strategy(
     evaluate_fn: EvaluateFn | None,
     fit_metrics_fn: MetricsFn = weighted_mean,
 ) -> Strategy:
-    """Build the strategy named by ``cfg.strategy`` around the coordinator's initial adapter."""
+    """Build the strategy named by ``cfg.strategy`` around the coordinator's initial adapter (float32 out)."""
     common = dict(
         fraction_fit=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -57,16 +125,18 @@ def make_strategy(
         evaluate_metrics_aggregation_fn=weighted_mean,
     )
     if cfg.strategy == "fedavg":
-        return FedAvg(**common)
+        return Float32Adapter(FedAvg(**common))
     if cfg.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=cfg.fedprox_mu)
+        return Float32Adapter(FedProx(**common, proximal_mu=cfg.fedprox_mu))
     if cfg.strategy == "fedadam":
-        return FedAdam(
-            **common,
-            eta=cfg.fedadam_eta,
-            eta_l=cfg.learning_rate,
-            beta_1=cfg.fedadam_beta_1,
-            beta_2=cfg.fedadam_beta_2,
-            tau=cfg.fedadam_tau,
+        return Float32Adapter(
+            FedAdam(
+                **common,
+                eta=cfg.fedadam_eta,
+                eta_l=cfg.learning_rate,
+                beta_1=cfg.fedadam_beta_1,
+                beta_2=cfg.fedadam_beta_2,
+                tau=cfg.fedadam_tau,
+            )
         )
     raise ValueError(f"`strategy` {cfg.strategy!r} is not supported; supported: fedavg, fedprox, fedadam.")

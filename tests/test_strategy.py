@@ -8,7 +8,7 @@ from unittest.mock import Mock
 import numpy as np
 import pytest
 from fedtune.common.config import FedConfig
-from fedtune.server.strategy import make_strategy, weighted_mean
+from fedtune.server.strategy import Float32Adapter, make_strategy, weighted_mean
 from flwr.common import (
     Code,
     FitRes,
@@ -33,14 +33,20 @@ def _evaluate_config(server_round: int) -> dict[str, Any]:
     return {"fedtune.round": server_round, "note": "evaluate"}
 
 
-def _strategy(cfg: FedConfig, evaluate_fn: Any = None) -> Strategy:
-    return make_strategy(
+def _wrapped(cfg: FedConfig, evaluate_fn: Any = None) -> Float32Adapter:
+    strategy = make_strategy(
         cfg,
         initial=INITIAL,
         on_fit_config_fn=_fit_config,
         on_evaluate_config_fn=_evaluate_config,
         evaluate_fn=evaluate_fn,
     )
+    assert isinstance(strategy, Float32Adapter)
+    return strategy
+
+
+def _strategy(cfg: FedConfig, evaluate_fn: Any = None) -> Strategy:
+    return _wrapped(cfg, evaluate_fn).strategy
 
 
 def _proxy(cid: str) -> ClientProxy:
@@ -280,3 +286,18 @@ def test_fedadam_takes_a_server_adam_step_from_the_initial_adapter() -> None:
         for g, w in zip(got, weights, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
         assert not all(np.allclose(g, x) for g, x in zip(got, mean, strict=True))  # not plain FedAvg
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
+def test_aggregate_stays_float32_when_results_arrive_as_float64(name: str) -> None:
+    # Prepare: SecAgg+ hands the strategy dequantised float64 vectors
+    strategy = _wrapped(FedConfig(strategy=name))
+    results = [(_proxy("a"), _fit_res([a.astype(np.float64) + 1 for a in INITIAL], 10, {"train_loss": 1.0}))]
+
+    # Execute
+    parameters, _ = strategy.aggregate_fit(1, results, [])
+
+    # Assert
+    out = parameters_to_ndarrays(parameters)
+    assert all(a.dtype == np.float32 for a in out) and [a.shape for a in out] == [a.shape for a in INITIAL]
+    assert strategy.num_fit_clients(10) == strategy.strategy.num_fit_clients(10)
