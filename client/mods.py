@@ -1,34 +1,118 @@
-"""Client mods: route SecAgg+ messages to Flower's ``secaggplus_mod``, refuse unmasked uploads if required."""
+"""Client mods, outermost first: wire record, SecAgg+ routing, update capture, client-level DP.
+
+``make_client_app`` stacks them as ``[wire_record, secure_aggregation, capture_update, dp]``:
+the wire record sees exactly what crosses the network (masked vectors under SecAgg+), the
+capture sees what SecAgg+ is about to mask (after clipping and noise), and the DP mod works
+on the plain update the site trained.
+"""
 
 from __future__ import annotations
 
+import numpy as np
+from fedtune.common import instructions
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.compat.common import recorddict_compat as compat
 
 REQUIRE_SECAGG = "require-secure-aggregation"
+
+
+def check_secagg_range(arrays: list[np.ndarray], num_examples: int, max_weight: float, clip: float) -> None:
+    """Refuse an upload that SecAgg+ would silently distort.
+
+    SecAgg+ multiplies each value by ``num_examples / max_weight`` and clips it to
+    ``[-clip, clip]`` before quantising; either overflow would corrupt the aggregate.
+
+    Raises
+    ------
+    ValueError
+        Naming the setting to raise.
+    """
+    if num_examples > max_weight:
+        raise ValueError(
+            f"Site has {num_examples} training examples > SecAgg+ `secagg-max-weight` {max_weight:g}: "
+            "its weight would be clipped. Raise `secagg-max-weight` to at least the largest site's count."
+        )
+    peak = max(float(np.abs(a).max()) for a in arrays if a.size) * num_examples / max_weight
+    if peak > clip:
+        raise ValueError(
+            f"Weighted adapter value {peak:.3g} exceeds SecAgg+ `secagg-clipping-range` {clip:g} "
+            "and would be clipped; raise `secagg-clipping-range`."
+        )
+
+
+def _train_config(msg: Message) -> dict:
+    return compat.recorddict_to_fitins(msg.content, keep_input=True).config
 
 
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Run train messages of a SecAgg+ round through ``secaggplus_mod``; pass others through.
 
-    A site whose node config sets ``require-secure-aggregation=true`` refuses a train message
-    that is not part of a SecAgg+ round, so its update is never sent unmasked.
+    Before SecAgg+ masks the site's reply, its values are checked against SecAgg+'s weight
+    normaliser and clipping range (:func:`check_secagg_range`). A site whose node config sets
+    ``require-secure-aggregation=true`` refuses a train message outside a SecAgg+ round, so its
+    update is never sent unmasked.
 
     Raises
     ------
     PermissionError
         On an unmasked train request to a site that requires SecAgg+.
     """
-    if msg.metadata.message_type == MessageType.TRAIN:
-        if RECORD_KEY_CONFIGS in msg.content.config_records:
-            return secaggplus_mod(msg, ctxt, call_next)
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
         if str(ctxt.node_config.get(REQUIRE_SECAGG, "false")).lower() == "true":
             raise PermissionError(
                 f"Node {ctxt.node_id} requires secure aggregation (`{REQUIRE_SECAGG}`) but the server "
-                "asked for "
-                "an unmasked update; set `secure-aggregation=true` on the server."
+                "asked for an unmasked update; set `secure-aggregation=true` on the server."
             )
-    return call_next(msg, ctxt)
+        return call_next(msg, ctxt)
+
+    def checked(inner: Message, context: Context) -> Message:
+        out = call_next(inner, context)
+        if not out.has_error():
+            state = context.state.config_records[RECORD_KEY_STATE]
+            fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
+            check_secagg_range(
+                parameters_to_ndarrays(fitres.parameters),
+                fitres.num_examples,
+                float(state["max_weight"]),
+                float(state["clipping_range"]),
+            )
+        return out
+
+    return secaggplus_mod(msg, ctxt, checked)
+
+
+def dp_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Client-level DP on the site's update, as the instruction's ``dp-mode`` says.
+
+    ``central``: Flower's ``fixedclipping_mod`` clips the update (local minus global) to
+    ``dp-clipping-norm``; the server's ``DifferentialPrivacyClientSideFixedClipping`` adds the noise.
+    ``distributed``: the same clipping, then this site adds its share ``N(0, sigma^2 C^2 / n)`` of the
+    noise, so the SecAgg+ sum of the ``n`` sampled sites carries the full ``N(0, sigma^2 C^2)`` and the
+    server never sees an unnoised sum.
+    """
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    config = _train_config(msg)
+    mode = str(config.get("dp-mode", "off"))
+    if mode == "off":
+        return call_next(msg, ctxt)
+    out = fixedclipping_mod(msg, ctxt, call_next)
+    std = float(config.get(instructions.DP_NOISE_STD, 0.0))
+    if mode != "distributed" or out.has_error() or std == 0.0:
+        return out
+    fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
+    rng = np.random.default_rng()  # fresh OS entropy every round; never seeded from the run config
+    noised = [
+        (a + rng.normal(0.0, std, size=a.shape)).astype(a.dtype)
+        for a in parameters_to_ndarrays(fitres.parameters)
+    ]
+    fitres.parameters = ndarrays_to_parameters(noised)
+    out.content = compat.fitres_to_recorddict(fitres, keep_input=True)
+    return out

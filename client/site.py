@@ -23,31 +23,6 @@ from flwr.client import NumPyClient
 log = logging.getLogger(__name__)
 
 
-def check_secagg_range(arrays: list[np.ndarray], num_examples: int, max_weight: float, clip: float) -> None:
-    """Refuse an upload that SecAgg+ would silently distort.
-
-    SecAgg+ multiplies each value by ``num_examples / max_weight`` and clips it to
-    ``[-clip, clip]`` before quantising; either overflow would corrupt the aggregate.
-
-    Raises
-    ------
-    ValueError
-        Naming the setting to raise.
-    """
-    if num_examples > max_weight:
-        raise ValueError(
-            f"Site has {num_examples} training examples > SecAgg+ `secagg-max-weight` {max_weight:g}: "
-            "its weight would be clipped. Raise `secagg-max-weight` to at least the largest site's count."
-        )
-    peak = max(float(np.abs(a).max()) for a in arrays if a.size) * num_examples / max_weight
-    if peak > clip:
-        raise ValueError(
-            f"Weighted adapter value {peak:.3g} exceeds SecAgg+ `secagg-clipping-range` {clip:g} "
-            "and would be "
-            "clipped; raise `secagg-clipping-range`."
-        )
-
-
 class SiteClient(NumPyClient):
     """One site: its private data stays here; only the PEFT state goes back."""
 
@@ -81,14 +56,13 @@ class SiteClient(NumPyClient):
             proximal_mu=ins.proximal_mu,
         )
         arrays = get_adapter_arrays(model)
-        if cfg.secure_aggregation:
-            check_secagg_range(arrays, len(data.train), ins.max_weight, cfg.secagg_clipping_range)
         metrics = {
             "train_loss": result.loss,
             "train_seconds": result.seconds,
             "examples_per_second": result.examples / result.seconds,
         }
-        return arrays, len(data.train), metrics
+        # Client-level DP averages sites uniformly (each site's weight is 1), else weight = examples.
+        return arrays, 1 if cfg.dp_mode != "off" else len(data.train), metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]):  # noqa: ANN201
         """Score the shared adapter on this site's local test split."""

@@ -25,6 +25,8 @@ Task = Literal["icd10-chapter", "diabetes", "csv"]
 Partitioning = Literal["iid", "dirichlet", "specialty"]
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 Device = Literal["auto", "cpu", "cuda"]
+DpMode = Literal["off", "distributed", "central"]
+Accountant = Literal["rdp", "pld"]
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,28 @@ class FedConfig:
     secagg_quantization_range: int = _opt(2**22, "SecAgg+ quantisation levels.", min=2)
     secagg_max_weight: float = _opt(
         0.0, "SecAgg+ weight normaliser; 0 = auto (the run's pooled training examples).", min=0.0
+    )
+    # --- client-level differential privacy --------------------------------------------
+    dp_mode: DpMode = _opt(
+        "off",
+        "Client-level DP: off; distributed (each site clips and adds its share of the noise before "
+        "SecAgg+); central (sites clip, the server adds the noise: Flower's client-side-clipping wrapper).",
+    )
+    dp_noise_multiplier: float = _opt(
+        1.0, "Noise std as a multiple of `dp-clipping-norm` (on the sum).", min=0.0
+    )
+    dp_clipping_norm: float = _opt(0.5, "L2 bound on each site's whole adapter update per round.", min=1e-12)
+    dp_delta: float = _opt(1e-5, "delta at which epsilon is reported.", min=1e-300, max=0.5)
+    dp_target_epsilon: float = _opt(
+        0.0, "Stop before a round would exceed this epsilon; 0 = no budget.", min=0.0
+    )
+    dp_accountant: Accountant = _opt("rdp", "dp-accounting accountant: rdp or pld.")
+    # --- audit -------------------------------------------------------------------------
+    audit: bool = _opt(
+        True, "Record every exchanged message and each site's true update under `out-dir`/audit."
+    )
+    audit_canaries: int = _opt(
+        0, "Synthetic canary patients planted at site 0 (each with probability 1/2) for the audit.", min=0
     )
     # --- model and PEFT ---------------------------------------------------------------
     base_model: str = _opt("", "Local Hugging Face model directory; empty = packaged all-MiniLM-L6-v2.")

@@ -1,8 +1,9 @@
 """The per-round instruction the coordinator sends with every train/evaluate message.
 
 It carries the resolved run config (so every site trains with exactly the coordinator's
-settings, whatever its own defaults), the round, the pinned base-model fingerprint and
-the SecAgg+ weight normaliser. All values are flat scalars (Flower ``ConfigRecord``-safe).
+settings, whatever its own defaults), the round, the pinned base-model fingerprint and,
+under client-level DP, the clipping norm and each site's share of the noise. All values
+are flat scalars (Flower ``ConfigRecord``-safe).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from .config import VALID_KEYS, FedConfig, parse_run_config
 
 ROUND = "fedtune.round"
 BASE_FINGERPRINT = "fedtune.base-fingerprint"
-MAX_WEIGHT = "fedtune.secagg-max-weight"
+DP_NOISE_STD = "fedtune.dp-noise-std"  # std of the Gaussian noise one site adds (distributed DP)
 PROXIMAL_MU = "proximal_mu"  # the key Flower's FedProx strategy puts in the fit config
+CLIPPING_NORM = "clipping_norm"  # the key Flower's `fixedclipping_mod` reads
 
 
 @dataclass(frozen=True)
@@ -26,18 +28,18 @@ class Instruction:
     cfg: FedConfig
     server_round: int
     base_fingerprint: str
-    max_weight: float
+    dp_noise_std: float
     proximal_mu: float
 
 
-def encode(cfg: FedConfig, server_round: int, base_fingerprint: str, max_weight: float) -> dict[str, Any]:
+def encode(
+    cfg: FedConfig, server_round: int, base_fingerprint: str, *, dp_noise_std: float = 0.0
+) -> dict[str, Any]:
     """Flat config dict for one round's messages."""
-    return {
-        **cfg.to_run_config(),
-        ROUND: server_round,
-        BASE_FINGERPRINT: base_fingerprint,
-        MAX_WEIGHT: float(max_weight),
-    }
+    out: dict[str, Any] = {**cfg.to_run_config(), ROUND: server_round, BASE_FINGERPRINT: base_fingerprint}
+    if cfg.dp_mode != "off":
+        out |= {CLIPPING_NORM: cfg.dp_clipping_norm, DP_NOISE_STD: float(dp_noise_std)}
+    return out
 
 
 def decode(config: Mapping[str, Any]) -> Instruction:
@@ -57,6 +59,6 @@ def decode(config: Mapping[str, Any]) -> Instruction:
         cfg=parse_run_config({k: v for k, v in config.items() if k in VALID_KEYS}),
         server_round=int(config[ROUND]),
         base_fingerprint=str(config[BASE_FINGERPRINT]),
-        max_weight=float(config.get(MAX_WEIGHT, 0.0)),
+        dp_noise_std=float(config.get(DP_NOISE_STD, 0.0)),
         proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
     )

@@ -38,6 +38,7 @@ out of the minimum over orders (harmless); these warnings are silenced while thi
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.metadata
 import logging
@@ -133,9 +134,7 @@ def _epsilon_of_history(history: Sequence[tuple[float, float]], *, delta: float,
         return 0.0
     if any(noise_multiplier == 0 for noise_multiplier, _ in history):
         return math.inf
-    counts: dict[tuple[float, float], int] = {}
-    for pair in history:
-        counts[pair] = counts.get(pair, 0) + 1
+    counts = collections.Counter(history)
     acc = dp_accounting.rdp.RdpAccountant() if accountant == "rdp" else dp_accounting.pld.PLDAccountant()
     with _quiet_dp_accounting():
         for (noise_multiplier, sampling_rate), rounds in counts.items():

@@ -22,6 +22,7 @@ from fedtune.common.adapters import (
     save_shared_adapter,
     set_adapter_arrays,
 )
+from fedtune.common.audit import save_arrays
 from fedtune.common.config import FedConfig
 from fedtune.common.model import (
     PeftSpec,
@@ -33,12 +34,17 @@ from fedtune.common.model import (
     trainable_counts,
 )
 from fedtune.common.plots import plot_records
+from fedtune.common.privacy import PrivacyAccountant
 from fedtune.common.sites import coordinator_test_set, simulation_pool
 from fedtune.common.train import evaluate, select_device
 from flwr.app import Context
+from flwr.common import parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
 
@@ -81,17 +87,39 @@ class Coordinator:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.device = select_device(self.cfg.device)
         self.initial = get_adapter_arrays(self.model)
-        self.max_weight = self.cfg.secagg_max_weight or float(len(simulation_pool(self.cfg)[0]))
+        # SecAgg+ weight normaliser: under DP every site weighs 1; else the largest possible site count.
+        dp = self.cfg.dp_mode != "off"
+        self.max_weight = (
+            1.0 if dp else self.cfg.secagg_max_weight or float(len(simulation_pool(self.cfg)[0]))
+        )
         self.trainable, self.total = trainable_counts(self.model)
         self.base_model_bytes = base_model_nbytes(self.model_dir)
-        self._round_start = time.perf_counter()
+        self.accountant = (
+            PrivacyAccountant(
+                noise_multiplier=self.cfg.dp_noise_multiplier,
+                delta=self.cfg.dp_delta,
+                accountant=self.cfg.dp_accountant,
+            )
+            if dp
+            else None
+        )
+        self.audit_dir = self.out_dir / "audit" if self.cfg.audit else None
         self.grid: MeteredGrid | None = None
+        self.base_strategy: Strategy | None = None  # the plain strategy (its sampling decides n)
+        self.dp_wrapper: DifferentialPrivacyClientSideFixedClipping | None = None
+        self.secagg: SecAggPlusWorkflow | None = None
+        self.dp_noise_std = 0.0
+        self.sampling_rate = 1.0
+        self.stopped_early = ""
+        self._round_start = time.perf_counter()
         self._site_examples: list[int] = []
 
     # --- strategy callbacks -------------------------------------------------------------------
     def instruction(self, server_round: int) -> dict[str, Any]:
         """Config sent with every train/evaluate message of ``server_round``."""
-        return instructions.encode(self.cfg, server_round, self.base_fingerprint, self.max_weight)
+        return instructions.encode(
+            self.cfg, server_round, self.base_fingerprint, dp_noise_std=self.dp_noise_std
+        )
 
     def evaluate_shared(
         self, server_round: int, arrays: list[np.ndarray], _: dict
@@ -115,7 +143,43 @@ class Coordinator:
         self._site_examples = sorted(n for n, _ in results)
         return weighted_mean(results)
 
-    # --- workflow hook ----------------------------------------------------------------------------
+    # --- workflow hooks ---------------------------------------------------------------------------
+    def before_round(self, server_round: int, context: LegacyContext) -> bool:
+        """Size SecAgg+ and DP to this round's sampled sites; ``False`` if over the privacy budget."""
+        assert self.base_strategy is not None
+        available = context.client_manager.num_available()
+        sampled, _ = self.base_strategy.num_fit_clients(available)  # type: ignore[attr-defined]
+        self.sampling_rate = sampled / max(available, 1)
+        if self.secagg is not None:
+            self.secagg.num_shares = max(2, min(self.cfg.secagg_num_shares, sampled))
+            self.secagg.reconstruction_threshold = max(
+                2, min(self.cfg.secagg_reconstruction_threshold, self.secagg.num_shares)
+            )
+        if self.dp_wrapper is not None:
+            self.dp_wrapper.num_sampled_clients = sampled
+        if self.cfg.dp_mode == "distributed":
+            # each of the n sites adds N(0, sigma^2 C^2 / n): the sum carries N(0, sigma^2 C^2)
+            self.dp_noise_std = self.cfg.dp_noise_multiplier * self.cfg.dp_clipping_norm / sampled**0.5
+        target = self.cfg.dp_target_epsilon
+        if (
+            self.accountant is not None
+            and target > 0
+            and self.accountant.would_exceed(target, self.sampling_rate)
+        ):
+            self.stopped_early = (
+                f"stopped before round {server_round}: "
+                f"it would take epsilon past `dp-target-epsilon` {target:g}"
+            )
+            log.warning(self.stopped_early)
+            return False
+        if self.audit_dir is not None:
+            current = compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], True)
+            save_arrays(
+                self.audit_dir / "server" / f"global-round-{server_round:03d}.npz",
+                parameters_to_ndarrays(current),
+            )
+        return True
+
     def round_end(self, server_round: int, context: LegacyContext) -> None:
         """Record the round, rewrite ``metrics.json`` and the checkpoint; fail loudly if the round failed."""
         hist = context.history
@@ -142,6 +206,10 @@ class Coordinator:
             "bytes_down_per_site": {str(k): v for k, v in sorted(wire["down"].items())},
             "seconds": time.perf_counter() - self._round_start,
         }
+        if self.accountant is not None:
+            self.accountant.step(self.sampling_rate)
+            record["dp_epsilon"] = self.accountant.epsilon()
+            write_json_atomic(self.out_dir / "privacy.json", self.privacy())
         self._round_start = time.perf_counter()
         self.records.append(record)
         write_json_atomic(self.out_dir / "metrics.json", self.records)
@@ -152,6 +220,18 @@ class Coordinator:
             self.progress.round_done(record)
 
     # --- outputs -------------------------------------------------------------------------------------
+    def privacy(self) -> dict[str, Any]:
+        """The accountant's inputs and result: enough for anyone to recompute epsilon with dp-accounting."""
+        assert self.accountant is not None
+        return {
+            "dp_mode": self.cfg.dp_mode,
+            "clipping_norm": self.cfg.dp_clipping_norm,
+            "target_epsilon": self.cfg.dp_target_epsilon,
+            "epsilon": self.accountant.epsilon(),
+            "stopped_early": self.stopped_early,
+            "accountant": self.accountant.state_dict(),
+        }
+
     def metadata(self) -> dict[str, Any]:
         """What ``fedtune.json`` records beside the adapter."""
         return {
@@ -163,12 +243,14 @@ class Coordinator:
             "text_serialisation": self.test_set.serialisation,
             "max_length": self.cfg.max_length,
             "adapter_tensors": adapter_names(self.model),
+            "adapter_shapes": [list(a.shape) for a in self.initial],
             "adapter_bytes": nbytes(self.initial),
             "base_model_bytes": self.base_model_bytes,
             "trainable_parameters": self.trainable,
             "total_parameters": self.total,
             "trainable_percent": 100.0 * self.trainable / self.total,
             "secure_aggregation": self.cfg.secure_aggregation,
+            "dp_mode": self.cfg.dp_mode,
             "secagg_max_weight": self.max_weight,
             "versions": {
                 "flwr": flwr.__version__,
@@ -179,6 +261,8 @@ class Coordinator:
 
     def finish(self) -> Path:
         """Write ``adapter/`` (PEFT format + fedtune.json) and the plots; return the adapter folder."""
+        if self.accountant is not None:
+            write_json_atomic(self.out_dir / "privacy.json", self.privacy())
         adapter = save_shared_adapter(
             self.model, self.out_dir / "adapter", {**self.metadata(), "rounds": self.cfg.num_server_rounds}
         )
@@ -215,18 +299,19 @@ def run_coordinator(
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds), strategy=strategy
     )
+    inner = strategy.strategy
+    coord.dp_wrapper = inner if isinstance(inner, DifferentialPrivacyClientSideFixedClipping) else None
+    coord.base_strategy = coord.dp_wrapper.strategy if coord.dp_wrapper else inner
+    fit_workflow = default_fit_workflow
     if cfg.secure_aggregation:
-        fit_workflow = SecAggPlusWorkflow(
+        coord.secagg = fit_workflow = SecAggPlusWorkflow(
             num_shares=cfg.secagg_num_shares,
             reconstruction_threshold=cfg.secagg_reconstruction_threshold,
             max_weight=coord.max_weight,
             clipping_range=cfg.secagg_clipping_range,
             quantization_range=cfg.secagg_quantization_range,
         )
-        shares = (cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold)
-    else:
-        fit_workflow, shares = default_fit_workflow, None
-    coord.grid = MeteredGrid(grid, progress.stage if progress else None)
-    FedtuneWorkflow(fit_workflow, coord.round_end, shares)(coord.grid, legacy)
+    coord.grid = MeteredGrid(grid, progress.stage if progress else None, coord.audit_dir)
+    FedtuneWorkflow(fit_workflow, coord)(coord.grid, legacy)
     coord.finish()
     return coord

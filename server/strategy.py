@@ -25,7 +25,13 @@ from flwr.common import (
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.server.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
 
 ConfigFn = Callable[[int], dict[str, Scalar]]
 MetricsFn = Callable[[list[tuple[int, Metrics]]], Metrics]
@@ -95,10 +101,6 @@ class Float32Adapter(Strategy):
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:  # noqa: D102
         return self.strategy.evaluate(server_round, parameters)
 
-    def num_fit_clients(self, num_available_clients: int) -> tuple[int, int]:
-        """Sites sampled to train (delegated; the SecAgg+ share count depends on it)."""
-        return self.strategy.num_fit_clients(num_available_clients)  # type: ignore[attr-defined]
-
 
 def make_strategy(
     cfg: FedConfig,
@@ -108,7 +110,7 @@ def make_strategy(
     on_evaluate_config_fn: ConfigFn,
     evaluate_fn: EvaluateFn | None,
     fit_metrics_fn: MetricsFn = weighted_mean,
-) -> Strategy:
+) -> Float32Adapter:
     """Build the strategy named by ``cfg.strategy`` around the coordinator's initial adapter (float32 out)."""
     common = dict(
         fraction_fit=cfg.fraction_train,
@@ -124,19 +126,30 @@ def make_strategy(
         fit_metrics_aggregation_fn=fit_metrics_fn,
         evaluate_metrics_aggregation_fn=weighted_mean,
     )
+    return Float32Adapter(_with_dp(cfg, _base_strategy(cfg, common)))
+
+
+def _with_dp(cfg: FedConfig, strategy: Strategy) -> Strategy:
+    """Central DP: Flower's wrapper adds N(0, (sigma C / n)^2) to the average (n set each round)."""
+    if cfg.dp_mode != "central":
+        return strategy
+    return DifferentialPrivacyClientSideFixedClipping(
+        strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, num_sampled_clients=cfg.min_clients
+    )
+
+
+def _base_strategy(cfg: FedConfig, common: dict) -> Strategy:
     if cfg.strategy == "fedavg":
-        return Float32Adapter(FedAvg(**common))
+        return FedAvg(**common)
     if cfg.strategy == "fedprox":
-        return Float32Adapter(FedProx(**common, proximal_mu=cfg.fedprox_mu))
+        return FedProx(**common, proximal_mu=cfg.fedprox_mu)
     if cfg.strategy == "fedadam":
-        return Float32Adapter(
-            FedAdam(
-                **common,
-                eta=cfg.fedadam_eta,
-                eta_l=cfg.learning_rate,
-                beta_1=cfg.fedadam_beta_1,
-                beta_2=cfg.fedadam_beta_2,
-                tau=cfg.fedadam_tau,
-            )
+        return FedAdam(
+            **common,
+            eta=cfg.fedadam_eta,
+            eta_l=cfg.learning_rate,
+            beta_1=cfg.fedadam_beta_1,
+            beta_2=cfg.fedadam_beta_2,
+            tau=cfg.fedadam_tau,
         )
     raise ValueError(f"`strategy` {cfg.strategy!r} is not supported; supported: fedavg, fedprox, fedadam.")

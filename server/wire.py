@@ -1,4 +1,4 @@
-"""A Grid wrapper that meters every message the coordinator exchanges and reports progress.
+"""A Grid wrapper that meters (and, for the audit, records) every message and reports progress.
 
 It counts the payload bytes of each message's content (array bytes, bytes/str values of
 config records, 8 bytes per numeric scalar) per round, node and direction, as the
@@ -12,9 +12,13 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
+from fedtune.common.audit import WireLog, content_arrays, content_tensors, save_arrays
 from flwr.app import Message
+from flwr.app.message_type import MessageType
 from flwr.common import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid
 
 # (round, message_type, replies_received, replies_expected)
@@ -52,9 +56,13 @@ def payload_bytes(msg: Message) -> int:
 class MeteredGrid(Grid):
     """Delegates to a real ``Grid``; meters bytes and reports reply progress."""
 
-    def __init__(self, grid: Grid, on_progress: ProgressFn | None = None) -> None:
+    def __init__(
+        self, grid: Grid, on_progress: ProgressFn | None = None, audit_dir: Path | None = None
+    ) -> None:
         self._grid = grid
         self._on_progress = on_progress
+        self._audit_dir = audit_dir / "server" if audit_dir else None
+        self._wire_log = WireLog(self._audit_dir / "wire.jsonl") if self._audit_dir else None
         # round -> direction ("down"/"up") -> node id -> bytes
         self.bytes: dict[int, dict[str, dict[int, int]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(int))
@@ -64,7 +72,33 @@ class MeteredGrid(Grid):
     def _meter(self, msgs: Iterable[Message], direction: str) -> None:
         for m in msgs:
             node = m.metadata.dst_node_id if direction == "down" else m.metadata.src_node_id
-            self.bytes[_round_of(m)][direction][node] += payload_bytes(m)
+            size = payload_bytes(m)
+            self.bytes[_round_of(m)][direction][node] += size
+            if self._wire_log is not None:
+                self._record(m, node, direction, size)
+
+    def _record(self, msg: Message, node: int, direction: str, size: int) -> None:
+        """Append the message's audit record; keep the arrays a site uploaded in a train reply."""
+        has = msg.has_content()
+        stage = ""
+        if has and RECORD_KEY_CONFIGS in msg.content.config_records:
+            stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get("stage", ""))
+        self._wire_log.append(
+            {
+                "round": _round_of(msg),
+                "node": node,
+                "direction": direction,
+                "kind": msg.metadata.message_type,
+                "stage": stage,
+                "payload_bytes": size,
+                "tensors": content_tensors(msg.content) if has else [],
+                "error": msg.error.reason if msg.has_error() else "",
+            }
+        )
+        if direction == "up" and has and msg.metadata.message_type == MessageType.TRAIN:
+            arrays = content_arrays(msg.content)
+            if arrays:
+                save_arrays(self._audit_dir / f"received-round-{_round_of(msg):03d}-node-{node}.npz", arrays)
 
     def round_bytes(self, server_round: int) -> dict[str, dict[int, int]]:
         """``{"down": {node: bytes}, "up": {node: bytes}}`` for one round."""

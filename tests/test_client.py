@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fedtune.client.site import check_secagg_range
+from fedtune.client.mods import check_secagg_range
 from fedtune.common import instructions
 from fedtune.common.config import FedConfig
 from fedtune.server.wire import payload_bytes
@@ -84,7 +84,7 @@ def _config() -> FedConfig:
 def test_instruction_round_trip(as_record: bool) -> None:
     # Prepare
     cfg = _config()
-    encoded = instructions.encode(cfg, server_round=4, base_fingerprint="ab" * 32, max_weight=1234)
+    encoded = instructions.encode(cfg, server_round=4, base_fingerprint="ab" * 32, dp_noise_std=0.25)
     config: Any = ConfigRecord(encoded) if as_record else encoded  # what travels in a Flower message
 
     # Execute
@@ -92,15 +92,15 @@ def test_instruction_round_trip(as_record: bool) -> None:
 
     # Assert
     assert ins == instructions.Instruction(
-        cfg=cfg, server_round=4, base_fingerprint="ab" * 32, max_weight=1234.0, proximal_mu=0.0
+        cfg=cfg, server_round=4, base_fingerprint="ab" * 32, dp_noise_std=0.0, proximal_mu=0.0
     )
-    assert isinstance(encoded[instructions.MAX_WEIGHT], float)
+    assert instructions.DP_NOISE_STD not in encoded  # DP off: no noise share, no clipping norm
 
 
 def test_instruction_carries_proximal_mu_and_ignores_foreign_keys() -> None:
     # Prepare
     config = {
-        **instructions.encode(_config(), 2, "f" * 64, 10.0),
+        **instructions.encode(_config(), 2, "f" * 64),
         instructions.PROXIMAL_MU: 0.2,
         "some-other-app-key": "ignored",
     }
@@ -114,19 +114,23 @@ def test_instruction_carries_proximal_mu_and_ignores_foreign_keys() -> None:
     assert instructions.PROXIMAL_MU == "proximal_mu"  # the key Flower's FedProx sets
 
 
-def test_instruction_without_max_weight_defaults_to_zero() -> None:
+@pytest.mark.parametrize("mode", ["distributed", "central"])
+def test_dp_instruction_carries_clipping_norm_for_flowers_mod_and_the_noise_share(mode: str) -> None:
     # Prepare
-    config = instructions.encode(FedConfig(), 1, "0" * 64, 5.0)
-    del config[instructions.MAX_WEIGHT]
+    cfg = FedConfig(dp_mode=mode, dp_clipping_norm=0.7)
 
-    # Execute / Assert
-    assert instructions.decode(config).max_weight == 0.0
+    # Execute
+    config = instructions.encode(cfg, 1, "0" * 64, dp_noise_std=0.3)
+
+    # Assert
+    assert config[instructions.CLIPPING_NORM] == 0.7 and config["clipping_norm"] == 0.7
+    assert instructions.decode(config).dp_noise_std == 0.3
 
 
 @pytest.mark.parametrize("missing", [instructions.ROUND, instructions.BASE_FINGERPRINT])
 def test_instruction_missing_key_is_refused(missing: str) -> None:
     # Prepare
-    config = instructions.encode(FedConfig(), 1, "0" * 64, 5.0)
+    config = instructions.encode(FedConfig(), 1, "0" * 64)
     del config[missing]
 
     # Execute

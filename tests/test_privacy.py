@@ -88,7 +88,7 @@ def test_compute_epsilon_equals_dp_accounting(
         # Computed once with dp-accounting 0.6.0 and hard-coded: a change in the library shows here.
         (1.0, 0.1, 100, "rdp", 7.90385),
         (2.0, 1.0, 10, "rdp", 8.07941),
-        (1.0, 0.5, 10, "pld", 10.4599),
+        (2.0, 0.1, 10, "pld", 0.798468),
     ],
 )
 def test_compute_epsilon_pinned_values(
@@ -157,8 +157,8 @@ def test_compute_epsilon_is_monotone(varied: str, values: list[float], increasin
 @pytest.mark.parametrize(
     ("noise_multiplier", "sampling_rate", "rounds"),
     [
-        (1.0, 0.5, 10),
         (2.0, 0.1, 10),
+        (2.0, 1.0, 10),
     ],
 )
 def test_pld_is_finite_within_factor_two_and_tighter_than_rdp(
@@ -185,7 +185,6 @@ def test_pld_is_finite_within_factor_two_and_tighter_than_rdp(
         (8.0, 1.0, 10, "rdp"),
         (8.0, 0.1, 10, "rdp"),
         (0.5, 1.0, 1, "rdp"),
-        (4.0, 1.0, 1, "pld"),
     ],
 )
 def test_noise_for_epsilon_is_the_smallest_noise_reaching_the_target(
@@ -255,7 +254,7 @@ def test_accountant_after_k_steps_equals_compute_epsilon(
     ("noise_multiplier", "sampling_rates", "accountant"),
     [
         (1.0, [0.1, 0.1, 0.5, 1.0, 0.1], "rdp"),
-        (2.0, [0.1, 0.5, 0.1, 1.0], "pld"),
+        (2.0, [0.5, 1.0, 0.5], "pld"),
     ],
 )
 def test_accountant_heterogeneous_rates_equal_direct_composition(
@@ -281,7 +280,7 @@ def test_accountant_heterogeneous_rates_equal_direct_composition(
     [
         ([], "rdp"),
         ([0.1, 0.1, 0.5, 1.0, 0.1], "rdp"),
-        ([0.1, 0.5, 0.1, 1.0], "pld"),
+        ([1.0, 1.0], "pld"),
     ],
 )
 def test_state_dict_json_round_trip_and_docstring_recipe(

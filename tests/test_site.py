@@ -34,7 +34,7 @@ def test_site_refuses_a_foreign_base_model_naming_both_fingerprints(start) -> No
     # Prepare
     arrays, _ = start
     foreign = "f" * 64
-    config = instructions.encode(CFG, 1, foreign, 1000.0)
+    config = instructions.encode(CFG, 1, foreign)
 
     # Execute / Assert
     with pytest.raises(FingerprintMismatchError) as err:
@@ -45,7 +45,7 @@ def test_site_refuses_a_foreign_base_model_naming_both_fingerprints(start) -> No
 def test_site_returns_only_a_trained_adapter_of_the_same_shapes(start) -> None:
     # Prepare
     arrays, names = start
-    config = instructions.encode(CFG, 1, fingerprint(resolve_model_dir("")), 1000.0)
+    config = instructions.encode(CFG, 1, fingerprint(resolve_model_dir("")))
 
     # Execute
     new, num_examples, metrics = SiteClient(NODE).fit([a.copy() for a in arrays], config)
@@ -60,7 +60,7 @@ def test_site_returns_only_a_trained_adapter_of_the_same_shapes(start) -> None:
 def test_site_evaluate_scores_its_local_test_split(start) -> None:
     # Prepare
     arrays, _ = start
-    config = instructions.encode(CFG, 1, fingerprint(resolve_model_dir("")), 1000.0)
+    config = instructions.encode(CFG, 1, fingerprint(resolve_model_dir("")))
 
     # Execute
     loss, n, metrics = SiteClient(NODE).evaluate(arrays, config)

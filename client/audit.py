@@ -1,0 +1,82 @@
+"""Site-side audit mods: a wire record of every message and the site's true (pre-mask) update.
+
+They write under the site's own audit folder: ``make_client_app(audit_dir)`` in simulation
+(``OUT/audit/sites/site-<partition>``), the node config's ``audit-dir`` in deployment. Nothing
+they write is ever sent to the server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedtune.common import instructions
+from fedtune.common.audit import WireLog, content_tensors, save_arrays, site_dir
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+AUDIT_DIR = "audit-dir"  # node-config key of a deployed site's audit folder
+
+
+def _stage(msg: Message) -> str:
+    if not msg.has_content() or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return ""
+    return str(msg.content.config_records[RECORD_KEY_CONFIGS].get("stage", ""))
+
+
+def wire_record(msg: Message, ctxt: Context, direction: str, stage: str) -> dict:
+    """The audit record of one message as seen at a site."""
+    return {
+        "round": int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else 0,
+        "node": ctxt.node_id,
+        "direction": direction,
+        "kind": msg.metadata.message_type,
+        "stage": stage,
+        "tensors": content_tensors(msg.content) if msg.has_content() else [],
+        "error": msg.error.reason if msg.has_error() else "",
+    }
+
+
+def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
+    """``(wire_mod, capture_mod)`` writing to ``audit_dir`` (or the node config's ``audit-dir``)."""
+
+    def folder(ctxt: Context) -> Path | None:
+        root = audit_dir or ctxt.node_config.get(AUDIT_DIR)
+        if not root:
+            return None
+        return site_dir(Path(str(root)), str(ctxt.node_config.get("partition-id", ctxt.node_id)))
+
+    def wire_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        out_dir = folder(ctxt)
+        if out_dir is None:
+            return call_next(msg, ctxt)
+        log = WireLog(out_dir / "wire.jsonl")
+        stage = _stage(msg)
+        log.append(wire_record(msg, ctxt, "down", stage))
+        reply = call_next(msg, ctxt)
+        log.append(wire_record(reply, ctxt, "up", stage))
+        return reply
+
+    def capture_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        out_dir = folder(ctxt)
+        reply = call_next(msg, ctxt)
+        if out_dir is None or msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+            return reply
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+        server_round = int(fitins.config.get(instructions.ROUND, 0))
+        save_arrays(
+            out_dir / f"global-round-{server_round:03d}.npz", parameters_to_ndarrays(fitins.parameters)
+        )
+        save_arrays(
+            out_dir / f"sent-round-{server_round:03d}.npz",
+            parameters_to_ndarrays(fitres.parameters),
+            num_examples=fitres.num_examples,
+            node=ctxt.node_id,
+        )
+        return reply
+
+    return wire_mod, capture_mod
