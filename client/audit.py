@@ -10,34 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedtune.common import instructions
-from fedtune.common.audit import WireLog, content_tensors, save_arrays, site_dir
+from fedtune.common.audit import WireLog, message_record, payload_bytes, save_arrays, secagg_stage, site_dir
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
 AUDIT_DIR = "audit-dir"  # node-config key of a deployed site's audit folder
 
 
 def _stage(msg: Message) -> str:
-    if not msg.has_content() or RECORD_KEY_CONFIGS not in msg.content.config_records:
-        return ""
-    return str(msg.content.config_records[RECORD_KEY_CONFIGS].get("stage", ""))
-
-
-def wire_record(msg: Message, ctxt: Context, direction: str, stage: str) -> dict:
-    """The audit record of one message as seen at a site."""
-    return {
-        "round": int(msg.metadata.group_id) if msg.metadata.group_id.isdigit() else 0,
-        "node": ctxt.node_id,
-        "direction": direction,
-        "kind": msg.metadata.message_type,
-        "stage": stage,
-        "tensors": content_tensors(msg.content) if msg.has_content() else [],
-        "error": msg.error.reason if msg.has_error() else "",
-    }
+    return secagg_stage(msg.content) if msg.has_content() else ""
 
 
 def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
@@ -55,9 +39,17 @@ def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
             return call_next(msg, ctxt)
         log = WireLog(out_dir / "wire.jsonl")
         stage = _stage(msg)
-        log.append(wire_record(msg, ctxt, "down", stage))
+        log.append(
+            message_record(
+                msg, node=ctxt.node_id, direction="down", stage=stage, payload_bytes=payload_bytes(msg)
+            )
+        )
         reply = call_next(msg, ctxt)
-        log.append(wire_record(reply, ctxt, "up", stage))
+        log.append(
+            message_record(
+                reply, node=ctxt.node_id, direction="up", stage=stage, payload_bytes=payload_bytes(reply)
+            )
+        )
         return reply
 
     def capture_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

@@ -26,6 +26,13 @@ from typing import Any
 import numpy as np
 
 NPY_MAGIC = b"\x93NUMPY"
+SECAGG_RECORD = "secaggplus_configs"  # Flower's RECORD_KEY_CONFIGS: the config record of SecAgg+ messages
+
+
+def secagg_stage(content: Mapping[str, Mapping[str, Any]]) -> str:
+    """The SecAgg+ stage a request carries ("" outside SecAgg+ and in replies)."""
+    record = content.get(SECAGG_RECORD)
+    return str(record.get("stage", "")) if record is not None else ""
 
 
 def _bytes_entry(name: str, data: bytes) -> dict[str, Any]:
@@ -48,8 +55,8 @@ def content_tensors(content: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
                 out.append(
                     {
                         "name": name,
-                        "shape": list(value.shape),
-                        "dtype": str(arr.dtype) if arr is not None else str(value.dtype),
+                        "shape": list(arr.shape if arr is not None else value.shape),
+                        "dtype": str(arr.dtype if arr is not None else value.dtype),
                         "bytes": len(data),
                         "sha256": hashlib.sha256(data).hexdigest(),
                     }
@@ -59,6 +66,51 @@ def content_tensors(content: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
             elif isinstance(value, list) and value and isinstance(value[0], bytes):
                 out.extend(_bytes_entry(f"{name}[{i}]", b) for i, b in enumerate(value))
     return out
+
+
+def _value_bytes(value: object) -> int:
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    return 8  # int / float / bool scalar
+
+
+def payload_bytes(msg: Any) -> int:
+    """Bytes a Flower message's content carries: array bytes, and keys + values of config/metric records.
+
+    0 for an error reply. Duck-typed: an array has ``data``; anything else is a scalar, str, bytes or list.
+    """
+    if not msg.has_content():
+        return 0
+    total = 0
+    for record in msg.content.values():
+        for key, value in record.items():
+            total += len(value.data) if hasattr(value, "data") else _value_bytes(key) + _value_bytes(value)
+    return total
+
+
+def message_round(msg: Any) -> int:
+    """The round a Flower message belongs to (its ``group_id``; 0 outside rounds)."""
+    group = msg.metadata.group_id
+    return int(group) if group.isdigit() else 0
+
+
+def message_record(msg: Any, *, node: int, direction: str, stage: str, payload_bytes: int) -> dict[str, Any]:
+    """The wire record of one Flower message (duck-typed: ``metadata``, ``content``, ``error``)."""
+    has = msg.has_content()
+    return {
+        "round": message_round(msg),
+        "node": node,
+        "direction": direction,
+        "kind": msg.metadata.message_type,
+        "stage": stage,
+        "payload_bytes": payload_bytes,
+        "tensors": content_tensors(msg.content) if has else [],
+        "error": msg.error.reason if msg.has_error() else "",
+    }
 
 
 def content_arrays(content: Mapping[str, Mapping[str, Any]]) -> list[np.ndarray]:
@@ -100,7 +152,7 @@ class WireLog:
                     ) from None
 
 
-def save_arrays(path: Path, arrays: list[np.ndarray], **scalars: float) -> None:
+def save_arrays(path: Path, arrays: list[np.ndarray], **scalars: float | int) -> None:
     """Write ``arrays`` (as ``a0, a1, ...``) and named scalars to ``path`` (.npz) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -110,12 +162,12 @@ def save_arrays(path: Path, arrays: list[np.ndarray], **scalars: float) -> None:
     os.replace(tmp, path)
 
 
-def load_arrays(path: Path) -> tuple[list[np.ndarray], dict[str, float]]:
+def load_arrays(path: Path) -> tuple[list[np.ndarray], dict[str, float | int]]:
     """Inverse of :func:`save_arrays`: ``(arrays, scalars)``."""
     with np.load(path, allow_pickle=False) as z:
         keys = [k for k in z.files if k.startswith("a") and k[1:].isdigit()]
         arrays = [z[k] for k in sorted(keys, key=lambda k: int(k[1:]))]
-        scalars = {k: float(z[k]) for k in z.files if k not in keys}
+        scalars = {k: z[k].item() for k in z.files if k not in keys}  # ints stay exact (64-bit node ids)
     return arrays, scalars
 
 

@@ -2,7 +2,8 @@
 
 Simulation: the task's pooled data is split once (seeded) into a held-out test set for
 the coordinator and the rest; the rest is partitioned over the simulated hospitals;
-each hospital keeps a local test split of its partition.
+each hospital keeps a local test split of its partition. With ``audit-canaries`` the member
+canaries join hospital 0's training data.
 Deployment: a site reads only its own file (node config ``data-path``).
 """
 
@@ -12,6 +13,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
+from .canaries import CANARY_SITE, make_canaries, with_members
 from .config import FedConfig
 from .data import TextDataset, load_task, split
 from .partition import Partitioner, make_partitioner
@@ -65,6 +67,8 @@ def simulated_site(cfg: FedConfig, partition_id: int, num_partitions: int) -> Si
     rest, _ = simulation_pool(cfg)
     indices = _partitioner(cfg, num_partitions).load_partition(partition_id)
     train, test = split(rest.subset(indices), cfg.test_fraction, cfg.seed + partition_id)
+    if cfg.audit_canaries and partition_id == CANARY_SITE:
+        train = with_members(train, make_canaries(cfg.audit_canaries, rest.label_names, cfg.seed))
     if len(train) == 0:
         raise ValueError(
             f"Simulated site {partition_id} has no training examples ({len(indices)} in its partition); "

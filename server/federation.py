@@ -263,6 +263,8 @@ class Coordinator:
         """Write ``adapter/`` (PEFT format + fedtune.json) and the plots; return the adapter folder."""
         if self.accountant is not None:
             write_json_atomic(self.out_dir / "privacy.json", self.privacy())
+        if self.audit_dir is not None:
+            save_arrays(self.audit_dir / "server" / "global-final.npz", get_adapter_arrays(self.model))
         adapter = save_shared_adapter(
             self.model, self.out_dir / "adapter", {**self.metadata(), "rounds": self.cfg.num_server_rounds}
         )

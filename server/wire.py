@@ -14,43 +14,25 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from fedtune.common.audit import WireLog, content_arrays, content_tensors, save_arrays
+from fedtune.common.audit import (
+    WireLog,
+    content_arrays,
+    message_record,
+    message_round,
+    payload_bytes,
+    save_arrays,
+    secagg_stage,
+)
 from flwr.app import Message
 from flwr.app.message_type import MessageType
-from flwr.common import Array, ArrayRecord, ConfigRecord, MetricRecord
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid
 
 # (round, message_type, replies_received, replies_expected)
 ProgressFn = Callable[[int, str, int, int], None]
 
 
-def _value_bytes(value: object) -> int:
-    if isinstance(value, bytes):
-        return len(value)
-    if isinstance(value, str):
-        return len(value.encode())
-    if isinstance(value, list):
-        return sum(_value_bytes(v) for v in value)
-    return 8  # int / float / bool scalar
-
-
-def _round_of(msg: Message) -> int:
-    group = msg.metadata.group_id
-    return int(group) if group.isdigit() else 0
-
-
-def payload_bytes(msg: Message) -> int:
-    """Bytes carried by ``msg``'s content (0 for an error reply)."""
-    if not msg.has_content():
-        return 0
-    total = 0
-    for record in msg.content.values():
-        if isinstance(record, ArrayRecord):
-            total += sum(len(arr.data) for arr in record.values() if isinstance(arr, Array))
-        elif isinstance(record, ConfigRecord | MetricRecord):
-            total += sum(_value_bytes(k) + _value_bytes(v) for k, v in record.items())
-    return total
+def _stage(msg: Message) -> str:
+    return secagg_stage(msg.content) if msg.has_content() else ""
 
 
 class MeteredGrid(Grid):
@@ -63,6 +45,7 @@ class MeteredGrid(Grid):
         self._on_progress = on_progress
         self._audit_dir = audit_dir / "server" if audit_dir else None
         self._wire_log = WireLog(self._audit_dir / "wire.jsonl") if self._audit_dir else None
+        self._stages: dict[str, str] = {}  # message id -> SecAgg+ stage, so a reply is filed under its stage
         # round -> direction ("down"/"up") -> node id -> bytes
         self.bytes: dict[int, dict[str, dict[int, int]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(int))
@@ -73,32 +56,23 @@ class MeteredGrid(Grid):
         for m in msgs:
             node = m.metadata.dst_node_id if direction == "down" else m.metadata.src_node_id
             size = payload_bytes(m)
-            self.bytes[_round_of(m)][direction][node] += size
+            self.bytes[message_round(m)][direction][node] += size
             if self._wire_log is not None:
                 self._record(m, node, direction, size)
 
     def _record(self, msg: Message, node: int, direction: str, size: int) -> None:
         """Append the message's audit record; keep the arrays a site uploaded in a train reply."""
         has = msg.has_content()
-        stage = ""
-        if has and RECORD_KEY_CONFIGS in msg.content.config_records:
-            stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get("stage", ""))
+        stage = self._stages.pop(msg.metadata.reply_to_message_id, "") if direction == "up" else _stage(msg)
         self._wire_log.append(
-            {
-                "round": _round_of(msg),
-                "node": node,
-                "direction": direction,
-                "kind": msg.metadata.message_type,
-                "stage": stage,
-                "payload_bytes": size,
-                "tensors": content_tensors(msg.content) if has else [],
-                "error": msg.error.reason if msg.has_error() else "",
-            }
+            message_record(msg, node=node, direction=direction, stage=stage, payload_bytes=size)
         )
         if direction == "up" and has and msg.metadata.message_type == MessageType.TRAIN:
             arrays = content_arrays(msg.content)
             if arrays:
-                save_arrays(self._audit_dir / f"received-round-{_round_of(msg):03d}-node-{node}.npz", arrays)
+                save_arrays(
+                    self._audit_dir / f"received-round-{message_round(msg):03d}-node-{node}.npz", arrays
+                )
 
     def round_bytes(self, server_round: int) -> dict[str, dict[int, int]]:
         """``{"down": {node: bytes}, "up": {node: bytes}}`` for one round."""
@@ -121,7 +95,10 @@ class MeteredGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
         messages = list(messages)
         self._meter(messages, "down")
-        return self._grid.push_messages(messages)
+        ids = list(self._grid.push_messages(messages))
+        if self._wire_log is not None:
+            self._stages.update((i, _stage(m)) for i, m in zip(ids, messages, strict=True) if i)
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
         replies = list(self._grid.pull_messages(message_ids))
@@ -134,7 +111,7 @@ class MeteredGrid(Grid):
         """Push ``messages`` and pull replies until all arrived or ``timeout`` passed."""
         messages = list(messages)
         kind, server_round = (
-            (messages[0].metadata.message_type, _round_of(messages[0])) if messages else ("", 0)
+            (messages[0].metadata.message_type, message_round(messages[0])) if messages else ("", 0)
         )
         pending = {i for i in self.push_messages(messages) if i}
         expected, replies = len(pending), []

@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default=None, help="Output folder (default: fedtune-out/<date-time>).")
     sim.add_argument("--overwrite", action="store_true", help="Allow an --out folder that holds a run.")
     sim.add_argument("--verbose", action="store_true", help="Show Flower's and the sites' logs.")
+    aud = sub.add_parser("audit", help="Write OUT/audit/report.md and report.json for a finished run.")
+    aud.add_argument("out", help="The run folder (a simulation's --out, or a deployment's gathered folders).")
     return parser
 
 
@@ -43,6 +45,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedtune simulate: {err}", file=sys.stderr)
             return 2
         simulate(cfg, num_clients, verbose=args.verbose)
+    elif args.command == "audit":
+        from fedtune.common.audit_report import AuditError, write_report
+
+        try:
+            report = write_report(args.out)
+        except AuditError as err:
+            print(f"fedtune audit: {err}", file=sys.stderr)
+            return 2
+        print(
+            f"Audit written to {args.out}/audit/report.md (only adapter left sites: "
+            f"{report['only_adapter_left_sites']}; SecAgg+ masked: {report['secagg']['masked']})."
+        )
     return 0
 
 

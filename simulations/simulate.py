@@ -54,7 +54,7 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
     """Run one simulated federation; return the per-round records also saved in ``metrics.json``."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from fedtune.client.app import app as client_app
+    from fedtune.client.app import make_client_app
     from fedtune.server.app import make_server_app
     from fedtune.server.progress import results_table
     from flwr.simulation import run_simulation  # heavy import: keep `fedtune --help` fast
@@ -65,7 +65,7 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
     start = time.perf_counter()
     run_simulation(
         server_app=make_server_app(cfg.to_run_config()),
-        client_app=client_app,
+        client_app=make_client_app(str(Path(cfg.out_dir).resolve() / "audit") if cfg.audit else None),
         num_supernodes=num_clients,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.5 if gpu else 0.0},

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from fedtune.client.mods import check_secagg_range
 from fedtune.common import instructions
+from fedtune.common.audit import payload_bytes
 from fedtune.common.config import FedConfig
-from fedtune.server.wire import payload_bytes
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 

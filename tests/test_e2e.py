@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from fedtune.common.config import parse_run_config
+from fedtune.common.privacy import compute_epsilon
 from fedtune.common.sites import coordinator_test_set
 from peft import PeftModel
 from safetensors.numpy import load_file
@@ -109,3 +110,73 @@ def test_secagg_aggregate_matches_plain_average_within_quantisation(tmp_path: Pa
     max_err = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert 0 < max_err <= bound, (max_err, bound)
     assert masked[1]["bytes_up"] > 1.8 * plain[1]["bytes_up"]  # int64 masked vectors vs fp32 arrays
+
+
+def audit(out: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune.simulations.cli", "audit", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "audit" / "report.md").is_file()
+    return json.loads((out / "audit" / "report.json").read_text())
+
+
+def _upload_array_bytes(out: Path, prefix: str) -> int:
+    total = 0
+    for line in (out / "audit" / "server" / "wire.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["direction"] == "up":
+            for t in r["tensors"]:
+                if t["name"].startswith(prefix) and not t["name"].endswith("[0]"):
+                    total += int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
+    return total
+
+
+def test_audit_of_masked_and_clear_runs(tmp_path: Path) -> None:
+    # Prepare: one round, 3 sites, with and without SecAgg+
+    run = "num-server-rounds=1 max-examples=600 partitioning=iid fraction-evaluate=0"
+    simulate(tmp_path / "masked", f"{run} secure-aggregation=true")
+    simulate(tmp_path / "clear", f"{run} secure-aggregation=false")
+
+    # Execute
+    masked, clear = audit(tmp_path / "masked"), audit(tmp_path / "clear")
+
+    # Assert: only the adapter left, and both sides' records agree
+    for report in (masked, clear):
+        assert report["only_adapter_left_sites"] and report["site_and_server_records_agree"]
+        assert report["sites_recorded"] == 3
+        assert report["tensors_exchanged"]["up_ratio_to_full_model"] < 0.05
+    # the wire record is complete: adapter bytes x rounds x sites (int64 masked: twice the fp32 bytes)
+    meta = json.loads((tmp_path / "clear" / "adapter" / "fedtune.json").read_text())
+    assert _upload_array_bytes(tmp_path / "clear", "fitres.parameters") == meta["adapter_bytes"] * 1 * 3
+    masked_bytes = _upload_array_bytes(tmp_path / "masked", "secaggplus_configs.masked_params")
+    assert masked_bytes == 2 * meta["adapter_bytes"] * 3
+    # the SecAgg check: green when masked, red in the clear
+    assert masked["secagg"]["masked"] and masked["secagg"]["aggregate_within_bound"]
+    assert not clear["secagg"]["masked"] and clear["secagg"]["max_abs_correlation"] > 0.99
+    assert clear["secagg"]["aggregate_within_bound"]
+
+
+def test_distributed_dp_run_is_accounted_and_its_empirical_epsilon_stays_below(tmp_path: Path) -> None:
+    # Prepare / Execute: distributed DP under SecAgg+, canaries planted at site 0
+    out = tmp_path / "dp"
+    records = simulate(
+        out,
+        "num-server-rounds=2 max-examples=600 partitioning=iid dp-mode=distributed dp-noise-multiplier=1.0 "
+        "dp-clipping-norm=0.5 audit-canaries=200",
+    )
+    report = audit(out)
+
+    # Assert: epsilon recorded per round, recomputable from privacy.json, never beaten by the audit
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert [r["dp_epsilon"] > 0 for r in records[1:]] == [True, True]
+    assert (
+        records[2]["dp_epsilon"]
+        > records[1]["dp_epsilon"]
+        == pytest.approx(compute_epsilon(noise_multiplier=1.0, sampling_rate=1.0, rounds=1, delta=1e-5))
+    )
+    assert privacy["epsilon"] == pytest.approx(records[2]["dp_epsilon"])
+    mia = report["membership_inference"]
+    assert mia["canaries"] == 200 and 0 <= mia["attack_auc"] <= 1
+    assert report["empirical_epsilon"]["lower_bound"] <= report["empirical_epsilon"]["accountant_epsilon"]
+    assert report["secagg"]["masked"] and report["only_adapter_left_sites"]

@@ -1,0 +1,473 @@
+"""``fedtune audit OUT``: measure, from the files a run left, what left each site and what it reveals.
+
+Reads ``OUT/run_config.json``, ``OUT/adapter/fedtune.json``, the coordinator's records under
+``OUT/audit/server`` and every site's under ``OUT/audit/sites/site-*`` (in a deployment the
+operator gathers the sites' ``audit-dir`` folders there), and writes ``OUT/audit/report.json``,
+``OUT/audit/report.md`` and plots. Sections:
+
+- ``tensors_exchanged``: messages, tensors and bytes per direction and per site; bytes per site
+  per round against the full base model.
+- ``only_adapter_left_sites``: every uploaded tensor is, position by position, a tensor of the
+  declared PEFT state (or its SecAgg+ masked form, or SecAgg+ key material); offenders listed.
+- ``secagg``: per site and round, the correlation between what the coordinator received and the
+  site's true update (about 0 when masked, about 1 in the clear), and the error of the unmasked
+  aggregate against the plain weighted average of the sites' true updates.
+- ``membership_inference`` / ``empirical_epsilon`` (with ``audit-canaries``): loss-based canary
+  scores under the shared adapter, attack AUC, TPR at 1% FPR, and the one-run lower bound on
+  epsilon beside the accountant's epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .audit import WireLog, load_arrays
+from .audit_stats import attack_auc, one_run_epsilon, tpr_at_fpr
+from .canaries import make_canaries
+from .config import FedConfig, parse_run_config
+
+ADAPTER_RECORD = re.compile(r"^(fitres|fitins|evaluateins)\.parameters\.(\d+)$")
+MASKED = re.compile(r"^secaggplus_configs\.masked_params\[(\d+)\]$")  # Flower's Key.MASKED_PARAMETERS
+CORRELATION_MASKED = 0.1  # |correlation| below this for every site and round = masked
+
+
+class AuditError(ValueError):
+    """The run folder is not a complete fedtune run; the message names the file."""
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise AuditError(
+            f"{path} is missing: not a finished fedtune run folder (run `fedtune simulate` first)."
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AuditError(f"{path}: corrupt JSON ({err.msg}, line {err.lineno}).") from None
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise AuditError(f"{path} is missing: the run was made with `audit=false` or the folder is partial.")
+    try:
+        return list(WireLog(path).read())
+    except ValueError as err:
+        raise AuditError(str(err)) from None
+
+
+def _arrays(path: Path) -> tuple[list[np.ndarray], dict[str, float]]:
+    try:
+        return load_arrays(path)
+    except (OSError, ValueError) as err:
+        raise AuditError(f"{path}: unreadable audit arrays ({err}).") from None
+
+
+# --- tensors exchanged -----------------------------------------------------------------------------
+def tensors_exchanged(server: list[dict], base_model_bytes: int) -> dict[str, Any]:
+    """Totals per direction and per site, and bytes per site per round vs the full base model."""
+    totals = {d: {"messages": 0, "tensors": 0, "bytes": 0} for d in ("down", "up")}
+    per_site: dict[str, dict[str, int]] = defaultdict(lambda: {"down": 0, "up": 0})
+    per_round_site: dict[tuple[int, int], dict[str, int]] = defaultdict(lambda: {"down": 0, "up": 0})
+    for r in server:
+        d = r["direction"]
+        totals[d]["messages"] += 1
+        totals[d]["tensors"] += len(r["tensors"])
+        totals[d]["bytes"] += r["payload_bytes"]
+        per_site[str(r["node"])][d] += r["payload_bytes"]
+        if r["round"] > 0:
+            per_round_site[(r["round"], r["node"])][d] += r["payload_bytes"]
+    cells = list(per_round_site.values())
+    up = float(np.mean([c["up"] for c in cells])) if cells else 0.0
+    down = float(np.mean([c["down"] for c in cells])) if cells else 0.0
+    return {
+        "totals": totals,
+        "per_site": dict(per_site),
+        "bytes_per_site_per_round": {"up": up, "down": down},
+        "base_model_bytes": base_model_bytes,
+        "up_ratio_to_full_model": up / base_model_bytes,
+        "down_ratio_to_full_model": down / base_model_bytes,
+    }
+
+
+# --- only the adapter left ---------------------------------------------------------------------------
+def offending_uploads(records: list[dict], adapter_shapes: list[list[int]]) -> list[dict[str, Any]]:
+    """Uploaded tensors that are not the declared adapter (plain or masked) nor SecAgg+ key material."""
+    bad = []
+    for r in records:
+        if r["direction"] != "up":
+            continue
+        params = []
+        for t in r["tensors"]:
+            plain, masked = ADAPTER_RECORD.match(t["name"]), MASKED.match(t["name"])
+            if plain and plain.group(1) == "fitres":
+                params.append((int(plain.group(2)), t))
+            elif masked and int(masked.group(1)) == 0 and t["shape"] == [1]:
+                continue  # SecAgg+ weight factor
+            elif masked:
+                params.append((int(masked.group(1)) - 1, t))
+            elif t["dtype"] == "bytes" and r["stage"] in ("setup", "share_keys", "unmask", ""):
+                continue  # SecAgg+ public keys, encrypted key shares, unmask shares (not tensors)
+            else:
+                bad.append({**_where(r), "name": t["name"], "shape": t["shape"], "dtype": t["dtype"]})
+        for index, t in params:
+            if index >= len(adapter_shapes) or t["shape"] != adapter_shapes[index]:
+                bad.append({**_where(r), "name": t["name"], "shape": t["shape"], "dtype": t["dtype"]})
+        if params and len(params) != len(adapter_shapes):
+            bad.append({**_where(r), "name": f"{len(params)} parameter tensors", "shape": [], "dtype": ""})
+    return bad
+
+
+def _where(r: dict) -> dict[str, Any]:
+    return {"node": r["node"], "round": r["round"], "stage": r["stage"]}
+
+
+# --- SecAgg check ------------------------------------------------------------------------------------------
+def _flat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([a.astype(np.float64).ravel() for a in arrays]) if arrays else np.zeros(0)
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size != b.size or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def secagg_check(audit_dir: Path, cfg: FedConfig, max_weight: float) -> dict[str, Any]:
+    """Correlation of received vs true updates per site and round; aggregate error per round."""
+    server_dir = audit_dir / "server"
+    sites: dict[tuple[int, int], dict[str, Any]] = {}  # (round, node) -> the site's own record
+    for sent_file in sorted(audit_dir.glob("sites/site-*/sent-round-*.npz")):
+        server_round = int(sent_file.stem.rsplit("-", 1)[1])
+        sent, scalars = _arrays(sent_file)
+        glob_site, _ = _arrays(sent_file.with_name(f"global-round-{server_round:03d}.npz"))
+        sites[(server_round, int(scalars["node"]))] = {
+            "site": sent_file.parent.name,
+            "sent": sent,
+            "global": glob_site,
+            "weight": scalars["num_examples"],
+        }
+    if not sites:
+        raise AuditError(
+            f"{audit_dir / 'sites'} holds no site records (sent-round-*.npz): gather the sites' folders."
+        )
+    rows, errors = [], []
+    rounds = sorted({r for r, _ in sites})
+    for server_round in rounds:
+        glob, _ = _arrays(server_dir / f"global-round-{server_round:03d}.npz")
+        contributions = []
+        for (r, node), site in sorted(sites.items()):
+            if r != server_round:
+                continue
+            received_file = server_dir / f"received-round-{server_round:03d}-node-{node}.npz"
+            received, _ = _arrays(received_file)
+            true_update = _flat(site["sent"]) - _flat(glob)
+            seen = _flat(received[1:]) if cfg.secure_aggregation else _flat(received) - _flat(glob)
+            rows.append(
+                {
+                    "round": server_round,
+                    "site": site["site"],
+                    "node": node,
+                    "correlation": _correlation(seen, true_update),
+                    "site_saw_coordinators_global": bool(np.array_equal(_flat(site["global"]), _flat(glob))),
+                }
+            )
+            contributions.append((site["weight"], true_update))
+        errors.append(_aggregate_error(server_dir, server_round, rounds, glob, contributions))
+    corr = np.array([r["correlation"] for r in rows])
+    applicable = cfg.strategy in ("fedavg", "fedprox") and cfg.dp_mode != "central"
+    step = 2 * cfg.secagg_clipping_range / (cfg.secagg_quantization_range - 1)
+    bound = (
+        len({r["node"] for r in rows})
+        * step
+        * max_weight
+        / min(sum(w for w, _ in e["contrib"]) for e in errors)
+        if cfg.secure_aggregation
+        else 1e-5
+    )
+    max_error = max(e["max_abs_error"] for e in errors)
+    return {
+        "secure_aggregation": cfg.secure_aggregation,
+        "masked": bool(np.all(np.abs(corr) < CORRELATION_MASKED)),
+        "max_abs_correlation": float(np.nanmax(np.abs(corr))),
+        "per_site_round": rows,
+        "aggregate_max_abs_error": max_error,
+        "aggregate_error_bound": bound if applicable else None,
+        "aggregate_within_bound": (max_error <= bound) if applicable else None,
+        "aggregate_note": ""
+        if applicable
+        else f"not comparable: strategy {cfg.strategy}, dp-mode {cfg.dp_mode}",
+        "per_round_error": [{k: v for k, v in e.items() if k != "contrib"} for e in errors],
+    }
+
+
+def _aggregate_error(
+    server_dir: Path, server_round: int, rounds: list[int], glob: list[np.ndarray], contrib: list
+) -> dict[str, Any]:
+    later = server_dir / f"global-round-{server_round + 1:03d}.npz"
+    new_file = later if later.is_file() else server_dir / "global-final.npz"
+    new, _ = _arrays(new_file)
+    total = sum(w for w, _ in contrib)
+    expected = _flat(glob) + sum(w * u for w, u in contrib) / total
+    return {
+        "round": server_round,
+        "max_abs_error": float(np.abs(_flat(new) - expected).max()),
+        "sites": len(contrib),
+        "contrib": contrib,
+    }
+
+
+# --- membership inference ------------------------------------------------------------------------------
+def membership(out_dir: Path, cfg: FedConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """Loss-based canary scores: loss under the initial adapter minus loss under the shared adapter."""
+    from .adapters import set_adapter_arrays
+    from .model import PeftSpec, build_peft_model, load_tokenizer, resolve_model_dir
+    from .train import predict_proba, select_device
+
+    canaries = make_canaries(cfg.audit_canaries, tuple(meta["label_names"]), cfg.seed)
+    model_dir = resolve_model_dir(cfg.base_model)
+    model = build_peft_model(PeftSpec.from_config(cfg, model_dir, len(meta["label_names"])))
+    tokenizer, device = load_tokenizer(model_dir), select_device("auto")
+    losses = []
+    for name in ("global-round-001.npz", "global-final.npz"):
+        arrays, _ = _arrays(out_dir / "audit" / "server" / name)
+        set_adapter_arrays(model, arrays)
+        probs = predict_proba(
+            model,
+            tokenizer,
+            canaries.records,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            device=device,
+        )
+        losses.append(-np.log(np.clip(probs[np.arange(len(probs)), canaries.records.labels], 1e-12, None)))
+    scores = losses[0] - losses[1]
+    run = one_run_epsilon(scores, canaries.members, delta=cfg.dp_delta)
+    return {
+        "canaries": int(cfg.audit_canaries),
+        "members": int(canaries.members.sum()),
+        "attack_auc": attack_auc(scores, canaries.members),
+        "tpr_at_1pct_fpr": tpr_at_fpr(scores, canaries.members, 0.01),
+        "score": "loss under the initial adapter minus loss under the shared adapter",
+        "empirical_epsilon": {
+            "lower_bound": run.epsilon_lower_bound,
+            "confidence": run.confidence,
+            "delta": run.delta,
+            "guesses": run.guesses,
+            "correct": run.correct,
+        },
+        "_scores": scores,
+        "_members": canaries.members,
+    }
+
+
+# --- the report ---------------------------------------------------------------------------------------------
+def build_report(out_dir: Path) -> dict[str, Any]:
+    """Compute every section of the audit for the run in ``out_dir``."""
+    out_dir = Path(out_dir)
+    cfg = parse_run_config(_read_json(out_dir / "run_config.json"))
+    meta = _read_json(out_dir / "adapter" / "fedtune.json")
+    audit_dir = out_dir / "audit"
+    server = _records(audit_dir / "server" / "wire.jsonl")
+    site_logs = sorted(audit_dir.glob("sites/site-*/wire.jsonl"))
+    site_records = [r for p in site_logs for r in _records(p)]
+    offending = offending_uploads(server + site_records, meta["adapter_shapes"])
+    report: dict[str, Any] = {
+        "run": str(out_dir),
+        "base_model_fingerprint": meta["base_model_fingerprint"],
+        "adapter_fingerprint": meta["adapter_fingerprint"],
+        "peft_method": meta["peft_method"],
+        "sites_recorded": len(site_logs),
+        "tensors_exchanged": tensors_exchanged(server, meta["base_model_bytes"]),
+        "only_adapter_left_sites": not offending,
+        "offending_tensors": offending,
+        "site_and_server_records_agree": _records_agree(server, site_records),
+        "secagg": secagg_check(audit_dir, cfg, meta["secagg_max_weight"]),
+    }
+    privacy_file = out_dir / "privacy.json"
+    accountant_eps = _read_json(privacy_file)["epsilon"] if privacy_file.is_file() else None
+    report["dp"] = {"mode": cfg.dp_mode, "accountant_epsilon": accountant_eps, "delta": cfg.dp_delta}
+    if cfg.audit_canaries:
+        report["membership_inference"] = membership(out_dir, cfg, meta)
+        report["empirical_epsilon"] = {
+            **report["membership_inference"]["empirical_epsilon"],
+            "accountant_epsilon": accountant_eps,
+        }
+    return report
+
+
+def _records_agree(server: list[dict], sites: list[dict]) -> bool | None:
+    """Every upload a site recorded reached the coordinator byte for byte (same SHA-256s)."""
+    if not sites:
+        return None
+    seen = defaultdict(list)
+    for r in server:
+        if r["direction"] == "up":
+            seen[(r["node"], r["round"], r["stage"])].append(sorted(t["sha256"] for t in r["tensors"]))
+    return all(
+        sorted(t["sha256"] for t in r["tensors"]) in seen[(r["node"], r["round"], r["stage"])]
+        for r in sites
+        if r["direction"] == "up"
+    )
+
+
+def _plots(report: dict[str, Any], plot_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    sites = report["tensors_exchanged"]["per_site"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    names = [f"node …{n[-4:]}" for n in sites]
+    ax.bar(np.arange(len(sites)) - 0.2, [v["up"] / 1e6 for v in sites.values()], 0.4, label="site -> server")
+    ax.bar(
+        np.arange(len(sites)) + 0.2, [v["down"] / 1e6 for v in sites.values()], 0.4, label="server -> site"
+    )
+    ax.set(
+        xticks=np.arange(len(sites)),
+        xticklabels=names,
+        ylabel="MB (whole run)",
+        title="Bytes exchanged per site",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot_dir / "bytes_per_site.png", dpi=110)
+    plt.close(fig)
+    written.append("bytes_per_site.png")
+    rows = report["secagg"]["per_site_round"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.scatter([r["round"] for r in rows], [r["correlation"] for r in rows])
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(
+        ylim=(-1.05, 1.05),
+        xlabel="round",
+        ylabel="correlation",
+        title="What the server received vs true updates",
+    )
+    fig.tight_layout()
+    fig.savefig(plot_dir / "secagg_correlation.png", dpi=110)
+    plt.close(fig)
+    written.append("secagg_correlation.png")
+    mia = report.get("membership_inference")
+    if mia:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        scores, members = mia["_scores"], mia["_members"]
+        bins = np.histogram_bin_edges(scores, bins=30)
+        ax.hist(scores[members], bins=bins, alpha=0.6, label="trained on (members)")
+        ax.hist(scores[~members], bins=bins, alpha=0.6, label="never seen")
+        ax.set(
+            xlabel="loss drop (initial - shared adapter)", ylabel="canaries", title="Canary membership scores"
+        )
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(plot_dir / "mia_scores.png", dpi=110)
+        plt.close(fig)
+        written.append("mia_scores.png")
+    return written
+
+
+def _markdown(report: dict[str, Any], plots: list[str]) -> str:
+    tx, sa = report["tensors_exchanged"], report["secagg"]
+    ok = "yes" if report["only_adapter_left_sites"] else "**NO**"
+    lines = [
+        f"# fedtune privacy audit: `{report['run']}`",
+        "",
+        f"- Base model fingerprint: `{report['base_model_fingerprint']}`",
+        f"- Shared adapter fingerprint: `{report['adapter_fingerprint']}` ({report['peft_method']})",
+        f"- Sites whose own records were audited: {report['sites_recorded']}",
+        "",
+        "## What left the sites",
+        "",
+        f"Only the adapter left the sites: {ok}.",
+    ]
+    if report["offending_tensors"]:
+        lines += ["", "| node | round | stage | tensor | shape | dtype |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"| {o['node']} | {o['round']} | {o['stage']} | {o['name']} | {o['shape']} | {o['dtype']} |"
+            for o in report["offending_tensors"]
+        ]
+    lines += [
+        "Site records match what the coordinator received (SHA-256): "
+        f"{report['site_and_server_records_agree']}.",
+        "",
+        "| direction | messages | tensors | bytes | per site per round | vs full model |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d, label in (("up", "sites -> server"), ("down", "server -> sites")):
+        t = tx["totals"][d]
+        per = tx["bytes_per_site_per_round"][d]
+        lines.append(
+            f"| {label} | {t['messages']} | {t['tensors']} | {t['bytes']:,} | {per:,.0f} | "
+            f"{tx[f'{d}_ratio_to_full_model']:.4f} |"
+        )
+    lines += [
+        "",
+        f"Full fine-tuning would move the whole base model ({tx['base_model_bytes']:,} bytes) "
+        "per site per round.",
+        "",
+        "## Secure aggregation",
+        "",
+        f"SecAgg+ on: {sa['secure_aggregation']}. Updates masked "
+        f"(|correlation| < {CORRELATION_MASKED} for every site and round): **{sa['masked']}** "
+        f"(max |correlation| {sa['max_abs_correlation']:.4f}).",
+        f"Unmasked aggregate vs plain weighted average of the true updates: max abs error "
+        f"{sa['aggregate_max_abs_error']:.3g}"
+        + (
+            f" (bound {sa['aggregate_error_bound']:.3g}: within = {sa['aggregate_within_bound']})."
+            if sa["aggregate_error_bound"] is not None
+            else f" ({sa['aggregate_note']})."
+        ),
+        "",
+        "SecAgg+ masks come from Flower's `pseudo_rand_gen` (numpy `RandomState` seeded with 32 bits of "
+        "the shared key): this hides updates from an honest-but-curious coordinator, it is not a "
+        "cryptographic PRG. The number of training examples of each site is visible to the coordinator.",
+        "",
+        "| round | site | correlation |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r['round']} | {r['site']} | {r['correlation']:.4f} |" for r in sa["per_site_round"]]
+    dp = report["dp"]
+    lines += [
+        "",
+        "## Differential privacy",
+        "",
+        f"Mode: {dp['mode']}; accountant epsilon: {dp['accountant_epsilon']} at delta {dp['delta']:g}.",
+    ]
+    mia = report.get("membership_inference")
+    if mia:
+        e = report["empirical_epsilon"]
+        lines += [
+            "",
+            "## Membership inference (canaries)",
+            "",
+            f"{mia['canaries']} canaries, {mia['members']} planted at site 0. Score: {mia['score']}.",
+            f"Attack AUC {mia['attack_auc']:.4f}; TPR at 1% FPR {mia['tpr_at_1pct_fpr']:.4f}.",
+            f"Empirical epsilon (Steinke, Nasr, Jagielski 2023, one run, {e['confidence']:.0%} confidence): "
+            f"**{e['lower_bound']:.3f}** ({e['correct']}/{e['guesses']} guesses correct) vs accountant "
+            f"epsilon {e['accountant_epsilon']}.",
+        ]
+    lines += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path) -> dict[str, Any]:
+    """Build the audit of ``out_dir`` and write ``audit/report.json``, ``audit/report.md`` and plots."""
+    report = build_report(Path(out_dir))
+    audit_dir = Path(out_dir) / "audit"
+    plots = _plots(report, audit_dir / "plots")
+    public = {k: v for k, v in report.items()}
+    if "membership_inference" in public:
+        public["membership_inference"] = {
+            k: v for k, v in public["membership_inference"].items() if k[0] != "_"
+        }
+    (audit_dir / "report.json").write_text(json.dumps(public, indent=2, default=float) + "\n")
+    (audit_dir / "report.md").write_text(_markdown(report, plots))
+    return public
