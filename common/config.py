@@ -150,8 +150,12 @@ class FedConfig:
                 "`secagg-reconstruction-threshold` must not exceed `secagg-num-shares` "
                 f"({self.secagg_reconstruction_threshold} > {self.secagg_num_shares})."
             )
-        if self.task == "csv" and not self.data_path:
-            raise ConfigError("`task=csv` needs `data-path` (a CSV or JSONL file).")
+        if self.task == "csv" and not self.data_path and not self.test_data_path:
+            # a deployed coordinator has no site data: it scores on `test-data-path`
+            raise ConfigError(
+                "`task=csv` needs `data-path` (a CSV or JSONL file), or `test-data-path` for a deployed "
+                "coordinator (each site's file comes from its node config)."
+            )
         if self.test_data_path and self.task != "csv":
             raise ConfigError(
                 "`test-data-path` is for `task=csv`; the packaged tasks hold out `holdout-fraction`."

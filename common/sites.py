@@ -101,16 +101,36 @@ def site_data(cfg: FedConfig, node_config: dict) -> SiteData:
     )
 
 
+def _deployed_coordinator(cfg: FedConfig) -> bool:
+    """A deployed coordinator has no site data: ``task=csv`` without ``data-path``."""
+    return cfg.task == "csv" and not cfg.data_path
+
+
 def coordinator_test_set(cfg: FedConfig) -> TextDataset:
-    """The coordinator's held-out test set: ``test-data-path`` when given, else the simulation holdout."""
+    """The coordinator's held-out test set: ``test-data-path`` when given, else the simulation holdout.
+
+    With ``test-data-path`` and ``labels`` set the coordinator reads no site data (``data-path``).
+
+    Raises
+    ------
+    ValueError
+        A deployed coordinator (no ``data-path``) without ``labels``.
+    """
     if cfg.test_data_path:
-        rest, _ = simulation_pool(cfg)
+        labels = cfg.label_names
+        if not labels:
+            if _deployed_coordinator(cfg):
+                raise ValueError(
+                    "The coordinator has `test-data-path` but no `data-path` (a deployment) and no `labels`: "
+                    "set `labels` to every class of the sites' label column, comma-separated (e.g. `labels=0,1`)."
+                )
+            labels = simulation_pool(cfg)[0].label_names
         return load_task(
             "csv",
             data_path=cfg.test_data_path,
             text_column=cfg.text_column,
             label_column=cfg.label_column,
-            labels=rest.label_names,
+            labels=labels,
             seed=cfg.seed,
         )
     _, holdout = simulation_pool(cfg)
@@ -119,3 +139,24 @@ def coordinator_test_set(cfg: FedConfig) -> TextDataset:
             "`holdout-fraction` is 0 and no `test-data-path` is set: the server has nothing to score."
         )
     return holdout
+
+
+def coordinator_max_weight(cfg: FedConfig) -> float:
+    """SecAgg+ ``max_weight``: ``secagg-max-weight``, or 0 = the run's pooled training examples.
+
+    Raises
+    ------
+    ValueError
+        A deployed coordinator (no ``data-path``) under SecAgg+ without ``secagg-max-weight``.
+    """
+    if cfg.secagg_max_weight > 0:
+        return cfg.secagg_max_weight
+    if _deployed_coordinator(cfg):
+        if cfg.secure_aggregation:
+            raise ValueError(
+                "The coordinator has no `data-path` (a deployment) and `secagg-max-weight` is 0: set "
+                "`secagg-max-weight` to at least the largest site's training examples "
+                "(e.g. the total rows of all sites)."
+            )
+        return 0.0  # unused without SecAgg+
+    return float(len(simulation_pool(cfg)[0]))

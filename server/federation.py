@@ -35,7 +35,7 @@ from fedtune.common.model import (
 )
 from fedtune.common.plots import plot_records
 from fedtune.common.privacy import PrivacyAccountant
-from fedtune.common.sites import coordinator_test_set, simulation_pool
+from fedtune.common.sites import coordinator_max_weight, coordinator_test_set
 from fedtune.common.train import evaluate, select_device
 from flwr.app import Context
 from flwr.common import parameters_to_ndarrays
@@ -89,9 +89,7 @@ class Coordinator:
         self.initial = get_adapter_arrays(self.model)
         # SecAgg+ weight normaliser: under DP every site weighs 1; else the largest possible site count.
         dp = self.cfg.dp_mode != "off"
-        self.max_weight = (
-            1.0 if dp else self.cfg.secagg_max_weight or float(len(simulation_pool(self.cfg)[0]))
-        )
+        self.max_weight = 1.0 if dp else coordinator_max_weight(self.cfg)
         self.trainable, self.total = trainable_counts(self.model)
         self.base_model_bytes = base_model_nbytes(self.model_dir)
         self.accountant = (
@@ -266,7 +264,9 @@ class Coordinator:
         if self.audit_dir is not None:
             save_arrays(self.audit_dir / "server" / "global-final.npz", get_adapter_arrays(self.model))
         adapter = save_shared_adapter(
-            self.model, self.out_dir / "adapter", {**self.metadata(), "rounds": self.cfg.num_server_rounds}
+            self.model,
+            self.out_dir / "adapter",
+            {**self.metadata(), "rounds": self.records[-1]["round"] if self.records else 0},
         )
         plot_records(self.records, self.out_dir / "plots")
         return adapter

@@ -158,18 +158,21 @@ def test_audit_of_masked_and_clear_runs(tmp_path: Path) -> None:
 
 
 def test_distributed_dp_run_is_accounted_and_its_empirical_epsilon_stays_below(tmp_path: Path) -> None:
-    # Prepare / Execute: distributed DP under SecAgg+, canaries planted at site 0
+    # Prepare / Execute: distributed DP under SecAgg+, canaries planted at site 0, and a budget that
+    # a third round would exceed (epsilon after 2 rounds 7.08, after 3 rounds 8.9)
     out = tmp_path / "dp"
     records = simulate(
         out,
-        "num-server-rounds=2 max-examples=600 partitioning=iid dp-mode=distributed dp-noise-multiplier=1.0 "
-        "dp-clipping-norm=0.5 audit-canaries=200",
+        "num-server-rounds=3 max-examples=600 partitioning=iid dp-mode=distributed dp-noise-multiplier=1.0 "
+        "dp-clipping-norm=0.5 audit-canaries=200 dp-target-epsilon=7.5",
     )
     report = audit(out)
 
     # Assert: epsilon recorded per round, recomputable from privacy.json, never beaten by the audit
     privacy = json.loads((out / "privacy.json").read_text())
-    assert [r["dp_epsilon"] > 0 for r in records[1:]] == [True, True]
+    assert [r["dp_epsilon"] > 0 for r in records[1:]] == [True, True]  # the budget stopped round 3
+    assert "stopped before round 3" in privacy["stopped_early"] and privacy["epsilon"] <= 7.5
+    assert json.loads((out / "adapter" / "fedtune.json").read_text())["rounds"] == 2
     assert (
         records[2]["dp_epsilon"]
         > records[1]["dp_epsilon"]
