@@ -122,7 +122,8 @@ def coordinator_test_set(cfg: FedConfig) -> TextDataset:
             if _deployed_coordinator(cfg):
                 raise ValueError(
                     "The coordinator has `test-data-path` but no `data-path` (a deployment) and no `labels`: "
-                    "set `labels` to every class of the sites' label column, comma-separated (e.g. `labels=0,1`)."
+                    "set `labels` to every class of the sites' label column, comma-separated "
+                    "(e.g. `labels=0,1`)."
                 )
             labels = simulation_pool(cfg)[0].label_names
         return load_task(

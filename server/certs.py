@@ -243,9 +243,10 @@ def make_certs(
         private = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        ) + f" site-{i}\n".encode()
+        public = (
+            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            + f" site-{i}\n".encode()
+        )
         _write(files.site_key(i), private, private=True)
         _write(files.site_pub(i), public, private=False)
         authorized.append(public)

@@ -1,0 +1,186 @@
+"""Shared plumbing of the ``fedtune bench NAME [--quick]`` drivers.
+
+Every benchmark runs its compared arms side by side in one invocation, prints a table and
+writes ``results/NAME.json`` (rows + the machine + the exact command), ``results/NAME.md``
+(the table) and its PNG plots. Federated arms run as real ``fedtune simulate`` subprocesses
+(the same code path users run) while a sampler records the peak RSS of the whole process tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path("results")
+console = Console()
+
+
+def machine() -> dict[str, Any]:
+    """CPU, cores, memory and library versions: recorded in every results file."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {p: metadata.version(p) for p in ("torch", "flwr", "transformers", "peft", "ray")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        **versions,
+    }
+
+
+class PeakRss:
+    """Sample the summed RSS of a process and all its descendants (every 0.2 s) until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+                self.peak = max(self.peak, sum(_rss(p) for p in procs))
+            except psutil.NoSuchProcess:
+                return
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _rss(proc: psutil.Process) -> int:
+    try:
+        return proc.memory_info().rss
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What one federated arm produced."""
+
+    records: list[dict[str, Any]]
+    seconds: float
+    peak_rss_bytes: int
+    out: Path
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last round's record."""
+        return self.records[-1]
+
+    def mean_round_seconds(self, skip_first: bool = True) -> float:
+        """Mean seconds per round (the first round, which includes actor start-up, skipped if asked)."""
+        rounds = self.records[2:] if skip_first and len(self.records) > 2 else self.records[1:]
+        return sum(r["seconds"] for r in rounds) / len(rounds)
+
+
+def simulate_arm(out: Path, num_clients: int, run_config: dict[str, Any], timeout: float = 3600) -> Arm:
+    """Run ``fedtune simulate`` in a subprocess (fresh Ray each time) and measure it."""
+    items = " ".join(f"{k}={v}" for k, v in run_config.items())
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedtune.simulations.cli",
+        "simulate",
+        "--num-clients",
+        str(num_clients),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--run-config",
+        items,
+    ]
+    console.print(f'[dim]$ fedtune simulate --num-clients {num_clients} --run-config "{items}"[/dim]')
+    start = time.perf_counter()
+    log = out.with_suffix(".log")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        with PeakRss(proc.pid) as rss:
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise RuntimeError(f"arm timed out after {timeout:.0f} s; log: {log}") from None
+    if rc != 0:
+        raise RuntimeError(f"arm failed (exit {rc}); see {log}")
+    records = json.loads((out / "metrics.json").read_text())
+    return Arm(records=records, seconds=time.perf_counter() - start, peak_rss_bytes=rss.peak, out=out)
+
+
+def write_results(
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    *,
+    columns: Sequence[str],
+    notes: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
+    quick: bool,
+) -> Path:
+    """Print the table and write ``results/NAME.json`` and ``results/NAME.md``; return the JSON path."""
+    RESULTS.mkdir(exist_ok=True)
+    command = f"fedtune bench {name}" + (" --quick" if quick else "")
+    payload = {
+        "benchmark": name,
+        "command": command,
+        "quick": quick,
+        "machine": machine(),
+        "rows": list(rows),
+        "notes": list(notes),
+        **(extra or {}),
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    md = [
+        f"## {name}",
+        "",
+        f"`{command}` on {payload['machine']['cpu']} ({payload['machine']['cores']} cores), "
+        f"torch {payload['machine']['torch']}, flwr {payload['machine']['flwr']}.",
+        "",
+    ]
+    md += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    md += [""] + [f"- {n}" for n in notes]
+    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    table = Table(title=command)
+    for c in columns:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*(_cell(r.get(c)) for c in columns))
+    console.print(table)
+    for n in notes:
+        console.print(f"- {n}")
+    return RESULTS / f"{name}.json"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
