@@ -54,6 +54,7 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
     """Run one simulated federation; return the per-round records also saved in ``metrics.json``."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's GPU-env FutureWarning
     from fedtune.client.app import make_client_app
     from fedtune.server.app import make_server_app
     from fedtune.server.progress import results_table
