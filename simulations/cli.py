@@ -28,7 +28,74 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="Show Flower's and the sites' logs.")
     aud = sub.add_parser("audit", help="Write OUT/audit/report.md and report.json for a finished run.")
     aud.add_argument("out", help="The run folder (a simulation's --out, or a deployment's gathered folders).")
+    crt = sub.add_parser(
+        "certs", help="TLS certificates for the SuperLink and SuperNode authentication keys."
+    )
+    crt.add_argument("dir", help="Folder to write ca.crt, server.crt/.key and site-<i>.key/.pub into.")
+    crt.add_argument("--hosts", default="127.0.0.1,localhost", help="SuperLink addresses (certificate SANs).")
+    crt.add_argument("--sites", type=int, default=0, help="SuperNode key pairs to create (default 0).")
+    crt.add_argument("--force", action="store_true", help="Overwrite existing files.")
+    dep = sub.add_parser(
+        "deploy-local", help="Run a real SuperLink + SuperNodes (TLS, SuperNode auth) on 127.0.0.1."
+    )
+    dep.add_argument(
+        "--sites", type=int, default=None, help="Number of sites (default: one per --site-data)."
+    )
+    dep.add_argument("--site-data", nargs="+", required=True, help="One private CSV/JSONL file per site.")
+    dep.add_argument(
+        "--test-data", default=None, help="The coordinator's held-out CSV/JSONL (test-data-path)."
+    )
+    dep.add_argument("--out", required=True, help="Output folder (adapter, metrics, audit, certs, logs).")
+    dep.add_argument("--run-config", default="", help='Overrides, e.g. "num-server-rounds=2 label-column=y".')
+    dep.add_argument("--timeout", type=float, default=3600.0, help="Seconds for the whole deployment.")
+    bench = sub.add_parser(
+        "bench", help="Run a benchmark (results/NAME.json, .md, .png), or `report` to write BENCHMARKS.md."
+    )
+    bench.add_argument(
+        "name", help="quality, diabetes, methods, comm, secagg, overhead, scale, privacy, report."
+    )
+    bench.add_argument("--quick", action="store_true", help="A few-minute validation run on tiny data.")
     return parser
+
+
+def _deploy_command(args: argparse.Namespace) -> int:
+    """``fedtune certs`` and ``fedtune deploy-local``."""
+    if args.command == "certs":
+        from fedtune.server.certs import make_certs, parse_hosts
+
+        try:
+            files = make_certs(args.dir, parse_hosts(args.hosts), args.sites, force=args.force)
+        except (FileExistsError, ValueError) as err:
+            print(f"fedtune certs: {err}", file=sys.stderr)
+            return 2
+        print(f"Wrote {', '.join(p.name for p in files.all_files())} to {files.root}.")
+        return 0
+    from .deploy_local import DeployError, deploy_local
+
+    if args.sites is not None and args.sites != len(args.site_data):
+        print(
+            f"fedtune deploy-local: --sites {args.sites} but {len(args.site_data)} --site-data files.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        deploy_local(
+            args.site_data,
+            args.out,
+            parse_overrides(args.run_config),
+            test_data=args.test_data,
+            timeout=args.timeout,
+        )
+    except (DeployError, ConfigError) as err:
+        print(f"fedtune deploy-local: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"fedtune deploy-local: interrupted; every process stopped (logs in {args.out}/logs).",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +124,20 @@ def main(argv: list[str] | None = None) -> int:
             f"Audit written to {args.out}/audit/report.md (only adapter left sites: "
             f"{report['only_adapter_left_sites']}; SecAgg+ masked: {report['secagg']['masked']})."
         )
+    elif args.command == "bench":
+        from .bench import collect, get_benchmark
+
+        if args.name == "report":
+            print(f"Wrote {collect()}.")
+            return 0
+        try:
+            run = get_benchmark(args.name)
+        except KeyError as err:
+            print(f"fedtune bench: {err.args[0]}", file=sys.stderr)
+            return 2
+        print(f"Wrote {run(args.quick)}.")
+    elif args.command in ("certs", "deploy-local"):
+        return _deploy_command(args)
     return 0
 
 
