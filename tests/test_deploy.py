@@ -24,6 +24,7 @@ from fedtune.server.certs import make_certs
 from fedtune.simulations.deploy_local import (
     CONNECTION,
     DeployError,
+    deploy_local,
     deployment_run_config,
     flower_env,
     node_config,
@@ -168,7 +169,7 @@ def test_ctrl_c_or_sigterm_of_the_driver_leaves_no_orphans(tmp_path: Path, sig: 
 
     # Execute
     driver.send_signal(sig)
-    driver.wait(timeout=30)
+    driver.wait(timeout=120)
 
     # Assert: the driver exited and took every descendant with it
     assert driver.returncode != 0
@@ -315,6 +316,27 @@ def test_deployment_run_config_errors_name_the_flag(
         deployment_run_config(overrides, sites, tmp_path / "out", test if test_data else None)
 
 
+def test_deploy_resume_refuses_a_changed_setting_before_starting_anything(tmp_path: Path) -> None:
+    # Prepare: a deployment folder whose run was killed (its config saved, no checkpoint yet)
+    sites, test = write_pima_sites(tmp_path / "data")
+    out = tmp_path / "out"
+    out.mkdir()
+    config = deployment_run_config({"label-column": "Outcome"}, sites, out, test)
+    parse_run_config(config).save(out / "run_config.json")
+
+    # Execute / Assert: a changed key is named; an equal one passes on to the missing checkpoint
+    with pytest.raises(DeployError, match="--resume: Run-config key `learning-rate` is 0.005 in"):
+        deploy_local(sites, out, {"learning-rate": "0.5"}, test_data=test, resume=True)
+    with pytest.raises(DeployError, match="`test-data-path`"):
+        deploy_local(sites, out, {}, test_data=sites[0], resume=True)
+    with pytest.raises(DeployError, match="--resume: .*no complete checkpoint"):
+        deploy_local(sites, out, {"label-column": "Outcome"}, test_data=test, resume=True)
+    with pytest.raises(DeployError, match="already holds a run; .* or add --resume"):
+        (out / "metrics.json").write_text("[]")
+        deploy_local(sites, out, {"label-column": "Outcome"}, test_data=test)
+    assert not (out / "logs").exists()  # nothing was started
+
+
 # --- the coordinator has no site data ---------------------------------------------------------------------
 def test_deployed_coordinator_scores_the_test_file_without_reading_site_data(tmp_path: Path) -> None:
     # Prepare: `data-path` names no file, so reading it would fail
@@ -388,7 +410,7 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> str:
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGINT)  # deploy-local stops its processes on Ctrl-C
         try:
-            return proc.communicate(timeout=60)[0]
+            return proc.communicate(timeout=180)[0]
         finally:
             proc.kill()
 
@@ -535,7 +557,7 @@ def test_ctrl_c_during_a_deployment_stops_every_process(tmp_path: Path) -> None:
 
         # Execute
         proc.send_signal(signal.SIGINT)
-        output = finish(proc, timeout=90)
+        output = finish(proc, timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -544,3 +566,69 @@ def test_ctrl_c_during_a_deployment_stops_every_process(tmp_path: Path) -> None:
     assert proc.returncode != 0, output[-2000:]
     assert wait_gone(tree) == []
     assert processes_under(tmp_path) == []
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a SuperNode and everything it started, as a site losing power would."""
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _received(wire: Path, server_round: int, stage: str) -> bool:
+    """Whether a site's own wire record shows it received ``stage`` of ``server_round``."""
+    try:
+        lines = wire.read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if (r["round"], r["direction"], r["stage"]) == (server_round, "down", stage):
+            return True
+    return False
+
+
+@pytest.mark.e2e
+def test_a_supernode_killed_mid_training_drops_out_and_the_round_completes(tmp_path: Path) -> None:
+    # Prepare: 3 sites under SecAgg+ (3 shares, threshold 2: one site may vanish), 1 round
+    sites, test = write_pima_sites(tmp_path / "data")
+    out = tmp_path / "out"
+    config = "label-column=Outcome num-server-rounds=1 min-clients=2 batch-size=16 secagg-timeout=300"
+    cmd = [sys.executable, "-m", "fedtune.simulations.cli", "deploy-local", "--site-data", *map(str, sites)]
+    cmd += ["--test-data", str(test), "--out", str(out), "--run-config", config, "--timeout", "900"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        victim = wait_for_summary(out, "run_id", proc)["sites"][2]
+        wire = out / "audit" / "sites" / f"site-{victim['node_id']}" / "wire.jsonl"
+        deadline = time.monotonic() + 400
+        while not _received(wire, 1, "collect_masked_vectors"):  # the site starts training
+            assert proc.poll() is None and time.monotonic() < deadline, "site 2 never started training"
+            time.sleep(0.2)
+
+        # Execute: the site's SuperNode and its processes vanish mid-training
+        _kill_tree(victim["pid"])
+        killed_at = time.monotonic()
+        output = finish(proc, timeout=900)
+        seconds_after_kill = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            finish(proc, timeout=60)
+
+    # Assert: the run completed; round 1 aggregated the two survivors and names the dropped site
+    assert proc.returncode == 0, output[-4000:]
+    records = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in records] == [0, 1]
+    assert len(records[1]["site_train_examples"]) == 2 and records[1]["accuracy"] is not None
+    assert list(records[1]["excluded_sites"]) == [victim["node_id"]]
+    assert records[1]["excluded_sites"][victim["node_id"]].startswith("dropped out")
+    assert json.loads((out / "adapter" / "fedtune.json").read_text())["rounds"] == 1
+    print(f"round 1: {records[1]['seconds']:.0f} s; run ended {seconds_after_kill:.0f} s after the kill")
