@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 from fedtune.common import instructions
+from fedtune.common.adapters import update_defect
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
@@ -45,22 +46,30 @@ def check_secagg_range(arrays: list[np.ndarray], num_examples: int, max_weight: 
         )
 
 
+def _train_ins(msg: Message) -> FitIns:
+    return compat.recorddict_to_fitins(msg.content, keep_input=True)
+
+
 def _train_config(msg: Message) -> dict:
-    return compat.recorddict_to_fitins(msg.content, keep_input=True).config
+    return _train_ins(msg).config
 
 
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Run train messages of a SecAgg+ round through ``secaggplus_mod``; pass others through.
 
-    Before SecAgg+ masks the site's reply, its values are checked against SecAgg+'s weight
-    normaliser and clipping range (:func:`check_secagg_range`). A site whose node config sets
-    ``require-secure-aggregation=true`` refuses a train message outside a SecAgg+ round, so its
-    update is never sent unmasked.
+    Before SecAgg+ masks the site's reply, the update must be a finite adapter of the shapes
+    the site received (the coordinator cannot check a masked update), and its values must fit
+    SecAgg+'s weight normaliser and clipping range (:func:`check_secagg_range`); otherwise the
+    site raises, drops out of the round, and SecAgg+ unmasks the other sites' sum without it. A
+    site whose node config sets ``require-secure-aggregation=true`` refuses a train message
+    outside a SecAgg+ round, so its update is never sent unmasked.
 
     Raises
     ------
     PermissionError
         On an unmasked train request to a site that requires SecAgg+.
+    ValueError
+        When the update is not a finite adapter of the received shapes, or does not fit SecAgg+.
     """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
@@ -73,12 +82,20 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
         return call_next(msg, ctxt)
 
     def checked(inner: Message, context: Context) -> Message:
+        shapes = [a.shape for a in parameters_to_ndarrays(_train_ins(inner).parameters)]
         out = call_next(inner, context)
         if not out.has_error():
             state = context.state.config_records[RECORD_KEY_STATE]
             fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
+            arrays = parameters_to_ndarrays(fitres.parameters)
+            defect = update_defect(arrays, shapes)
+            if defect:
+                raise ValueError(
+                    f"Node {context.node_id} refuses to mask its update: {defect}. It drops out of this "
+                    "SecAgg+ round; check its data and `learning-rate`."
+                )
             check_secagg_range(
-                parameters_to_ndarrays(fitres.parameters),
+                arrays,
                 fitres.num_examples,
                 float(state["max_weight"]),
                 float(state["clipping_range"]),

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,21 @@ def set_adapter_arrays(model: PeftModel, arrays: list[np.ndarray]) -> None:
     set_peft_model_state_dict(model, new_state)
 
 
+def update_defect(arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]]) -> str:
+    """Why ``arrays`` is not a usable adapter of tensor ``shapes``, or ``""`` when it is.
+
+    Checks the tensor count, each tensor's shape, and that every value is finite (no NaN/Inf).
+    """
+    if len(arrays) != len(shapes):
+        return f"it has {len(arrays)} tensors, the adapter has {len(shapes)}"
+    for index, (array, shape) in enumerate(zip(arrays, shapes, strict=True)):
+        if tuple(array.shape) != tuple(shape):
+            return f"tensor {index} has shape {tuple(array.shape)}, the adapter's is {tuple(shape)}"
+        if not np.isfinite(array).all():
+            return f"tensor {index} holds non-finite values (NaN/Inf)"
+    return ""
+
+
 def nbytes(arrays: list[np.ndarray]) -> int:
     """Total bytes of ``arrays`` as stored (dtype size x elements)."""
     return int(sum(a.nbytes for a in arrays))
@@ -72,12 +88,39 @@ def arrays_fingerprint(arrays: list[np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def write_adapter_files(model: PeftModel, folder: Path, metadata: dict[str, Any]) -> None:
+    """Write the adapter in PEFT's own format plus ``fedtune.json`` into ``folder`` (not atomic)."""
+    model.save_pretrained(folder)
+    meta = {**metadata, "adapter_fingerprint": arrays_fingerprint(get_adapter_arrays(model))}
+    (Path(folder) / FEDTUNE_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def previous_dir(folder: Path) -> Path:
+    """Where :func:`replace_dir` keeps the previous content of ``folder`` while it swaps."""
+    return folder.with_name(folder.name + ".old")
+
+
+def replace_dir(tmp: Path, folder: Path) -> None:
+    """Swap the complete folder ``tmp`` in as ``folder`` with two renames.
+
+    At every instant either ``folder`` or :func:`previous_dir` holds a complete copy (the new or
+    the previous one): a crash between the two renames leaves the previous content in
+    ``folder.old``, which is removed only once the new one is in place.
+    """
+    old = previous_dir(folder)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_shared_adapter(model: PeftModel, out_dir: Path, metadata: dict[str, Any]) -> Path:
     """Write the adapter in PEFT's own format plus ``fedtune.json``, atomically.
 
     ``out_dir`` ends up holding ``adapter_config.json``, ``adapter_model.safetensors`` and
-    ``fedtune.json``; it is written to a sibling temp folder first and swapped in, so a crash
-    never leaves a half-written adapter in place of a good one.
+    ``fedtune.json``; it is written to a sibling temp folder first and swapped in
+    (:func:`replace_dir`), so a crash never leaves a half-written adapter in place of a good one.
 
     Returns
     -------
@@ -87,13 +130,6 @@ def save_shared_adapter(model: PeftModel, out_dir: Path, metadata: dict[str, Any
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    meta = {**metadata, "adapter_fingerprint": arrays_fingerprint(get_adapter_arrays(model))}
-    (tmp / FEDTUNE_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    write_adapter_files(model, tmp, metadata)
+    replace_dir(tmp, out_dir)
     return out_dir

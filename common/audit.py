@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import numpy as np
 
 NPY_MAGIC = b"\x93NUMPY"
 SECAGG_RECORD = "secaggplus_configs"  # Flower's RECORD_KEY_CONFIGS: the config record of SecAgg+ messages
+_ROUND_FILE = re.compile(r"-round-(\d+)")  # received-round-003-node-7.npz, global-round-003.npz, ...
 
 
 def secagg_stage(content: Mapping[str, Mapping[str, Any]]) -> str:
@@ -174,3 +176,28 @@ def load_arrays(path: Path) -> tuple[list[np.ndarray], dict[str, float | int]]:
 def site_dir(audit_dir: Path, site: str) -> Path:
     """A site's own audit folder (in simulation under the run's ``audit/sites``)."""
     return Path(audit_dir) / "sites" / f"site-{site}"
+
+
+def trim_audit(audit_dir: Path, after_round: int) -> None:
+    """Drop what ``audit_dir`` holds of the rounds after ``after_round``: a resumed run redoes them.
+
+    Every ``wire.jsonl`` below it keeps its records up to ``after_round`` (and loses a last line a
+    crash cut short); ``*.npz`` files of later rounds, ``global-final.npz`` and temp files go.
+    """
+    for wire in sorted(Path(audit_dir).rglob("wire.jsonl")):
+        kept = []
+        for line in wire.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # cut short by the crash
+            if int(record.get("round", 0)) <= after_round:
+                kept.append(line + "\n")
+        tmp = wire.with_name(wire.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, wire)
+    for npz in sorted(Path(audit_dir).rglob("*.npz")):
+        match = _ROUND_FILE.search(npz.name)
+        later = match is not None and int(match.group(1)) > after_round
+        if later or npz.name == "global-final.npz" or npz.name.endswith(".tmp.npz"):
+            npz.unlink()

@@ -71,6 +71,12 @@ class FedConfig:
     secagg_max_weight: float = _opt(
         0.0, "SecAgg+ weight normaliser; 0 = auto (the run's pooled training examples).", min=0.0
     )
+    secagg_timeout: float = _opt(
+        1800.0,
+        "Seconds SecAgg+ waits for the sites' replies at each stage; a site that has not replied by then "
+        "drops out of the round (0 = wait for every site).",
+        min=0.0,
+    )
     # --- client-level differential privacy --------------------------------------------
     dp_mode: DpMode = _opt(
         "off",
@@ -142,6 +148,11 @@ class FedConfig:
     seed: int = _opt(42, "Seed for sampling, partitioning, initialisation and training.")
     out_dir: str = _opt(
         "fedtune-out", "Folder the server writes checkpoints, the adapter, metrics and plots to."
+    )
+    resume: bool = _opt(
+        False,
+        "Continue the run in `out-dir` from its last checkpoint (every other key must equal its "
+        "run_config.json).",
     )
 
     def __post_init__(self) -> None:

@@ -22,7 +22,17 @@ from fedtune.common.adapters import (
     save_shared_adapter,
     set_adapter_arrays,
 )
-from fedtune.common.audit import save_arrays
+from fedtune.common.audit import save_arrays, trim_audit
+from fedtune.common.checkpoint import (
+    CHECKPOINT,
+    RUN_CONFIG,
+    ServerState,
+    read_checkpoint,
+    resume_config,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from fedtune.common.config import FedConfig
 from fedtune.common.model import (
     PeftSpec,
@@ -49,7 +59,7 @@ from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
 
 from .progress import RunProgress
-from .strategy import make_strategy, weighted_mean
+from .strategy import UpdateGuard, make_strategy, restore_strategy_state, strategy_state, weighted_mean
 from .wire import MeteredGrid
 from .workflow import FedtuneWorkflow
 
@@ -77,6 +87,7 @@ class Coordinator:
     out_dir: Path
     progress: RunProgress | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
+    start_round: int = 1  # a resumed run starts after its checkpointed round
 
     def __post_init__(self) -> None:
         self.model_dir = resolve_model_dir(self.cfg.base_model)
@@ -104,6 +115,7 @@ class Coordinator:
         self.audit_dir = self.out_dir / "audit" if self.cfg.audit else None
         self.grid: MeteredGrid | None = None
         self.base_strategy: Strategy | None = None  # the plain strategy (its sampling decides n)
+        self.guard: UpdateGuard | None = None  # the outermost strategy: which sites each aggregate holds
         self.dp_wrapper: DifferentialPrivacyClientSideFixedClipping | None = None
         self.secagg: SecAggPlusWorkflow | None = None
         self.dp_noise_std = 0.0
@@ -178,17 +190,41 @@ class Coordinator:
             )
         return True
 
-    def round_end(self, server_round: int, context: LegacyContext) -> None:
-        """Record the round, rewrite ``metrics.json`` and the checkpoint; fail loudly if the round failed."""
-        hist = context.history
-        if not any(r == server_round for r, _ in hist.metrics_distributed_fit.get("train_loss", [])):
-            raise RuntimeError(
-                f"Round {server_round} produced no aggregate "
-                "(too few sites replied or SecAgg+ could not unmask); "
-                f"the last good adapter is in {self.out_dir / 'checkpoint'}."
+    def after_fit(self, server_round: int, context: LegacyContext) -> None:
+        """Fail loudly when the round produced no aggregate; the checkpoint keeps the last good round.
+
+        Raises
+        ------
+        RuntimeError
+            Saying why the round failed and where the last good adapter is.
+        """
+        if any(r == server_round for r, _ in context.history.metrics_distributed_fit.get("train_loss", [])):
+            return
+        outcome = self.guard.outcomes.get(server_round) if self.guard else None
+        if outcome is not None and outcome.failure:
+            why = outcome.failure
+        elif self.secagg is not None:
+            failed = self.grid.failed_replies(server_round) if self.grid else {}
+            why = (
+                "SecAgg+ could not unmask the sum: too few sites replied at some stage for "
+                f"`secagg-reconstruction-threshold` {self.secagg.reconstruction_threshold}"
+                + (f" (failed: {failed})" if failed else "")
             )
+        else:
+            why = "no site update arrived"
+        last = self.records[-1]["round"] if self.records else 0
+        raise RuntimeError(
+            f"Round {server_round} produced no aggregate: {why}. The last good adapter (round {last}) is in "
+            f"{self.out_dir / CHECKPOINT}; fix the cause and continue with `resume=true` "
+            "(`fedtune simulate --resume` / `fedtune deploy-local --resume`)."
+        )
+
+    def round_end(self, server_round: int, context: LegacyContext) -> None:
+        """Record the round; rewrite the checkpoint, then ``metrics.json`` (so it never runs ahead)."""
+        hist = context.history
         wire = self.grid.round_bytes(server_round) if self.grid else {"down": {}, "up": {}}
         central, dist = hist.metrics_centralized, hist.metrics_distributed
+        outcome = self.guard.outcomes.pop(server_round, None) if self.guard else None
         record = {
             "round": server_round,
             **{k: _latest(central, k, server_round) for k in ("loss", "accuracy", "macro_f1", "auc")},
@@ -198,6 +234,7 @@ class Coordinator:
             "site_examples_per_second": _latest(
                 hist.metrics_distributed_fit, "examples_per_second", server_round
             ),
+            "excluded_sites": {str(k): v for k, v in sorted(outcome.excluded.items())} if outcome else {},
             "bytes_up": sum(wire["up"].values()),
             "bytes_down": sum(wire["down"].values()),
             "bytes_up_per_site": {str(k): v for k, v in sorted(wire["up"].items())},
@@ -207,15 +244,54 @@ class Coordinator:
         if self.accountant is not None:
             self.accountant.step(self.sampling_rate)
             record["dp_epsilon"] = self.accountant.epsilon()
-            write_json_atomic(self.out_dir / "privacy.json", self.privacy())
         self._round_start = time.perf_counter()
         self.records.append(record)
+        self.checkpoint(server_round, context)
+        if self.accountant is not None:
+            write_json_atomic(self.out_dir / "privacy.json", self.privacy())
         write_json_atomic(self.out_dir / "metrics.json", self.records)
-        save_shared_adapter(
-            self.model, self.out_dir / "checkpoint", {**self.metadata(), "round": server_round}
-        )
         if self.progress:
             self.progress.round_done(record)
+
+    # --- checkpoint and resume --------------------------------------------------------------------
+    def checkpoint(self, server_round: int, context: LegacyContext) -> None:
+        """Write everything a killed run needs to continue after ``server_round`` (atomically)."""
+        current = compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], True)
+        global_arrays = parameters_to_ndarrays(current)
+        set_adapter_arrays(self.model, global_arrays)  # the PEFT files hold exactly the global adapter
+        state = ServerState(
+            server_round=server_round,
+            global_arrays=global_arrays,
+            strategy_arrays=strategy_state(self.base_strategy) if self.base_strategy else {},
+            records=self.records,
+            base_fingerprint=self.base_fingerprint,
+            accountant=self.accountant.state_dict() if self.accountant else None,
+            rng=rng_state(),
+        )
+        write_checkpoint(self.out_dir / CHECKPOINT, self.model, self.metadata(), state)
+
+    def restore(self, state: ServerState) -> None:
+        """Continue from a checkpoint: its adapter, records, accountant and random states.
+
+        Raises
+        ------
+        ValueError
+            When the checkpoint was made with another base model (names both fingerprints).
+        """
+        if state.base_fingerprint != self.base_fingerprint:
+            raise ValueError(
+                f"The checkpoint in {self.out_dir / CHECKPOINT} was made with base model fingerprint "
+                f"{state.base_fingerprint}, but {self.model_dir} has {self.base_fingerprint}: resume with "
+                "the base model the run started with."
+            )
+        set_adapter_arrays(self.model, state.global_arrays)
+        self.initial = [np.asarray(a) for a in state.global_arrays]
+        self.records = list(state.records)
+        self.start_round = state.server_round + 1
+        if state.accountant is not None:
+            self.accountant = PrivacyAccountant.from_state_dict(state.accountant)
+        if state.rng:
+            set_rng_state(state.rng)
 
     # --- outputs -------------------------------------------------------------------------------------
     def privacy(self) -> dict[str, Any]:
@@ -275,21 +351,44 @@ class Coordinator:
 def run_coordinator(
     grid: Grid, context: Context, cfg: FedConfig, progress: RunProgress | None = None
 ) -> Coordinator:
-    """Run the whole federation on ``grid`` and write every output under ``cfg.out_dir``."""
+    """Run the whole federation on ``grid`` and write every output under ``cfg.out_dir``.
+
+    With ``resume=true`` the run in ``out-dir`` continues after its last checkpoint: the config
+    must equal its ``run_config.json``, and the checkpointed adapter, strategy state, records,
+    accountant and random states are restored.
+
+    Raises
+    ------
+    ConfigError
+        A resumed run's config differs from the saved one (names the key).
+    FileNotFoundError
+        A resumed run has no checkpoint.
+    """
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(out_dir / "run_config.json")
+    resumed = None
+    if cfg.resume:
+        resume_config(out_dir, cfg.to_run_config())
+        resumed = read_checkpoint(out_dir)
+    else:
+        cfg.save(out_dir / RUN_CONFIG)
     coord = Coordinator(cfg=cfg, out_dir=out_dir, progress=progress)
+    if resumed is not None:
+        coord.restore(resumed)
+        if coord.audit_dir is not None:
+            trim_audit(coord.audit_dir, resumed.server_round)
     summary = (
         f"Base model {coord.model_dir} (fingerprint {coord.base_fingerprint[:16]}...); "
         f"{cfg.peft_method} trains "
         f"{coord.trainable:,} of {coord.total:,} parameters ({100 * coord.trainable / coord.total:.3f}%); "
         f"adapter {nbytes(coord.initial) / 1e6:.2f} MB vs base model {coord.base_model_bytes / 1e6:.1f} MB; "
         f"secure aggregation {'SecAgg+' if cfg.secure_aggregation else 'off'}; strategy {cfg.strategy}."
+        + (f" Resuming after round {resumed.server_round}." if resumed else "")
     )
     log.info(summary)
     if progress:
         progress.console.print(summary)
+    coord.grid = MeteredGrid(grid, progress.stage if progress else None, coord.audit_dir)
     strategy = make_strategy(
         cfg,
         initial=coord.initial,
@@ -298,12 +397,21 @@ def run_coordinator(
         evaluate_fn=coord.evaluate_shared,
         fit_metrics_fn=coord.fit_metrics,
     )
-    legacy = LegacyContext(
-        context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds), strategy=strategy
-    )
     inner = strategy.strategy
     coord.dp_wrapper = inner if isinstance(inner, DifferentialPrivacyClientSideFixedClipping) else None
     coord.base_strategy = coord.dp_wrapper.strategy if coord.dp_wrapper else inner
+    if resumed is not None:
+        restore_strategy_state(coord.base_strategy, resumed.strategy_arrays)
+    coord.guard = UpdateGuard(
+        strategy,
+        [a.shape for a in coord.initial],
+        secure=cfg.secure_aggregation,
+        tolerate_missing=cfg.dp_mode == "off",
+        failed_replies=coord.grid.failed_replies,
+    )
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds), strategy=coord.guard
+    )
     fit_workflow = default_fit_workflow
     if cfg.secure_aggregation:
         coord.secagg = fit_workflow = SecAggPlusWorkflow(
@@ -312,8 +420,8 @@ def run_coordinator(
             max_weight=coord.max_weight,
             clipping_range=cfg.secagg_clipping_range,
             quantization_range=cfg.secagg_quantization_range,
+            timeout=cfg.secagg_timeout or None,
         )
-    coord.grid = MeteredGrid(grid, progress.stage if progress else None, coord.audit_dir)
     FedtuneWorkflow(fit_workflow, coord)(coord.grid, legacy)
     coord.finish()
     return coord

@@ -4,11 +4,14 @@ It counts the payload bytes of each message's content (array bytes, bytes/str va
 config records, 8 bytes per numeric scalar) per round, node and direction, as the
 messages really are: under SecAgg+ that is the masked int64 vectors and the key
 exchange, not the fp32 adapter. ``send_and_receive`` is Flower's push-then-pull loop,
-with a callback after each reply so a live display can show sites done.
+with a callback after each reply so a live display can show sites done. Error replies are kept
+per round and node (:meth:`MeteredGrid.failed_replies`), so a site that dropped out is named
+with its reason.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -35,6 +38,19 @@ def _stage(msg: Message) -> str:
     return secagg_stage(msg.content) if msg.has_content() else ""
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+ERROR_CHARS = 400
+
+
+def error_summary(reason: str) -> str:
+    """An error reply's reason on one line, without colour codes; a long one (a traceback) keeps its end.
+
+    A site's exception message ends the traceback Flower (or Ray, in simulation) sends back.
+    """
+    text = " ".join(_ANSI.sub("", reason).split())
+    return text if len(text) <= ERROR_CHARS else "..." + text[-ERROR_CHARS:]
+
+
 class MeteredGrid(Grid):
     """Delegates to a real ``Grid``; meters bytes and reports reply progress."""
 
@@ -46,6 +62,10 @@ class MeteredGrid(Grid):
         self._audit_dir = audit_dir / "server" if audit_dir else None
         self._wire_log = WireLog(self._audit_dir / "wire.jsonl") if self._audit_dir else None
         self._stages: dict[str, str] = {}  # message id -> SecAgg+ stage, so a reply is filed under its stage
+        # message id -> destination node: a reply is filed under the node asked, even an error reply the
+        # SuperLink writes on behalf of a node that went offline
+        self._sent: dict[str, int] = {}
+        self.errors: dict[int, dict[int, str]] = defaultdict(dict)  # round -> node id -> error reason
         # round -> direction ("down"/"up") -> node id -> bytes
         self.bytes: dict[int, dict[str, dict[int, int]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(int))
@@ -54,7 +74,12 @@ class MeteredGrid(Grid):
     # --- metering ---------------------------------------------------------------------------
     def _meter(self, msgs: Iterable[Message], direction: str) -> None:
         for m in msgs:
-            node = m.metadata.dst_node_id if direction == "down" else m.metadata.src_node_id
+            if direction == "down":
+                node = m.metadata.dst_node_id
+            else:
+                node = self._sent.pop(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+                if m.has_error():
+                    self.errors[message_round(m)][node] = error_summary(m.error.reason)
             size = payload_bytes(m)
             self.bytes[message_round(m)][direction][node] += size
             if self._wire_log is not None:
@@ -73,6 +98,10 @@ class MeteredGrid(Grid):
                 save_arrays(
                     self._audit_dir / f"received-round-{message_round(msg):03d}-node-{node}.npz", arrays
                 )
+
+    def failed_replies(self, server_round: int) -> dict[int, str]:
+        """``{node: error reason}`` of the error replies received in one round."""
+        return dict(self.errors.get(server_round, {}))
 
     def round_bytes(self, server_round: int) -> dict[str, dict[int, int]]:
         """``{"down": {node: bytes}, "up": {node: bytes}}`` for one round."""
@@ -96,6 +125,7 @@ class MeteredGrid(Grid):
         messages = list(messages)
         self._meter(messages, "down")
         ids = list(self._grid.push_messages(messages))
+        self._sent.update((i, m.metadata.dst_node_id) for i, m in zip(ids, messages, strict=True) if i)
         if self._wire_log is not None:
             self._stages.update((i, _stage(m)) for i, m in zip(ids, messages, strict=True) if i)
         return ids

@@ -16,7 +16,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="Simulate a multi-hospital federation on this machine.")
-    sim.add_argument("--preset", default="default", choices=sorted(PRESETS), help="Scenario preset.")
+    sim.add_argument(
+        "--preset", default=None, choices=sorted(PRESETS), help="Scenario preset (default: default)."
+    )
     sim.add_argument(
         "--num-clients", type=int, default=None, help="Simulated hospitals (default: the preset's)."
     )
@@ -26,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", default=None, help="Output folder (default: fedtune-out/<date-time>).")
     sim.add_argument("--overwrite", action="store_true", help="Allow an --out folder that holds a run.")
     sim.add_argument("--verbose", action="store_true", help="Show Flower's and the sites' logs.")
+    sim.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="Continue the killed run in DIR after its last checkpoint, with its DIR/run_config.json.",
+    )
     aud = sub.add_parser("audit", help="Write OUT/audit/report.md and report.json for a finished run.")
     aud.add_argument("out", help="The run folder (a simulation's --out, or a deployment's gathered folders).")
     crt = sub.add_parser(
@@ -48,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--out", required=True, help="Output folder (adapter, metrics, audit, certs, logs).")
     dep.add_argument("--run-config", default="", help='Overrides, e.g. "num-server-rounds=2 label-column=y".')
     dep.add_argument("--timeout", type=float, default=3600.0, help="Seconds for the whole deployment.")
+    dep.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue the killed run in --out after its last checkpoint, with its config (run_config.json).",
+    )
     bench = sub.add_parser(
         "bench", help="Run a benchmark (results/NAME.json, .md, .png), or `report` to write BENCHMARKS.md."
     )
@@ -85,6 +98,7 @@ def _deploy_command(args: argparse.Namespace) -> int:
             parse_overrides(args.run_config),
             test_data=args.test_data,
             timeout=args.timeout,
+            resume=args.resume,
         )
     except (DeployError, ConfigError) as err:
         print(f"fedtune deploy-local: {err}", file=sys.stderr)
@@ -102,16 +116,29 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedtune`` console script."""
     args = _parser().parse_args(argv)
     if args.command == "simulate":
-        from .simulate import resolve, simulate
+        from .simulate import resolve, resume, simulate
 
         try:
-            cfg, num_clients = resolve(
-                args.preset, args.num_clients, parse_overrides(args.run_config), args.out
-            )
-        except (ConfigError, ValueError, KeyError) as err:
+            overrides = parse_overrides(args.run_config)
+            if args.resume is None:
+                cfg, num_clients = resolve(
+                    args.preset or "default", args.num_clients, overrides, args.out, args.overwrite
+                )
+            elif args.preset or args.out or args.overwrite:
+                raise ConfigError(
+                    "--resume DIR continues the run in DIR with its own config: drop --preset, --out and "
+                    "--overwrite."
+                )
+            else:
+                cfg, num_clients = resume(args.resume, args.num_clients, overrides)
+        except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
             print(f"fedtune simulate: {err}", file=sys.stderr)
             return 2
-        simulate(cfg, num_clients, verbose=args.verbose)
+        try:
+            simulate(cfg, num_clients, verbose=args.verbose)
+        except RuntimeError as err:
+            print(f"fedtune simulate: {err}", file=sys.stderr)
+            return 1
     elif args.command == "audit":
         from fedtune.common.audit_report import AuditError, write_report
 

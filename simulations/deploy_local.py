@@ -32,6 +32,7 @@ from typing import Any
 
 import tomli
 import tomli_w
+from fedtune.common.checkpoint import read_checkpoint, resume_config
 from fedtune.common.config import ConfigError, FedConfig, key_of, parse_run_config
 from fedtune.server.certs import CertFiles, make_certs
 
@@ -310,8 +311,8 @@ class LocalDeployment:
         """``flwr supernode register``: authorise a SuperNode's public key; return its node id."""
         return int(self.flwr_json("supernode", "register", str(public_key), CONNECTION)["node-id"])
 
-    def start_supernode(self, name: str, private_key: Path, config: str) -> None:
-        """``flower-supernode`` over TLS, authenticated with ``private_key``, with its node config."""
+    def start_supernode(self, name: str, private_key: Path, config: str) -> int:
+        """Start ``flower-supernode`` over TLS, authenticated with ``private_key``; return its pid."""
         cmd = [
             tool("flower-supernode"),
             "--superlink", self.address,
@@ -321,9 +322,10 @@ class LocalDeployment:
             "--port", str(free_port()),  # the SuperNode's own Runtime API (its ClientApp processes)
             "--max-retries", "10",
         ]  # fmt: skip
-        self.procs.start(
+        proc = self.procs.start(
             name, cmd, env=flower_env(self.out / "flwr" / name, threads=self.threads), cwd=self.out
         )
+        return proc.pid
 
     def nodes(self) -> list[dict[str, Any]]:
         """``flwr supernode ls``: the registered SuperNodes and their status."""
@@ -405,6 +407,7 @@ def deploy_local(
     test_data: str | Path | None = None,
     timeout: float = 1800.0,
     echo: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the fedtune app on a local TLS + SuperNode-auth deployment, one SuperNode per site file.
 
@@ -423,6 +426,9 @@ def deploy_local(
         Seconds for the whole deployment, start-up included; the run is stopped after it.
     echo
         Where progress lines go.
+    resume
+        Continue the killed run in ``out`` after its last checkpoint, with its ``run_config.json``
+        (``run_config`` and ``test_data``, when given, must equal it); certificates and keys are reused.
 
     Returns
     -------
@@ -442,9 +448,22 @@ def deploy_local(
         raise DeployError(
             "deploy-local needs at least 2 sites (SecAgg+ needs 2): give 2+ files to --site-data."
         )
-    if (out_dir / "metrics.json").exists():
-        raise DeployError(f"--out {out_dir} already holds a run; choose another folder.")
-    config = deployment_run_config(run_config or {}, files, out_dir, Path(test_data) if test_data else None)
+    resumed_after = 0
+    if resume:
+        given = dict(run_config or {})
+        if test_data is not None:
+            given[key_of("test_data_path")] = str(Path(test_data).resolve())
+        try:
+            config = dict(resume_config(out_dir, given).to_run_config())
+            resumed_after = read_checkpoint(out_dir).server_round
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            raise DeployError(f"--resume: {err}") from None
+    elif (out_dir / "metrics.json").exists():
+        raise DeployError(f"--out {out_dir} already holds a run; choose another folder, or add --resume.")
+    else:
+        config = deployment_run_config(
+            run_config or {}, files, out_dir, Path(test_data) if test_data else None
+        )
     min_clients = int(config.get(key_of("min_clients"), FedConfig.min_clients))
     if min_clients > len(files):
         raise DeployError(
@@ -455,9 +474,13 @@ def deploy_local(
     if not all(p.exists() for p in certs.all_files()):
         certs = make_certs(certs.root, sites=len(files))
     app_dir = write_app(out_dir / "app")
-    config_file = out_dir / "run-config.toml"
+    config_file = out_dir / ("run-config-resume.toml" if resume else "run-config.toml")
     config_file.write_text(tomli_w.dumps(config), encoding="utf-8")
-    summary: dict[str, Any] = {"sites": [], "run_config": str(config_file)}
+    summary: dict[str, Any] = {
+        "sites": [],
+        "run_config": str(config_file),
+        "resumed_after_round": resumed_after,
+    }
 
     def write_summary() -> None:
         (out_dir / "deployment.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -476,12 +499,14 @@ def deploy_local(
         for i, path in enumerate(files):
             node_id = dep.register(certs.site_pub(i))
             name = f"site-{i}"
-            dep.start_supernode(
+            pid = dep.start_supernode(
                 name, certs.site_key(i), node_config(data_path=path, audit_dir=out_dir / "audit")
             )
             names.append(name)
             node_ids.append(node_id)
-            summary["sites"].append({"site": i, "node_id": str(node_id), "log": str(procs.log_path(name))})
+            summary["sites"].append(
+                {"site": i, "node_id": str(node_id), "pid": pid, "log": str(procs.log_path(name))}
+            )
         write_summary()
         dep.wait_online(names, node_ids, timeout=max(1.0, min(120.0, deadline - time.monotonic())))
         echo(f"{len(files)} SuperNodes registered and online: {', '.join(map(str, node_ids))}")
@@ -489,7 +514,7 @@ def deploy_local(
         summary["run_id"] = str(run_id)
         write_summary()
         echo(f"Run {run_id} started; ServerApp log: {procs.log_path('run')}")
-        rounds_seen = [0]
+        rounds_seen = [resumed_after]
 
         def progress() -> None:
             records = _read_rounds(out_dir / "metrics.json")

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fedtune.common.config import FedConfig, key_of, parse_run_config
+from fedtune.common.checkpoint import read_checkpoint, resume_config
+from fedtune.common.config import ConfigError, FedConfig, key_of, parse_run_config
 from rich.console import Console
 
 from .presets import get_preset
 
 console = Console()
+SIMULATION = "simulation.json"  # what the run config does not hold: the number of simulated hospitals
 
 
 def resolve(
@@ -50,8 +52,46 @@ def resolve(
     return cfg, n
 
 
+def resume(
+    folder: str | Path, num_clients: int | None = None, overrides: Mapping[str, Any] | None = None
+) -> tuple[FedConfig, int]:
+    """The config and number of hospitals that continue the simulated run in ``folder``.
+
+    Raises
+    ------
+    ConfigError
+        A given override or ``num_clients`` differs from the run's (names it), or ``folder`` is no run.
+    FileNotFoundError
+        The run has no checkpoint yet.
+    ValueError
+        The run already finished.
+    """
+    folder = Path(folder)
+    cfg = resume_config(folder, overrides)
+    sim = folder / SIMULATION
+    if not sim.is_file():
+        raise ConfigError(f"Cannot resume {folder}: it has no {SIMULATION} (not a `fedtune simulate` run).")
+    n = int(json.loads(sim.read_text())["num_clients"])
+    if num_clients is not None and num_clients != n:
+        raise ConfigError(
+            f"`--num-clients` {num_clients} differs from the {n} hospitals of {folder}: "
+            "a resumed run keeps them."
+        )
+    state = read_checkpoint(folder)
+    adapter_meta = folder / "adapter" / "fedtune.json"
+    if adapter_meta.is_file() and json.loads(adapter_meta.read_text()).get("rounds") == state.server_round:
+        raise ValueError(
+            f"The run in {folder} already finished (round {state.server_round}); nothing to resume."
+        )
+    return cfg, n
+
+
 def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list[dict[str, Any]]:
-    """Run one simulated federation; return the per-round records also saved in ``metrics.json``."""
+    """Run one simulated federation; return the per-round records also saved in ``metrics.json``.
+
+    A new run records ``num_clients`` in ``out-dir/simulation.json``; a resumed one
+    (``cfg.resume``, see :func:`resume`) continues after its last checkpoint.
+    """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's GPU-env FutureWarning
@@ -64,6 +104,9 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
         logging.getLogger("flwr").setLevel(logging.WARNING)
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
     start = time.perf_counter()
+    if not cfg.resume:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out_dir) / SIMULATION).write_text(json.dumps({"num_clients": num_clients}) + "\n")
     run_simulation(
         server_app=make_server_app(cfg.to_run_config()),
         client_app=make_client_app(str(Path(cfg.out_dir).resolve() / "audit") if cfg.audit else None),

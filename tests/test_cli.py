@@ -118,3 +118,44 @@ def test_default_output_is_a_fresh_timestamped_folder() -> None:
 
     # Assert
     assert Path(cfg.out_dir).parent == Path("fedtune-out") and Path(cfg.out_dir).name[:2] == "20"
+
+
+def _killed_run(folder: Path, num_clients: int = 3) -> Path:
+    """A run folder as `fedtune simulate` leaves it when killed before its first checkpoint."""
+    from fedtune.common.config import FedConfig
+
+    FedConfig(num_server_rounds=3, learning_rate=0.01, out_dir=str(folder)).save(folder / "run_config.json")
+    (folder / "simulation.json").write_text(f'{{"num_clients": {num_clients}}}\n')
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--preset", "smoke"], "drop --preset, --out and --overwrite"),
+        (["--out", "elsewhere"], "drop --preset, --out and --overwrite"),
+        (["--run-config", "learning-rate=0.02"], "`learning-rate` is 0.01 in"),
+        (["--num-clients", "4"], "`--num-clients` 4 differs from the 3 hospitals"),
+        (["--run-config", "learning-rate=0.01"], "no complete checkpoint"),  # an equal override is fine
+    ],
+)
+def test_resume_refuses_a_changed_setting_naming_it(
+    tmp_path: Path, argv: list[str], expected: str, capsys
+) -> None:
+    # Prepare
+    run = _killed_run(tmp_path)
+
+    # Execute
+    rc = main(["simulate", "--resume", str(run), *argv])
+
+    # Assert
+    assert rc == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_resume_of_a_folder_that_holds_no_run_says_so(tmp_path: Path, capsys) -> None:
+    # Execute
+    rc = main(["simulate", "--resume", str(tmp_path)])
+
+    # Assert
+    assert rc == 2 and "has no run_config.json" in capsys.readouterr().err

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from fedtune.common.config import parse_run_config
@@ -183,3 +185,173 @@ def test_distributed_dp_run_is_accounted_and_its_empirical_epsilon_stays_below(t
     assert mia["canaries"] == 200 and 0 <= mia["attack_auc"] <= 1
     assert report["empirical_epsilon"]["lower_bound"] <= report["empirical_epsilon"]["accountant_epsilon"]
     assert report["secagg"]["masked"] and report["only_adapter_left_sites"]
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant (Ray's workers included), as a crash would."""
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_with_every_round_recorded_once(tmp_path: Path) -> None:
+    # Prepare: a 3-round FedAdam run (server optimiser state to carry over), killed once round 1 is recorded
+    out = tmp_path / "run"
+    cli = [sys.executable, "-m", "fedtune.simulations.cli", "simulate"]
+    run_config = "num-server-rounds=3 max-examples=600 partitioning=iid strategy=fedadam fedadam-eta=0.01"
+    first = subprocess.Popen(
+        [*cli, "--num-clients", "3", "--out", str(out), "--run-config", run_config],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    killed: list[dict] = []
+    try:
+        while not any(r["round"] >= 1 for r in killed):
+            assert first.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.5)
+            try:
+                killed = json.loads((out / "metrics.json").read_text())
+            except (OSError, ValueError):
+                continue
+    finally:
+        _kill_tree(first.pid)
+    checkpointed = json.loads((out / "checkpoint" / "fedtune.json").read_text())["round"]
+    assert not (out / "adapter").exists() and checkpointed == killed[-1]["round"] < 3
+
+    # Execute: changing the config is refused (naming the key), an equal override is fine
+    refused = subprocess.run(
+        [*cli, "--resume", str(out), "--run-config", "fedadam-eta=0.1"], capture_output=True, text=True
+    )
+    resumed = subprocess.run(
+        [*cli, "--resume", str(out), "--run-config", "strategy=fedadam"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    again = subprocess.run([*cli, "--resume", str(out)], capture_output=True, text=True)
+
+    # Assert: rounds 1..3 recorded exactly once each, the records written before the kill unchanged
+    assert refused.returncode == 2 and "`fedadam-eta` is 0.01" in refused.stderr, refused.stderr
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"Resuming after round {checkpointed}" in resumed.stdout
+    records = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert records[: checkpointed + 1] == killed[: checkpointed + 1]
+    assert all(r["excluded_sites"] == {} and len(r["site_train_examples"]) == 3 for r in records[1:])
+    assert again.returncode == 2 and "already finished" in again.stderr
+    meta = json.loads((out / "adapter" / "fedtune.json").read_text())
+    assert meta["rounds"] == 3 and json.loads((out / "checkpoint" / "fedtune.json").read_text())["round"] == 3
+
+    # Assert: the final adapter loads with plain peft and scores as recorded
+    base = AutoModelForSequenceClassification.from_pretrained(
+        meta["base_model"], num_labels=len(meta["label_names"])
+    )
+    model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(meta["base_model"])
+    test = coordinator_test_set(parse_run_config(json.loads((out / "run_config.json").read_text())))
+    with torch.no_grad():
+        enc = tokenizer(
+            list(test.texts),
+            truncation=True,
+            max_length=meta["max_length"],
+            padding=True,
+            return_tensors="pt",
+        )
+        accuracy = float((model(**enc).logits.argmax(-1).numpy() == test.labels).mean())
+    assert abs(accuracy - records[-1]["accuracy"]) <= 1.0 / len(test) + 1e-9
+
+
+POISONED_RUN = """
+import json, sys
+import numpy as np
+from fedtune.client.app import client_fn
+from fedtune.client.mods import secure_aggregation_mod
+from fedtune.common import instructions
+from fedtune.common.config import parse_run_config
+from fedtune.server.app import make_server_app
+from flwr.app.message_type import MessageType
+from flwr.clientapp import ClientApp
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.simulation import run_simulation
+
+secure, out = sys.argv[1] == "true", sys.argv[2]
+POISONED = {1: {0}, 2: {0, 1}}  # round -> partitions whose trained update turns NaN
+
+
+def poison_mod(msg, ctxt, call_next):
+    reply = call_next(msg, ctxt)
+    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+        return reply
+    server_round = int(compat.recorddict_to_fitins(msg.content, True).config[instructions.ROUND])
+    if int(ctxt.node_config["partition-id"]) in POISONED[server_round]:
+        fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+        arrays = parameters_to_ndarrays(fitres.parameters)
+        arrays[0] = np.full_like(arrays[0], np.nan)
+        fitres.parameters = ndarrays_to_parameters(arrays)
+        reply.content = compat.fitres_to_recorddict(fitres, keep_input=True)
+    return reply
+
+
+cfg = parse_run_config({
+    "num-server-rounds": 2, "max-examples": 600, "partitioning": "iid", "audit": False,
+    "fraction-evaluate": 0.0, "secure-aggregation": secure, "out-dir": out,
+})
+try:
+    run_simulation(
+        server_app=make_server_app(cfg.to_run_config(), show_progress=False),
+        client_app=ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod, poison_mod]),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+except RuntimeError as err:
+    print("RUN FAILED:", err)
+"""
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_site_with_a_nan_update_is_left_out_and_too_few_sites_fail_the_round(
+    tmp_path: Path, secure: bool
+) -> None:
+    # Prepare / Execute: site 0 sends NaN in round 1; sites 0 and 1 in round 2
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", POISONED_RUN, str(secure).lower(), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = proc.stdout + proc.stderr
+    records = json.loads((out / "metrics.json").read_text())
+
+    # Assert: round 1 aggregates the two good sites and names the third
+    assert proc.returncode == 0, log[-4000:]
+    ((node, reason),) = records[1]["excluded_sites"].items()
+    assert len(records[1]["site_train_examples"]) == 2 and records[1]["accuracy"] is not None
+    if secure:  # the site refused to mask its own update and dropped out; SecAgg+ unmasked the others
+        assert reason.startswith("dropped out:") and "refuses to mask its update" in reason, reason
+        assert "non-finite" in reason
+    else:  # the coordinator saw the NaN and left the update out
+        assert reason == "invalid update: tensor 0 holds non-finite values (NaN/Inf)"
+        assert f"site node {node} is left out of the aggregate" in log
+    if secure:
+        # Assert: round 2 loses two of three sites, below SecAgg+'s threshold: it fails, round 1 stays
+        assert [r["round"] for r in records] == [0, 1]
+        assert "RUN FAILED: Round 2 produced no aggregate: SecAgg+ could not unmask the sum" in log, log[
+            -4000:
+        ]
+        assert "The last good adapter (round 1)" in log
+        assert json.loads((out / "checkpoint" / "fedtune.json").read_text())["round"] == 1
+        assert not (out / "adapter").exists()
+    else:
+        # Assert: round 2 goes on with the one good site
+        assert [r["round"] for r in records] == [0, 1, 2]
+        assert len(records[2]["excluded_sites"]) == 2 and len(records[2]["site_train_examples"]) == 1
+        assert json.loads((out / "adapter" / "fedtune.json").read_text())["rounds"] == 2

@@ -8,7 +8,8 @@ from unittest.mock import Mock
 import numpy as np
 import pytest
 from fedtune.common.config import FedConfig
-from fedtune.server.strategy import Float32Adapter, make_strategy, weighted_mean
+from fedtune.server.strategy import Float32Adapter, RoundOutcome, UpdateGuard, make_strategy, weighted_mean
+from fedtune.server.wire import ERROR_CHARS, error_summary
 from flwr.common import (
     Code,
     FitRes,
@@ -300,3 +301,160 @@ def test_aggregate_stays_float32_when_results_arrive_as_float64(name: str) -> No
     # Assert
     out = parameters_to_ndarrays(parameters)
     assert all(a.dtype == np.float32 for a in out) and [a.shape for a in out] == [a.shape for a in INITIAL]
+
+
+# ---- UpdateGuard: bad and missing updates --------------------------------------------------------------
+
+SHAPES = [a.shape for a in INITIAL]
+
+
+def _node(node_id: int) -> ClientProxy:
+    proxy = Mock(spec=ClientProxy)
+    proxy.node_id = node_id
+    return proxy
+
+
+def _guarded(
+    *, secure: bool = False, tolerate_missing: bool = True, failed: dict[int, str] | None = None, sampled=()
+) -> UpdateGuard:
+    guard = UpdateGuard(
+        _wrapped(FedConfig()),
+        SHAPES,
+        secure=secure,
+        tolerate_missing=tolerate_missing,
+        failed_replies=lambda server_round: failed or {},
+    )
+    guard.outcomes[1] = RoundOutcome(sampled=set(sampled))
+    return guard
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ([np.full((2, 2), np.nan, np.float32), INITIAL[1]], "tensor 0 holds non-finite values (NaN/Inf)"),
+        (
+            [INITIAL[0], np.array([np.inf, 0.0, 0.0], np.float32)],
+            "tensor 1 holds non-finite values (NaN/Inf)",
+        ),
+        ([np.zeros((2, 3), np.float32), INITIAL[1]], "tensor 0 has shape (2, 3), the adapter's is (2, 2)"),
+        ([INITIAL[0]], "it has 1 tensors, the adapter has 2"),
+    ],
+)
+def test_a_bad_update_is_excluded_and_named_in_the_log(
+    bad: list[np.ndarray], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: node 7 sends a bad update, nodes 5 and 6 good ones
+    guard = _guarded(sampled=(5, 6, 7))
+    results = [
+        (_node(5), _fit_res(SITE_A[0], SITE_A[1], {"train_loss": 0.4})),
+        (_node(7), _fit_res(bad, 1000, {"train_loss": 99.0})),
+        (_node(6), _fit_res(SITE_B[0], SITE_B[1], {"train_loss": 0.8})),
+    ]
+
+    # Execute
+    with caplog.at_level("WARNING", logger="fedtune.server.strategy"):
+        parameters, metrics = guard.aggregate_fit(1, results, [])
+
+    # Assert: the round aggregates the two good sites only, and says whom it left out and why
+    for got, want in zip(parameters_to_ndarrays(parameters), MEAN_AB, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert metrics == pytest.approx({"train_loss": 0.7})
+    assert guard.outcomes[1].excluded == {7: f"invalid update: {reason}"}
+    assert f"Round 1: site node 7 is left out of the aggregate: invalid update: {reason}." in caplog.messages
+
+
+def test_a_site_that_dropped_out_is_left_out_with_its_error() -> None:
+    # Prepare: node 6 answered with an error, node 8 not at all; SecAgg+ hands the others the unmasked sum
+    guard = _guarded(secure=True, failed={6: "ClientAppException: out of memory"}, sampled=(5, 6, 7, 8))
+    total = [np.ones((2, 2), np.float32), np.zeros(3, np.float32)]
+    results = [(_node(5), _fit_res(total, 10, {})), (_node(7), _fit_res(total, 30, {}))]
+
+    # Execute
+    parameters, _ = guard.aggregate_fit(1, results, [RuntimeError("node 6 failed")])
+
+    # Assert
+    assert parameters is not None
+    assert guard.outcomes[1].excluded == {
+        6: "dropped out: ClientAppException: out of memory",
+        8: "dropped out: no reply in time",
+    }
+
+
+def test_under_dp_a_missing_site_voids_the_round() -> None:
+    # Prepare
+    guard = _guarded(tolerate_missing=False, sampled=(5, 6))
+
+    # Execute
+    parameters, metrics = guard.aggregate_fit(1, [(_node(5), _fit_res(SITE_A[0], SITE_A[1], {}))], [])
+
+    # Assert
+    assert (parameters, metrics) == (None, {})
+    assert "site(s) 6 are missing" in guard.outcomes[1].failure and "`dp-mode`" in guard.outcomes[1].failure
+
+
+def test_a_non_finite_secagg_sum_voids_the_round(caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    guard = _guarded(secure=True, sampled=(5, 6))
+    total = [np.full((2, 2), np.nan), np.zeros(3)]
+    results = [(_node(5), _fit_res(total, 10, {})), (_node(6), _fit_res(total, 30, {}))]
+
+    # Execute
+    with caplog.at_level("ERROR", logger="fedtune.server.strategy"):
+        parameters, _ = guard.aggregate_fit(1, results, [])
+
+    # Assert
+    assert parameters is None
+    assert (
+        guard.outcomes[1].failure
+        == "the unmasked SecAgg+ sum is unusable: tensor 0 holds non-finite values (NaN/Inf)"
+    )
+    assert any("Round 1 has no aggregate" in m for m in caplog.messages)
+
+
+def test_when_every_update_is_bad_the_round_has_no_aggregate() -> None:
+    # Prepare
+    guard = _guarded(sampled=(5,))
+
+    # Execute
+    parameters, _ = guard.aggregate_fit(1, [(_node(5), _fit_res(SITE_A[0], 0, {}))], [])
+
+    # Assert
+    assert parameters is None and guard.outcomes[1].failure == "no valid site update arrived"
+    assert guard.outcomes[1].excluded == {5: "invalid update: it reports 0 training examples"}
+
+
+def test_the_guard_remembers_whom_it_sampled() -> None:
+    # Prepare
+    guard = UpdateGuard(_wrapped(FedConfig(min_clients=2)), SHAPES, secure=False, tolerate_missing=True)
+    manager = SimpleClientManager()
+    for node in (11, 12):
+        proxy = _node(node)
+        proxy.cid = str(node)
+        manager.register(proxy)
+
+    # Execute
+    guard.configure_fit(4, ndarrays_to_parameters(INITIAL), manager)
+
+    # Assert
+    assert guard.outcomes[4].sampled == {11, 12}
+
+
+def test_an_error_reply_is_summarised_on_one_line_keeping_the_sites_message() -> None:
+    # Prepare: a Ray traceback as simulation sends it back, colour codes included
+    frames = " ".join(f'File "/x/flwr/mod{i}.py", line {i}, in call\n    return f()\n' for i in range(40))
+    reason = f"<class 'ray.exceptions.RayTaskError'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m {frames}\n"
+    reason += "ValueError: Node 7 refuses to mask its update: tensor 0 holds non-finite values (NaN/Inf).'>"
+
+    # Execute
+    summary = error_summary(reason)
+
+    # Assert
+    assert summary.startswith("...") and len(summary) == 3 + ERROR_CHARS
+    assert summary.endswith(
+        "Node 7 refuses to mask its update: tensor 0 holds non-finite values (NaN/Inf).'>"
+    )
+    assert "\n" not in summary and "\x1b" not in summary
+    assert (
+        error_summary("<class 'Exception'>:<'node\n unavailable'>")
+        == "<class 'Exception'>:<'node unavailable'>"
+    )

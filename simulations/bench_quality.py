@@ -1,0 +1,255 @@
+"""``fedtune bench quality``: federated PEFT against centralized PEFT and against training alone.
+
+Task ``icd10-chapter`` (22 chapters), the project's default data size (``max-examples=4000``), LoRA
+r=8, 5 rounds x 1 local epoch, 10 hospitals. For every partition and seed:
+
+- **federated**: ``fedtune simulate`` with ``strategy`` = fedavg, fedprox, fedadam (their default
+  settings, e.g. ``fedadam-eta=0.001``), scored by the coordinator on its held-out set;
+- **centralized**: the same PEFT model and training loop (:func:`fedtune.common.train.train`),
+  in-process, on the union of the sites' training splits for ``rounds x local-epochs`` epochs, so it
+  sees as many examples as the federation; scored on the same held-out set
+  (:func:`fedtune.common.sites.coordinator_test_set`);
+- **local-only**: each site trains alone on its own training split for the same number of epochs and
+  is scored on the same held-out set; ``local-mean`` is the mean over sites, ``local-best`` the best.
+
+Every arm starts from the same seeded initial adapter. Partitions: ``iid``, ``dirichlet-1.0``,
+``dirichlet-0.3``, ``dirichlet-0.1``, ``specialty``; seeds 42, 43, 44 (the seed also draws the
+subsample, the held-out set and the partition). Reported: accuracy and macro-F1, mean ± std over
+seeds. Targets (at Dirichlet alpha = 0.3): federated within 2 macro-F1 points of centralized and at
+least 10 points above the mean local-only site.
+
+Running a subset
+    The full grid is 5 partitions x 3 seeds x (3 federated runs + centralized + 10 local trainings):
+    about 45 federated runs of ~6 min each on 2 CPU cores, so ~6 hours (a GPU shortens the training
+    part only). Pick arms with environment variables (comma-separated), or call
+    ``run(quick, partitions=..., strategies=..., seeds=...)``::
+
+        export FEDTUNE_BENCH_PARTITIONS=dirichlet-0.3 FEDTUNE_BENCH_STRATEGIES=fedavg
+        FEDTUNE_BENCH_SEEDS=42 fedtune bench quality
+
+    Each arm's result is kept in ``results/work/quality/arms/``; with ``FEDTUNE_BENCH_RESUME=1`` an arm
+    already computed with the same settings is reused, so the grid can be run in parts and assembled
+    by a final run over every arm. ``results/quality.json`` holds the arms of the last invocation.
+
+Quick: 1 seed, ``iid`` and ``dirichlet-0.3``, fedavg only, 4 sites, 2 rounds, ``max-examples=800``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .bench import (
+    cached,
+    choose,
+    concat,
+    env_list,
+    federated_arm,
+    mean_std,
+    new_figure,
+    pm,
+    save_figure,
+    train_and_score,
+    work_dir,
+)
+from .benchmarking import write_results
+
+NAME = "quality"
+PARTITIONS: dict[str, dict[str, Any]] = {
+    "iid": {"partitioning": "iid"},
+    "dirichlet-1.0": {"partitioning": "dirichlet", "dirichlet-alpha": 1.0},
+    "dirichlet-0.3": {"partitioning": "dirichlet", "dirichlet-alpha": 0.3},
+    "dirichlet-0.1": {"partitioning": "dirichlet", "dirichlet-alpha": 0.1},
+    "specialty": {"partitioning": "specialty"},
+}
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam")
+SEEDS: tuple[int, ...] = (42, 43, 44)
+TARGET_PARTITION = "dirichlet-0.3"
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    """Sites, rounds, data size and the default arms of the full or quick mode."""
+    if quick:
+        return {
+            "sites": 4,
+            "rounds": 2,
+            "local_epochs": 1,
+            "max_examples": 800,
+            "partitions": ["iid", "dirichlet-0.3"],
+            "strategies": ["fedavg"],
+            "seeds": [42],
+        }
+    return {
+        "sites": 10,
+        "rounds": 5,
+        "local_epochs": 1,
+        "max_examples": 4000,
+        "partitions": list(PARTITIONS),
+        "strategies": list(STRATEGIES),
+        "seeds": list(SEEDS),
+    }
+
+
+def run(
+    quick: bool,
+    *,
+    partitions: Sequence[str] | None = None,
+    strategies: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> Path:
+    """Run the chosen arms; write ``results/quality.{json,md}`` and ``results/quality_*.png``."""
+    s = settings(quick)
+    partitions = choose(
+        "FEDTUNE_BENCH_PARTITIONS",
+        partitions or env_list("FEDTUNE_BENCH_PARTITIONS", s["partitions"]),
+        list(PARTITIONS),
+    )
+    strategies = choose(
+        "FEDTUNE_BENCH_STRATEGIES",
+        strategies or env_list("FEDTUNE_BENCH_STRATEGIES", s["strategies"]),
+        list(STRATEGIES),
+    )
+    seeds = list(seeds or env_list("FEDTUNE_BENCH_SEEDS", s["seeds"], int))
+    epochs = s["rounds"] * s["local_epochs"]
+    # results[partition][arm] -> one {accuracy, macro_f1} per seed
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for part in partitions:
+        for seed in seeds:
+            run_config = {
+                "num-server-rounds": s["rounds"],
+                "local-epochs": s["local_epochs"],
+                "max-examples": s["max_examples"],
+                "min-clients": s["sites"],
+                "fraction-evaluate": 0.0,  # the sites' own scores are not compared here
+                "audit": "false",
+                "seed": seed,
+                **PARTITIONS[part],
+            }
+            arms = results.setdefault(part, {})
+            key = {"sites": s["sites"], "run_config": run_config}
+            folder = work_dir(NAME) / "arms"
+            for strategy in strategies:
+                label = f"{part}-seed{seed}-{strategy}"
+
+                def federated(
+                    label: str = label, strategy: str = strategy, run_config: dict[str, Any] = run_config
+                ) -> dict[str, Any]:
+                    arm = federated_arm(NAME, label, s["sites"], {**run_config, "strategy": strategy})
+                    return {
+                        "accuracy": arm.final["accuracy"],
+                        "macro_f1": arm.final["macro_f1"],
+                        "seconds": arm.seconds,
+                    }
+
+                arms.setdefault(strategy, []).append(
+                    cached(folder / f"{label}.json", {**key, "strategy": strategy}, federated)
+                )
+            pooled = cached(
+                folder / f"{part}-seed{seed}-pooled.json",
+                {**key, "epochs": epochs},
+                lambda run_config=run_config: _pooled_arms(run_config, s["sites"], epochs),
+            )
+            arms.setdefault("centralized", []).append(pooled["centralized"])
+            local = pooled["local"]
+            arms.setdefault("local-mean", []).append(
+                {k: sum(x[k] for x in local) / len(local) for k in ("accuracy", "macro_f1")}
+            )
+            best = max(local, key=lambda x: x["macro_f1"])
+            arms.setdefault("local-best", []).append({k: best[k] for k in ("accuracy", "macro_f1")})
+
+    rows = []
+    for part, arms in results.items():
+        for arm, runs in arms.items():
+            acc, acc_sd = mean_std([r["accuracy"] for r in runs])
+            f1, f1_sd = mean_std([r["macro_f1"] for r in runs])
+            rows.append(
+                {
+                    "partition": part,
+                    "arm": arm,
+                    "seeds": len(runs),
+                    "accuracy_mean": acc,
+                    "accuracy_std": acc_sd,
+                    "macro_f1_mean": f1,
+                    "macro_f1_std": f1_sd,
+                    "accuracy": pm(acc, acc_sd),
+                    "macro_f1": pm(f1, f1_sd),
+                }
+            )
+    notes = [
+        f"{s['sites']} hospitals, {s['rounds']} rounds x {s['local_epochs']} local epoch(s), "
+        f"max-examples {s['max_examples']}, LoRA r=8, seeds {', '.join(map(str, seeds))}; "
+        "every arm scored on the coordinator's held-out set. Centralized and local-only train in-process "
+        f"for {epochs} epochs (= rounds x local epochs, the examples the federation sees).",
+        *_target_notes(results),
+    ]
+    _plot(rows, "macro_f1", "macro-F1")
+    _plot(rows, "accuracy", "accuracy")
+    return write_results(
+        NAME,
+        rows,
+        columns=["partition", "arm", "accuracy", "macro_f1", "seeds"],
+        notes=notes,
+        extra={
+            "settings": {**s, "partitions": partitions, "strategies": strategies, "seeds": seeds},
+            "per_seed": results,
+        },
+        quick=quick,
+    )
+
+
+def _pooled_arms(run_config: dict[str, Any], sites: int, epochs: int) -> dict[str, Any]:
+    """Centralized PEFT on the union of the sites' training splits, and each site alone."""
+    from fedtune.common.config import parse_run_config
+    from fedtune.common.sites import coordinator_test_set, simulated_site
+
+    cfg = parse_run_config(run_config)
+    test = coordinator_test_set(cfg)
+    trains = [simulated_site(cfg, i, sites).train for i in range(sites)]
+    keys = ("accuracy", "macro_f1", "train_examples", "train_seconds")
+    central = train_and_score(cfg, concat(trains), test, epochs=epochs)
+    local = [
+        {k: v for k, v in train_and_score(cfg, t, test, epochs=epochs).items() if k in keys} for t in trains
+    ]
+    return {"centralized": {k: central[k] for k in keys}, "local": local}
+
+
+def _target_notes(results: dict[str, dict[str, list[dict[str, float]]]]) -> list[str]:
+    arms = results.get(TARGET_PARTITION)
+    if not arms:
+        return [f"Targets are judged at {TARGET_PARTITION}, which this run did not include."]
+    central, _ = mean_std([r["macro_f1"] for r in arms["centralized"]])
+    local, _ = mean_std([r["macro_f1"] for r in arms["local-mean"]])
+    notes = []
+    for strategy in STRATEGIES:
+        if strategy not in arms:
+            continue
+        fed, _ = mean_std([r["macro_f1"] for r in arms[strategy]])
+        gap, lift = 100 * (central - fed), 100 * (fed - local)
+        notes.append(
+            f"{TARGET_PARTITION}, {strategy}: macro-F1 {100 * fed:.1f}; centralized {100 * central:.1f}, "
+            f"centralized - federated = {gap:+.1f} points (target <= 2: {'met' if gap <= 2 else 'missed'}); "
+            f"mean local-only {100 * local:.1f}, federated - local = {lift:+.1f} points (target >= 10: "
+            f"{'met' if lift >= 10 else 'missed'})."
+        )
+    return notes
+
+
+def _plot(rows: list[dict[str, Any]], metric: str, label: str) -> None:
+    import numpy as np
+
+    parts = list(dict.fromkeys(r["partition"] for r in rows))
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    fig, ax = new_figure(max(6.0, 1.6 * len(parts) + 2), 4)
+    width = 0.8 / len(arms)
+    x = np.arange(len(parts))
+    for i, arm in enumerate(arms):
+        by_part = {r["partition"]: r for r in rows if r["arm"] == arm}
+        means = [by_part[p][f"{metric}_mean"] if p in by_part else np.nan for p in parts]
+        stds = [by_part[p][f"{metric}_std"] if p in by_part else 0.0 for p in parts]
+        ax.bar(x + (i - (len(arms) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=arm)
+    ax.set_xticks(x, parts)
+    ax.set_ylabel(f"{label} (held-out set)")
+    ax.set_title(f"ICD-10 chapter: {label}, mean ± std over seeds")
+    ax.legend(fontsize=7, ncol=3)
+    save_figure(fig, NAME, metric)

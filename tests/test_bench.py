@@ -1,0 +1,265 @@
+"""``fedtune bench``: registry and CLI errors, BENCHMARKS.md assembly, pure helpers; one e2e quick run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedtune.simulations.bench import (
+    BENCHMARKS,
+    bootstrap_auc_ci,
+    cached,
+    choose,
+    collect,
+    env_list,
+    feature_value,
+    get_benchmark,
+    mean_std,
+    skewed_split,
+)
+from fedtune.simulations.bench_secagg import max_abs_difference
+from fedtune.simulations.cli import main
+from sklearn.metrics import roc_auc_score
+
+ALL = ["quality", "diabetes", "methods", "comm", "secagg", "overhead", "scale", "privacy"]
+
+
+def test_registry_names_every_benchmark_and_each_has_a_module_with_run() -> None:
+    # Assert
+    assert list(BENCHMARKS) == ALL
+    for name in ALL:
+        module = __import__(f"fedtune.simulations.bench_{name}", fromlist=["run"])
+        assert callable(module.run)
+
+
+def test_unknown_benchmark_is_an_error_listing_the_valid_ones() -> None:
+    # Execute / Assert
+    with pytest.raises(KeyError, match="valid: " + ", ".join(ALL)):
+        get_benchmark("nope")
+
+
+def test_cli_unknown_benchmark_exits_2_and_lists_valid_names(capsys) -> None:
+    # Execute
+    rc = main(["bench", "nope", "--quick"])
+
+    # Assert
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "Unknown benchmark 'nope'" in err and ", ".join(ALL) in err and "report" in err
+
+
+def test_cli_bench_report_writes_benchmarks_md(tmp_path: Path, monkeypatch, capsys) -> None:
+    # Prepare
+    monkeypatch.chdir(tmp_path)
+
+    # Execute
+    rc = main(["bench", "report"])
+
+    # Assert
+    assert rc == 0
+    assert (tmp_path / "BENCHMARKS.md").read_text().startswith("# Benchmarks")
+
+
+def _fake_results(results: Path, name: str, quick: bool) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    command = f"fedtune bench {name}" + (" --quick" if quick else "")
+    (results / f"{name}.json").write_text(json.dumps({"benchmark": name, "command": command, "quick": quick}))
+    (results / f"{name}.md").write_text(
+        f"## {name}\n\nrun on X.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- a note\n"
+    )
+    for suffix in ("bytes", "alpha"):
+        (results / f"{name}_{suffix}.png").write_bytes(b"\x89PNG")
+
+
+def test_collect_assembles_every_benchmark_with_command_table_and_plots(tmp_path: Path) -> None:
+    # Prepare
+    results = tmp_path / "results"
+    _fake_results(results, "comm", quick=True)
+    _fake_results(results, "secagg", quick=False)
+    (results / "unrelated_plot.png").write_bytes(b"\x89PNG")
+
+    # Execute
+    out = collect(results, tmp_path / "BENCHMARKS.md")
+
+    # Assert
+    text = out.read_text()
+    assert text.startswith("# Benchmarks")
+    for name in ALL:  # every benchmark has a section, in registry order
+        assert f"\n## {name}\n" in text
+    positions = [text.index(f"\n## {name}\n") for name in ALL]
+    assert positions == sorted(positions)
+    assert "```bash\nfedtune bench comm --quick\n```" in text
+    assert "```bash\nfedtune bench secagg\n```" in text
+    assert "| 1 | 2 |" in text and "- a note" in text
+    assert (
+        "![comm: alpha](results/comm_alpha.png)" in text and "![comm: bytes](results/comm_bytes.png)" in text
+    )
+    assert "unrelated_plot" not in text
+    assert text.count("Quick validation run") == 1  # comm only
+    assert "Not run yet: `fedtune bench quality`." in text
+    assert text.count("## comm") == 1  # the md's own heading is not repeated
+
+
+def test_collect_links_plots_relative_to_the_output_file(tmp_path: Path) -> None:
+    # Prepare
+    _fake_results(tmp_path / "results", "scale", quick=False)
+    (tmp_path / "docs").mkdir()
+
+    # Execute
+    text = collect(tmp_path / "results", tmp_path / "docs" / "B.md").read_text()
+
+    # Assert
+    assert "](../results/scale_bytes.png)" in text
+
+
+def test_bootstrap_auc_ci_brackets_the_auc_and_is_seeded() -> None:
+    # Prepare
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 100)
+    scores = labels + rng.normal(0, 1.0, 200)
+
+    # Execute
+    auc, low, high = bootstrap_auc_ci(labels, scores, resamples=1000, seed=0)
+    again = bootstrap_auc_ci(labels, scores, resamples=1000, seed=0)
+
+    # Assert
+    assert auc == pytest.approx(roc_auc_score(labels, scores))
+    assert low < auc < high and 0.05 < high - low < 0.3
+    assert again == (auc, low, high)
+
+
+def test_bootstrap_auc_ci_of_a_perfect_ranking_is_one_and_one_class_is_an_error() -> None:
+    # Execute / Assert
+    assert bootstrap_auc_ci(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), resamples=50) == (1, 1, 1)
+    with pytest.raises(ValueError, match="both classes"):
+        bootstrap_auc_ci(np.zeros(5, dtype=int), np.arange(5.0))
+
+
+def test_skewed_split_cuts_contiguous_blocks_of_the_sorted_feature() -> None:
+    # Prepare
+    ages = [50, 21, 33, 60, 21, 45, 29]
+
+    # Execute
+    blocks = skewed_split(ages, 3)
+
+    # Assert: a partition of every index, sizes differ by at most one, ages ascend block by block
+    assert sorted(np.concatenate(blocks).tolist()) == list(range(len(ages)))
+    assert [len(b) for b in blocks] == [3, 2, 2]
+    values = [[ages[i] for i in b] for b in blocks]
+    assert all(max(a) <= min(b) for a, b in zip(values, values[1:], strict=False))
+    assert blocks[0].tolist() == [1, 4, 6]  # stable: the two 21s keep their order
+    with pytest.raises(ValueError, match="num_sites"):
+        skewed_split(ages, 8)
+
+
+def test_feature_value_reads_a_serialised_row() -> None:
+    # Prepare
+    row = "Pregnancies: 6; Glucose: 148; BloodPressure: 72; DiabetesPedigreeFunction: 0.627; Age: 50"
+
+    # Execute / Assert
+    assert feature_value(row, "Age") == 50.0
+    assert feature_value(row, "Glucose") == 148.0
+    assert feature_value(row, "DiabetesPedigreeFunction") == 0.627
+    with pytest.raises(ValueError, match="No `Insulin"):
+        feature_value(row, "Insulin")
+
+
+def test_mean_std_and_env_overrides(monkeypatch) -> None:
+    # Execute / Assert
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
+    assert mean_std([0.5]) == (0.5, 0.0)
+    monkeypatch.setenv("FEDTUNE_BENCH_SEEDS", "1, 2")
+    assert env_list("FEDTUNE_BENCH_SEEDS", [42], int) == [1, 2]
+    assert env_list("FEDTUNE_BENCH_UNSET", [42], int) == [42]
+    monkeypatch.setenv("FEDTUNE_BENCH_SEEDS", "x")
+    with pytest.raises(ValueError, match=r"\$FEDTUNE_BENCH_SEEDS"):
+        env_list("FEDTUNE_BENCH_SEEDS", [42], int)
+    with pytest.raises(ValueError, match="unknown dirichlet-0.5; valid: iid, specialty"):
+        choose("FEDTUNE_BENCH_PARTITIONS", ["iid", "dirichlet-0.5"], ["iid", "specialty"])
+
+
+def test_cached_reuses_an_arm_only_when_resuming_with_the_same_key(tmp_path: Path, monkeypatch) -> None:
+    # Prepare
+    calls = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"macro_f1": 0.5}
+
+    path = tmp_path / "arm.json"
+
+    # Execute / Assert
+    assert cached(path, {"seed": 1}, compute) == {"macro_f1": 0.5}
+    cached(path, {"seed": 1}, compute)
+    assert len(calls) == 2  # no resume: recomputed
+    monkeypatch.setenv("FEDTUNE_BENCH_RESUME", "1")
+    cached(path, {"seed": 1}, compute)
+    assert len(calls) == 2  # reused
+    cached(path, {"seed": 2}, compute)
+    assert len(calls) == 3  # other settings: recomputed
+
+
+def test_max_abs_difference_of_adapters() -> None:
+    # Prepare
+    a = {"x": np.zeros((2, 2), np.float32), "y": np.ones(3, np.float32)}
+    b = {"x": np.array([[0, 1e-3], [0, 0]], np.float32), "y": np.ones(3, np.float32)}
+
+    # Execute / Assert
+    assert max_abs_difference(a, b) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="different tensors"):
+        max_abs_difference(a, {"x": a["x"]})
+
+
+def test_diabetes_site_files_are_age_blocks_and_cover_the_pool(tmp_path: Path) -> None:
+    from fedtune.simulations.bench_diabetes import write_site_files
+
+    # Execute
+    files = write_site_files(tmp_path, 4)
+
+    # Assert
+    sites = files["sites"]
+    assert len(sites) == 4
+    assert all(a["age_max"] <= b["age_min"] for a, b in zip(sites, sites[1:], strict=False))
+    pool_rows = len(Path(files["pool"]).read_text().splitlines()) - 1
+    assert sum(s["rows"] for s in sites) == pool_rows
+    assert pool_rows + files["holdout_rows"] == 768
+
+
+@pytest.mark.e2e
+def test_bench_comm_quick_writes_well_formed_results(tmp_path: Path) -> None:
+    # Execute: the real command, in a scratch folder (results/ is relative to the working directory)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune.simulations.cli", "bench", "comm", "--quick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # Assert: JSON
+    results = tmp_path / "results"
+    data = json.loads((results / "comm.json").read_text())
+    assert data["benchmark"] == "comm" and data["command"] == "fedtune bench comm --quick" and data["quick"]
+    assert {"cpu", "cores", "torch", "flwr"} <= set(data["machine"])
+    rows = data["rows"]
+    assert {r["secagg"] for r in rows} == {"plain", "SecAgg+"}
+    for r in rows:
+        assert r["up_bytes_per_site"] > 0 and r["down_bytes_per_site"] > 0
+        # full fine-tuning moves more bytes than any PEFT arm, in both directions
+        assert r["full_ft_over_up"] > 1 and r["full_ft_over_down"] > 1 and r["full_ft_over_total"] > 1
+        assert r["full_ft_bytes_each_way"] == data["full_ft_bytes"]
+    for r in (r for r in rows if r["secagg"] == "SecAgg+"):
+        assert r["secagg_up_overhead"] > 1  # masking costs bytes
+    # Assert: markdown table and plot
+    md = (results / "comm.md").read_text()
+    assert md.startswith("## comm\n") and "`fedtune bench comm --quick`" in md
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(rows) and all(line.count("|") == header.count("|") for line in table)
+    assert (results / "comm_bytes.png").read_bytes()[:4] == b"\x89PNG"
+    assert (results / "work" / "comm").is_dir()
