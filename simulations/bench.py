@@ -438,5 +438,6 @@ def collect(results_dir: str | Path = RESULTS, out: str | Path = "BENCHMARKS.md"
         for png in sorted(results_dir.glob(f"{name}_*.png")):
             rel = os.path.relpath(png.resolve(), base)
             lines += [f"![{name}: {png.stem.removeprefix(name + '_')}]({rel})", ""]
-    out.write_text("\n".join(lines).rstrip("\n") + "\n")
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines))  # one blank line between blocks
+    out.write_text(text.rstrip("\n") + "\n")
     return out

@@ -87,9 +87,11 @@ def run(quick: bool) -> Path:
     ]
     overheads = [r["secagg_up_overhead"] for r in rows if r["secagg_up_overhead"]]
     if overheads:
+        lo, hi = min(overheads), max(overheads)
+        span = f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}x to {hi:.2f}x"
         notes.append(
-            f"SecAgg+ upload overhead vs plain in the same run: {min(overheads):.2f}x to "
-            f"{max(overheads):.2f}x (masked values travel as int64, plus key material and secret shares)."
+            f"SecAgg+ upload overhead vs plain in the same run: {span} (masked values travel as int64, "
+            "plus key material and secret shares)."
         )
     return write_results(
         NAME,

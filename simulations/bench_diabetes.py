@@ -297,7 +297,7 @@ def _plot(rows: list[dict[str, Any]]) -> None:
     ax.set_yticks(y, [f"{r['arm']} ({r['ages']})" for r in rows])
     ax.set_xlabel("ROC AUC on the held-out set (95% bootstrap CI)")
     ax.set_title("Pima diabetes, hospitals split by age")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     save_figure(fig, NAME, "auc")
 
 

@@ -25,7 +25,8 @@ rounds / repetitions 2.. (the first also loads models and starts Ray):
 
 Throughput (examples/s) is the examples trained per round over each time.
 
-Full: E=2 local epochs, R=3 rounds, ``max-examples=4000`` (~10-15 min on 2 CPU cores).
+Full: E=2 local epochs, R=3 rounds, ``max-examples=4000`` (~20 min on 2 idle cores; up to ~50 min on a
+shared 2-core machine, where multi-threaded torch can run ~4x slower than one thread).
 Quick: E=1, R=2, ``max-examples=600`` (~5 min).
 """
 

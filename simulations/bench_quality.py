@@ -20,8 +20,9 @@ least 10 points above the mean local-only site.
 
 Running a subset
     The full grid is 5 partitions x 3 seeds x (3 federated runs + centralized + 10 local trainings):
-    about 45 federated runs of ~6 min each on 2 CPU cores, so ~6 hours (a GPU shortens the training
-    part only). Pick arms with environment variables (comma-separated), or call
+    45 federated runs of ~6-7 min each plus ~13 min of in-process training per partition and seed,
+    so ~8-9 hours on 2 CPU cores (a GPU shortens the training part only). Pick arms with environment
+    variables (comma-separated), or call
     ``run(quick, partitions=..., strategies=..., seeds=...)``::
 
         export FEDTUNE_BENCH_PARTITIONS=dirichlet-0.3 FEDTUNE_BENCH_STRATEGIES=fedavg

@@ -158,6 +158,8 @@ class ProcessGroup:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 self._previous[sig] = signal.signal(sig, _raise_exit)
+            # Ctrl-C stops the group even where SIGINT was inherited as ignored (a background job)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
