@@ -17,7 +17,7 @@ from fedtune.common.model import (
     verify_fingerprint,
 )
 from fedtune.common.sites import SiteData, site_data
-from fedtune.common.train import evaluate, select_device, train
+from fedtune.common.train import evaluate, select_device, train_local
 from flwr.client import NumPyClient
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,11 @@ class SiteClient(NumPyClient):
         """Train the adapter locally and return it (never the base model, never data)."""
         ins, data, model, tokenizer, device = self._prepare(parameters, config)
         cfg: FedConfig = ins.cfg
-        result = train(
+        result = train_local(
             model,
             tokenizer,
             data.train,
-            epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            weight_decay=cfg.weight_decay,
-            max_length=cfg.max_length,
+            cfg,
             device=device,
             seed=cfg.seed + ins.server_round,
             proximal_mu=ins.proximal_mu,

@@ -18,6 +18,7 @@ import torch
 from sklearn.metrics import f1_score, roc_auc_score
 from transformers import PreTrainedTokenizerBase
 
+from .config import FedConfig
 from .data import TextDataset
 from .model import frozen_state_fingerprint
 
@@ -134,6 +135,32 @@ def train(
     if frozen_state_fingerprint(model) != frozen_before:
         raise RuntimeError("A frozen base-model parameter changed during local training.")
     return TrainResult(loss=total_loss / seen, examples=seen, seconds=time.perf_counter() - start)
+
+
+def train_local(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    ds: TextDataset,
+    cfg: FedConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """One site's local training with the run config's epochs, batch, optimiser and length settings."""
+    return train(
+        model,
+        tokenizer,
+        ds,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        max_length=cfg.max_length,
+        device=device,
+        seed=seed,
+        proximal_mu=proximal_mu,
+    )
 
 
 @dataclass(frozen=True)

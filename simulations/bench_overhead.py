@@ -60,7 +60,7 @@ def direct_loop(
     from fedtune.common.config import parse_run_config
     from fedtune.common.model import load_tokenizer, resolve_model_dir
     from fedtune.common.sites import simulated_site
-    from fedtune.common.train import select_device, train
+    from fedtune.common.train import select_device, train_local
 
     cfg = parse_run_config(run_config)
     data = [simulated_site(cfg, i, sites).train for i in range(sites)]
@@ -73,15 +73,11 @@ def direct_loop(
             for ds in data:
                 model = fresh_model(cfg, len(ds.label_names))  # a site starts from the shared adapter
                 start = time.perf_counter()
-                train(
+                train_local(
                     model,
                     tokenizer,
                     ds,
-                    epochs=cfg.local_epochs,
-                    batch_size=cfg.batch_size,
-                    learning_rate=cfg.learning_rate,
-                    weight_decay=cfg.weight_decay,
-                    max_length=cfg.max_length,
+                    cfg,
                     device=device,
                     seed=cfg.seed + server_round,
                 )

@@ -26,7 +26,7 @@ from fedtune.common.model import (
     resolve_model_dir,
 )
 from fedtune.common.sites import load_configured
-from fedtune.common.train import autocast_dtype, evaluate, select_device, train
+from fedtune.common.train import autocast_dtype, evaluate, select_device, train_local
 
 
 def check(devices: list[str], run_config: dict[str, str]) -> list[dict]:
@@ -42,15 +42,11 @@ def check(devices: list[str], run_config: dict[str, str]) -> list[dict]:
     for name in devices:
         device = select_device(name)
         set_adapter_arrays(model, initial)
-        fit = train(
+        fit = train_local(
             model,
             tokenizer,
             train_set,
-            epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            weight_decay=cfg.weight_decay,
-            max_length=cfg.max_length,
+            cfg,
             device=device,
             seed=cfg.seed,
         )
