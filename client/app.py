@@ -2,28 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flwr.app import Context
 from flwr.client import Client
 from flwr.clientapp import ClientApp
 
 from .audit import make_audit_mods
+from .base_model import make_base_model_mod
 from .mods import dp_mod, secure_aggregation_mod
 from .site import SiteClient
 
-
-def client_fn(context: Context) -> Client:
-    """Build the site client; its data comes from the node config (partition or ``data-path``)."""
-    return SiteClient(dict(context.node_config)).to_client()
+NodeConfigFn = Callable[[dict], dict]
 
 
-def make_client_app(audit_dir: str | None = None) -> ClientApp:
-    """The ClientApp with its mods, outermost first: wire record, SecAgg+, update capture, DP.
+def make_client_app(
+    audit_dir: str | None = None, base_model: str = "", node_config_fn: NodeConfigFn | None = None
+) -> ClientApp:
+    """The ClientApp with its mods, outermost first: wire record, base model, SecAgg+, update capture, DP.
 
-    ``audit_dir`` (simulation) or the node config's ``audit-dir`` (deployment) turns the audit
-    records on; each site writes only to its own folder.
+    Parameters
+    ----------
+    audit_dir
+        Simulation: where the sites' audit records go (deployment: the node config's ``audit-dir``);
+        each site writes only to its own folder. ``None`` = no records.
+    base_model
+        Simulation: the coordinator's ``base-model`` folder, which the simulated sites share
+        (deployment: each site's node config ``base-model``, its model cache or the packaged model).
+    node_config_fn
+        Maps a node config to the one the site uses (a benchmark gives simulated sites their files).
     """
     wire_mod, capture_mod = make_audit_mods(audit_dir)
-    return ClientApp(client_fn=client_fn, mods=[wire_mod, secure_aggregation_mod, capture_mod, dp_mod])
+
+    def client_fn(context: Context) -> Client:
+        node_config = dict(context.node_config)
+        if node_config_fn is not None:
+            node_config = node_config_fn(node_config)
+        return SiteClient(node_config, base_model).to_client()
+
+    mods = [wire_mod, make_base_model_mod(base_model), secure_aggregation_mod, capture_mod, dp_mod]
+    return ClientApp(client_fn=client_fn, mods=mods)
 
 
 app = make_client_app()

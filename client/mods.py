@@ -1,6 +1,6 @@
-"""Client mods, outermost first: wire record, SecAgg+ routing, update capture, client-level DP.
+"""Client mods, outermost first: wire record, (base model), SecAgg+ routing, update capture, client-level DP.
 
-``make_client_app`` stacks them as ``[wire_record, secure_aggregation, capture_update, dp]``:
+``make_client_app`` stacks them as ``[wire_record, base_model, secure_aggregation, capture_update, dp]``:
 the wire record sees exactly what crosses the network (masked vectors under SecAgg+), the
 capture sees what SecAgg+ is about to mask (after clipping and noise), and the DP mod works
 on the plain update the site trained.

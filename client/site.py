@@ -9,16 +9,12 @@ import numpy as np
 from fedtune.common import instructions
 from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
 from fedtune.common.config import FedConfig
-from fedtune.common.model import (
-    PeftSpec,
-    build_peft_model,
-    load_tokenizer,
-    resolve_model_dir,
-    verify_fingerprint,
-)
+from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer
 from fedtune.common.sites import SiteData, site_data
 from fedtune.common.train import evaluate, select_device, train_local
 from flwr.client import NumPyClient
+
+from .base_model import site_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +22,13 @@ log = logging.getLogger(__name__)
 class SiteClient(NumPyClient):
     """One site: its private data stays here; only the PEFT state goes back."""
 
-    def __init__(self, node_config: dict[str, Any]) -> None:
+    def __init__(self, node_config: dict[str, Any], default_base_model: str = "") -> None:
         self.node_config = node_config
+        self.default_base_model = default_base_model  # simulation: the coordinator's (shared) folder
 
     def _prepare(self, parameters: list[np.ndarray], config: dict[str, Any]):  # noqa: ANN202
         ins = instructions.decode(config)
-        model_dir = resolve_model_dir(str(self.node_config.get("base-model", ins.cfg.base_model)))
-        verify_fingerprint(model_dir, ins.base_fingerprint)
+        model_dir = site_model_dir(self.node_config, ins.base_fingerprint, self.default_base_model)
         data: SiteData = site_data(ins.cfg, self.node_config)
         model = build_peft_model(PeftSpec.from_config(ins.cfg, model_dir, len(data.train.label_names)))
         set_adapter_arrays(model, parameters)

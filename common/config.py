@@ -101,6 +101,20 @@ class FedConfig:
     )
     # --- model and PEFT ---------------------------------------------------------------
     base_model: str = _opt("", "Local Hugging Face model directory; empty = packaged all-MiniLM-L6-v2.")
+    distribute_base_model: bool = _opt(
+        True,
+        "Before its first round, send a site that lacks the base model the checkpoint (it verifies the "
+        "fingerprint and caches it in its node config `model-cache-dir`).",
+    )
+    base_model_chunk_mb: int = _opt(
+        32,
+        "Largest base-model transfer message, in MiB (a tensor larger than this spans messages).",
+        min=1,
+        max=256,
+    )
+    base_model_timeout: float = _opt(
+        600.0, "Seconds to wait for each site's reply to a base-model transfer message.", min=1.0
+    )
     peft_method: PeftMethod = _opt("lora", "PEFT method trained at the sites: lora or prefix.")
     lora_r: int = _opt(8, "LoRA rank.", min=1)
     lora_alpha: int = _opt(16, "LoRA scaling alpha.", min=1)

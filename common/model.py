@@ -61,7 +61,8 @@ def resolve_model_dir(base_model: str) -> Path:
     return path
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files: ``*.safetensors``, else ``pytorch_model*.bin``."""
     files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
     if not files:
         raise FileNotFoundError(
@@ -70,9 +71,10 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in ``model_dir``, by name (on the CPU)."""
     tensors: dict[str, torch.Tensor] = {}
-    for file in _weight_files(model_dir):
+    for file in weight_files(model_dir):
         if file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt") as f:
                 tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 - safe_open is no dict
@@ -94,7 +96,7 @@ def hash_tensors(tensors: dict[str, torch.Tensor]) -> str:
 @functools.cache
 def fingerprint(model_dir: Path) -> str:
     """SHA-256 fingerprint of the base checkpoint in ``model_dir`` (cached per process)."""
-    return hash_tensors(_checkpoint_tensors(model_dir))
+    return hash_tensors(checkpoint_tensors(model_dir))
 
 
 def verify_fingerprint(model_dir: Path, expected: str) -> None:
@@ -225,4 +227,4 @@ def frozen_state_fingerprint(model: torch.nn.Module) -> str:
 
 def base_model_nbytes(model_dir: Path) -> int:
     """Bytes of the full base checkpoint (what full fine-tuning would exchange per round)."""
-    return sum(t.numel() * t.element_size() for t in _checkpoint_tensors(model_dir).values())
+    return sum(t.numel() * t.element_size() for t in checkpoint_tensors(model_dir).values())

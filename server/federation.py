@@ -58,6 +58,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
 
+from .distribution import Distributor
 from .progress import RunProgress
 from .strategy import UpdateGuard, make_strategy, restore_strategy_state, strategy_state, weighted_mean
 from .wire import MeteredGrid
@@ -114,6 +115,9 @@ class Coordinator:
         )
         self.audit_dir = self.out_dir / "audit" if self.cfg.audit else None
         self.grid: MeteredGrid | None = None
+        self.distributor: Distributor | None = None  # sends the base model to sites that lack it
+        self.model_ready: set[int] = set()  # site nodes known to hold the pinned base model
+        self.distribution: list[dict[str, Any]] = []  # one record per site node and check
         self.base_strategy: Strategy | None = None  # the plain strategy (its sampling decides n)
         self.guard: UpdateGuard | None = None  # the outermost strategy: which sites each aggregate holds
         self.dp_wrapper: DifferentialPrivacyClientSideFixedClipping | None = None
@@ -155,8 +159,14 @@ class Coordinator:
 
     # --- workflow hooks ---------------------------------------------------------------------------
     def before_round(self, server_round: int, context: LegacyContext) -> bool:
-        """Size SecAgg+ and DP to this round's sampled sites; ``False`` if over the privacy budget."""
+        """Ship the base model to new sites; size SecAgg+ and DP to this round's sampled sites.
+
+        Returns ``False`` when the round would go over the privacy budget.
+        """
         assert self.base_strategy is not None
+        if self.distributor is not None:
+            context.client_manager.wait_for(self.cfg.min_clients, timeout=self.cfg.base_model_timeout)
+            self.distribute_base_model(server_round)
         available = context.client_manager.num_available()
         sampled, _ = self.base_strategy.num_fit_clients(available)  # type: ignore[attr-defined]
         self.sampling_rate = sampled / max(available, 1)
@@ -189,6 +199,27 @@ class Coordinator:
                 parameters_to_ndarrays(current),
             )
         return True
+
+    def distribute_base_model(self, server_round: int) -> None:
+        """Check the sites that joined since the last check; send the base model to those lacking it.
+
+        A site whose check or transfer failed is checked again before the next round; its training
+        fails until then (a dropout). Writes ``base_model_distribution.json``.
+        """
+        assert self.distributor is not None and self.grid is not None
+        new = sorted(set(self.grid.get_node_ids()) - self.model_ready)
+        if not new:
+            return
+        transfers = self.distributor.run(new)
+        self.model_ready.update(t.node for t in transfers if t.status != "failed")
+        self.distribution.extend({"before_round": server_round, **t.as_dict()} for t in transfers)
+        write_json_atomic(self.out_dir / "base_model_distribution.json", self.distribution)
+        sent = [t for t in transfers if t.status == "received"]
+        if sent and self.progress:
+            self.progress.console.print(
+                f"Base model sent to {len(sent)} site(s): {max(t.bytes_down for t in sent) / 1e6:.1f} MB "
+                f"each in {max(t.seconds for t in sent):.1f} s; fingerprint verified by each site."
+            )
 
     def after_fit(self, server_round: int, context: LegacyContext) -> None:
         """Fail loudly when the round produced no aggregate; the checkpoint keeps the last good round.
@@ -389,6 +420,14 @@ def run_coordinator(
     if progress:
         progress.console.print(summary)
     coord.grid = MeteredGrid(grid, progress.stage if progress else None, coord.audit_dir)
+    if cfg.distribute_base_model:
+        coord.distributor = Distributor(
+            coord.grid,
+            coord.model_dir,
+            coord.base_fingerprint,
+            chunk_bytes=cfg.base_model_chunk_mb * 2**20,
+            timeout=cfg.base_model_timeout,
+        )
     strategy = make_strategy(
         cfg,
         initial=coord.initial,

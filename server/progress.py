@@ -78,6 +78,7 @@ class RunProgress:
 
     def stage(self, server_round: int, kind: str, done: int, expected: int) -> None:
         """Show ``done`` of ``expected`` site replies for a ``kind`` stage of ``server_round``."""
+        kind = "base model" if kind == "query" else kind  # the only query messages: base-model distribution
         label = f"round {server_round}/{self.num_rounds} · {kind}" if server_round else kind
         self._progress.update(self._task, description=label, completed=done, total=expected)
 

@@ -139,19 +139,34 @@ class MeteredGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Push ``messages`` and pull replies until all arrived or ``timeout`` passed."""
+        return [reply for _, reply in self.exchange(messages, timeout=timeout)]
+
+    def replies_by_node(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> dict[int, Message]:
+        """Like :meth:`send_and_receive` (one message per node): ``{node asked: its reply}``.
+
+        A reply the SuperLink writes for a node that went offline is filed under that node.
+        """
+        return dict(self.exchange(messages, timeout=timeout))
+
+    def exchange(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[tuple[int, Message]]:
+        """Push ``messages`` and pull replies until all arrived or ``timeout`` passed: ``(node, reply)``."""
         messages = list(messages)
         kind, server_round = (
             (messages[0].metadata.message_type, message_round(messages[0])) if messages else ("", 0)
         )
-        pending = {i for i in self.push_messages(messages) if i}
+        ids = self.push_messages(messages)
+        pending = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True) if i}
         expected, replies = len(pending), []
         if self._on_progress:
             self._on_progress(server_round, kind, 0, expected)
         end_time = time.time() + (timeout or 0.0)
         while pending and (timeout is None or time.time() < end_time):
             got = list(self.pull_messages(pending))
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            replies.extend((pending.pop(m.metadata.reply_to_message_id), m) for m in got)
             if got and self._on_progress:
                 self._on_progress(server_round, kind, len(replies), expected)
             if pending:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import subprocess
 import sys
@@ -244,19 +245,13 @@ def _federate(out: Path, data: Path, sites: int, rc: dict[str, Any]) -> tuple[li
     return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start
 
 
-def site_files_client_app(sites_dir: str, audit_dir: str | None = None):  # noqa: ANN201 - a ClientApp
-    """The fedtune ClientApp (same mods), whose simulated site ``i`` reads ``sites_dir/site-i.csv``."""
-    from fedtune.client.audit import make_audit_mods
-    from fedtune.client.mods import dp_mod, secure_aggregation_mod
-    from fedtune.client.site import SiteClient
-    from flwr.clientapp import ClientApp
+def site_file_node_config(sites_dir: str):  # noqa: ANN201 - a node-config function
+    """Node config function: simulated site ``i`` reads ``sites_dir/site-i.csv`` (as a deployed site)."""
 
-    def client_fn(context):  # noqa: ANN001, ANN202 - pickled by value into the Ray actors
-        pid = int(context.node_config["partition-id"])
-        return SiteClient({"data-path": str(Path(sites_dir) / f"site-{pid}.csv")}).to_client()
+    def node_config_fn(node_config: dict) -> dict:
+        return {"data-path": str(Path(sites_dir) / f"site-{int(node_config['partition-id'])}.csv")}
 
-    wire_mod, capture_mod = make_audit_mods(audit_dir)  # same mods, same order as client/app.py
-    return ClientApp(client_fn=client_fn, mods=[wire_mod, secure_aggregation_mod, capture_mod, dp_mod])
+    return node_config_fn
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -275,8 +270,10 @@ def _main(argv: list[str] | None = None) -> int:
     from .simulate import resolve, simulate
 
     sites_dir = str(Path(args.sites_dir).resolve())
-    # simulate() builds its ClientApp with client_app.make_client_app: swap in the site-file variant
-    client_app.make_client_app = lambda audit_dir=None: site_files_client_app(sites_dir, audit_dir)
+    # simulate() builds its ClientApp with client_app.make_client_app: give it the site files
+    client_app.make_client_app = functools.partial(
+        client_app.make_client_app, node_config_fn=site_file_node_config(sites_dir)
+    )
     cfg, n = resolve("default", args.num_clients, parse_overrides(args.run_config), args.out, overwrite=True)
     simulate(cfg, n)
     return 0

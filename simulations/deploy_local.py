@@ -500,7 +500,12 @@ def deploy_local(
             node_id = dep.register(certs.site_pub(i))
             name = f"site-{i}"
             pid = dep.start_supernode(
-                name, certs.site_key(i), node_config(data_path=path, audit_dir=out_dir / "audit")
+                name,
+                certs.site_key(i),
+                # each site keeps a model cache of its own, as on its own machine
+                node_config(
+                    data_path=path, audit_dir=out_dir / "audit", model_cache_dir=out_dir / "models" / name
+                ),
             )
             names.append(name)
             node_ids.append(node_id)

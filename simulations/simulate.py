@@ -109,7 +109,9 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
         (Path(cfg.out_dir) / SIMULATION).write_text(json.dumps({"num_clients": num_clients}) + "\n")
     run_simulation(
         server_app=make_server_app(cfg.to_run_config()),
-        client_app=make_client_app(str(Path(cfg.out_dir).resolve() / "audit") if cfg.audit else None),
+        client_app=make_client_app(
+            str(Path(cfg.out_dir).resolve() / "audit") if cfg.audit else None, base_model=cfg.base_model
+        ),
         num_supernodes=num_clients,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.5 if gpu else 0.0},

@@ -30,16 +30,27 @@ def start() -> tuple[list[np.ndarray], list[str]]:
     return get_adapter_arrays(model), adapter_names(model)
 
 
-def test_site_refuses_a_foreign_base_model_naming_both_fingerprints(start) -> None:
-    # Prepare
+def test_site_refuses_a_foreign_base_model_naming_both_fingerprints(start, tmp_path) -> None:
+    # Prepare: the site's own base model (node config) is not the one the coordinator pinned
     arrays, _ = start
     foreign = "f" * 64
     config = instructions.encode(CFG, 1, foreign)
+    node = {**NODE, "base-model": str(resolve_model_dir("")), "model-cache-dir": str(tmp_path)}
 
     # Execute / Assert
     with pytest.raises(FingerprintMismatchError) as err:
-        SiteClient(NODE).fit(arrays, config)
+        SiteClient(node).fit(arrays, config)
     assert foreign in str(err.value) and fingerprint(resolve_model_dir("")) in str(err.value)
+
+
+def test_site_lacking_the_pinned_model_refuses_to_train(start, tmp_path) -> None:
+    # Prepare: no node-config model, an empty cache, and the packaged model is not the pinned one
+    arrays, _ = start
+    config = instructions.encode(CFG, 1, "f" * 64)
+
+    # Execute / Assert
+    with pytest.raises(FileNotFoundError, match="no base model with fingerprint f{64}"):
+        SiteClient({**NODE, "model-cache-dir": str(tmp_path)}).fit(arrays, config)
 
 
 def test_site_returns_only_a_trained_adapter_of_the_same_shapes(start) -> None:

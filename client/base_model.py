@@ -1,0 +1,101 @@
+"""The site's side of base-model distribution: a mod answering the coordinator's base-model messages.
+
+The coordinator (``fedtune.server.distribution``) sends ``query`` messages carrying a
+``fedtune.base-model`` config record whose ``op`` is one of
+
+``status``
+    Reply ``have`` (the site has the pinned base model) and ``received`` (chunks of an earlier,
+    broken-off transfer already on disk, comma-separated). Nothing else: no path leaves the site.
+``chunk``
+    Store one chunk of tensor bytes in the site's model cache (:class:`IncomingModel`).
+``commit``
+    Assemble, verify the fingerprint and install the model in the cache; reply ``have``.
+
+A site whose own folder (node config ``base-model``) holds other weights refuses with both
+fingerprints named. Every other message passes through.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedtune.common.model_store import (
+    CHUNK_RECORD,
+    FILES_RECORD,
+    RECORD,
+    IncomingModel,
+    default_cache_dir,
+    find_base_model,
+)
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+BASE_MODEL = "base-model"  # node config: the site's own model folder
+MODEL_CACHE_DIR = "model-cache-dir"  # node config: where received models are kept
+
+
+def cache_dir(node_config: Mapping[str, Any]) -> Path:
+    """The site's model cache: node config ``model-cache-dir``, else :func:`default_cache_dir`."""
+    value = node_config.get(MODEL_CACHE_DIR)
+    return Path(str(value)).expanduser() if value else default_cache_dir()
+
+
+def site_model_dir(node_config: Mapping[str, Any], expected: str, default_base_model: str = "") -> Path:
+    """The site's base model with fingerprint ``expected``.
+
+    ``default_base_model`` stands in for a missing node-config ``base-model`` (simulated sites share
+    the coordinator's machine and folder).
+
+    Raises
+    ------
+    FileNotFoundError
+        When the site lacks it (says how it gets it).
+    FingerprintMismatchError
+        When the site's own copy holds other weights.
+    """
+    explicit = str(node_config.get(BASE_MODEL, default_base_model))
+    found = find_base_model(expected, explicit, cache_dir(node_config))
+    if found is None:
+        raise FileNotFoundError(
+            f"This site has no base model with fingerprint {expected} (no node config `{BASE_MODEL}`, none "
+            f"in the model cache {cache_dir(node_config)}, the packaged model differs). The coordinator "
+            "sends it before the site's first round when `distribute-base-model` is true; else install "
+            f"it and give its folder as node config `{BASE_MODEL}`."
+        )
+    return found
+
+
+def make_base_model_mod(default_base_model: str = "") -> Mod:
+    """The mod answering base-model messages (``default_base_model`` as in :func:`site_model_dir`)."""
+
+    def base_model_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.QUERY or RECORD not in msg.content.config_records:
+            return call_next(msg, ctxt)
+        req = msg.content.config_records[RECORD]
+        expected = str(req["fingerprint"])
+        node_config = ctxt.node_config
+        incoming = IncomingModel(cache_dir(node_config), expected, ctxt.node_id)
+        op = str(req["op"])
+        if op == "status":
+            explicit = str(node_config.get(BASE_MODEL, default_base_model))
+            have = find_base_model(expected, explicit, cache_dir(node_config)) is not None
+            received = [] if have else incoming.received(int(req["chunk-bytes"]))
+            reply = {"have": have, "received": ",".join(map(str, received))}
+        elif op == "chunk":
+            arrays = {k: a.numpy() for k, a in msg.content.array_records[CHUNK_RECORD].items()}
+            incoming.write_chunk(int(req["index"]), int(req["chunks"]), int(req["chunk-bytes"]), arrays)
+            reply = {"have": False, "received": str(int(req["index"]))}
+        elif op == "commit":
+            files = {k: bytes(v) for k, v in msg.content.config_records[FILES_RECORD].items()}
+            hashes = json.loads(str(req["files"]))
+            incoming.commit(str(req["table"]), files, hashes)
+            reply = {"have": True, "received": ""}
+        else:
+            raise ValueError(f"Unknown base-model operation {op!r} from the coordinator.")
+        return Message(RecordDict({RECORD: ConfigRecord(reply)}), reply_to=msg)
+
+    return base_model_mod
