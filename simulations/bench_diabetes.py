@@ -153,7 +153,7 @@ def run(quick: bool) -> Path:
     epochs = s["rounds"] * s["local_epochs"]
 
     fed_out = work / "federated"
-    records, seconds = _federate(fed_out, work / "data", s["sites"], rc)
+    records, seconds = federate_site_files(fed_out, work / "data", s["sites"], rc)
     fed_probs = shared_adapter_probs(cfg, fed_out, test)[:, 1]
 
     trains = [deployed_site(cfg, x["path"]).train for x in files["sites"]]
@@ -215,8 +215,13 @@ def run(quick: bool) -> Path:
     )
 
 
-def _federate(out: Path, data: Path, sites: int, rc: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
-    """Run the federation in a subprocess (fresh Ray); return its metrics records and seconds."""
+def federate_site_files(
+    out: Path, data: Path, sites: int, rc: dict[str, Any]
+) -> tuple[list[dict[str, Any]], float]:
+    """Simulate with site ``i`` reading ``data/site-i.csv``, in a subprocess (fresh Ray).
+
+    Returns the metrics records and the wall seconds.
+    """
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 
@@ -16,3 +19,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "e2e" in item.keywords:
             item.add_marker(skip)
+
+
+def save_tiny_bert(folder: Path, seed: int) -> Path:
+    """A 2-layer, 16-wide BERT with the packaged tokenizer: a stand-in for a consortium's own base model
+    that no site has (the packaged MiniLM's tokenizer, other weights)."""
+    import torch
+    from fedtune.common.model import packaged_model_dir
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    shutil.copytree(packaged_model_dir() / "1_Pooling", folder / "1_Pooling")  # a file in a subfolder
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        shutil.copy(packaged_model_dir() / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A base model folder none of the sites has (see :func:`save_tiny_bert`)."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-base") / "model", seed=1)

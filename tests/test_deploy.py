@@ -19,6 +19,7 @@ import pytest
 import tomli
 from fedtune.common.config import ConfigError, parse_run_config
 from fedtune.common.data import serialise_row
+from fedtune.common.model import fingerprint
 from fedtune.common.sites import coordinator_max_weight, coordinator_test_set
 from fedtune.server.certs import make_certs
 from fedtune.simulations.deploy_local import (
@@ -383,10 +384,10 @@ class Deployment:
     seconds: float
 
 
-def run_deploy_local(out: Path, sites: list[Path], test: Path) -> subprocess.Popen[str]:
+def run_deploy_local(out: Path, sites: list[Path], test: Path, base_model: Path) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "fedtune.simulations.cli", "deploy-local", "--sites", str(len(sites))]
     cmd += ["--site-data", *map(str, sites), "--test-data", str(test), "--out", str(out)]
-    cmd += ["--run-config", E2E_CONFIG, "--timeout", "1200"]
+    cmd += ["--run-config", f"{E2E_CONFIG} base-model={base_model}", "--timeout", "1200"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -416,8 +417,8 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> str:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    """One 3-site deployment; an unregistered SuperNode tries to join while it runs."""
+def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Path) -> Iterator[Deployment]:
+    """One 3-site deployment on a base model no site has; an unregistered SuperNode tries to join."""
     root = tmp_path_factory.mktemp("deploy")
     sites, test = write_pima_sites(root / "data")
     out = root / "out"
@@ -425,7 +426,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         0
     )  # a key the coordinator never registered
     start = time.monotonic()
-    proc = run_deploy_local(out, sites, test)
+    proc = run_deploy_local(out, sites, test, tiny_base_model)
     with ProcessGroup(root / "intruder-logs") as group:
         try:
             summary = wait_for_summary(out, "sites", proc)
@@ -468,12 +469,20 @@ def test_three_sites_over_tls_with_auth_train_an_adapter_plain_peft_loads(deploy
     for name in ("superlink.log", "site-0.log", "site-1.log", "site-2.log", "run.log", "flwr-cli.log"):
         assert (out / "logs" / name).is_file(), name
 
+    # Assert: no site had the coordinator's base model: each received it, verified and cached it
+    meta = json.loads((out / "adapter" / "fedtune.json").read_text())
+    expected = meta["base_model_fingerprint"]
+    transfers = json.loads((out / "base_model_distribution.json").read_text())
+    assert sorted(t["status"] for t in transfers) == ["received"] * 3
+    assert all(t["before_round"] == 1 and t["chunks_sent"] == 1 for t in transfers)
+    for i in range(3):
+        assert fingerprint(out / "models" / f"site-{i}" / expected) == expected
+
     # Assert: the adapter loads with plain peft and predicts
     import torch
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    meta = json.loads((out / "adapter" / "fedtune.json").read_text())
     assert meta["label_names"] == ["0", "1"] and meta["rounds"] == 2
     base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], num_labels=2)
     model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()

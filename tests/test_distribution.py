@@ -8,13 +8,13 @@ deployment e2e test (``test_deploy.py``) runs it over TLS.
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_bert
 from fedtune.client.base_model import make_base_model_mod, site_model_dir
 from fedtune.common.audit import payload_bytes
 from fedtune.common.model import FingerprintMismatchError, checkpoint_tensors, fingerprint, packaged_model_dir
@@ -30,31 +30,19 @@ from fedtune.server.distribution import Distributor
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import save_file
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
 CHUNK = 300_000  # bytes: the tiny model's 1.95 MB word embedding spans 7 chunks
 
 
-def _tiny_bert(folder: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    shutil.copytree(packaged_model_dir() / "1_Pooling", folder / "1_Pooling")  # a file in a subfolder
-    for name in ("vocab.txt", "tokenizer_config.json"):
-        shutil.copy(packaged_model_dir() / name, folder / name)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def coordinator_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny_bert(tmp_path_factory.mktemp("coordinator") / "model", seed=1)
+def coordinator_model(tiny_base_model: Path) -> Path:
+    return tiny_base_model
 
 
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny_bert(tmp_path_factory.mktemp("other") / "model", seed=2)
+    return save_tiny_bert(tmp_path_factory.mktemp("other") / "model", seed=2)
 
 
 @pytest.fixture(autouse=True)
