@@ -44,10 +44,10 @@ DESCRIPTIONS: dict[str, str] = {
     "error.",
     "overhead": "Framework overhead: a federated round vs the same PEFT training loop run directly.",
     "scale": "10 to 1,000 simulated hospitals, 10 sampled per round: peak memory and seconds per round.",
-    "deploy": "A real deployment (SuperLink + SuperNodes over TLS with node authentication) vs a simulation "
-    "of the same run, and the one-off base-model transfer to sites that lack the model.",
     "privacy": "Membership-inference AUC and empirical epsilon vs the accountant's epsilon for "
     "epsilon = inf, 8, 2, with the accuracy cost.",
+    "deploy": "A real deployment (SuperLink + SuperNodes over TLS with node authentication) vs a simulation "
+    "of the same run, and the one-off base-model transfer to sites that lack the model.",
 }
 NAMES: tuple[str, ...] = tuple(DESCRIPTIONS)
 

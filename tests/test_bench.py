@@ -25,7 +25,7 @@ from fedtune.simulations.bench_secagg import max_abs_difference
 from fedtune.simulations.cli import main
 from sklearn.metrics import roc_auc_score
 
-ALL = ["quality", "diabetes", "methods", "comm", "secagg", "overhead", "scale", "privacy"]
+ALL = ["quality", "diabetes", "methods", "comm", "secagg", "overhead", "scale", "privacy", "deploy"]
 
 
 def test_registry_names_every_benchmark_and_each_has_a_module_with_run() -> None:
