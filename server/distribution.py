@@ -25,7 +25,8 @@ from flwr.app.message_type import MessageType
 from .wire import MeteredGrid, error_summary
 
 log = logging.getLogger(__name__)
-GROUP = "base-model"
+GROUP = "base-model"  # the messages' group id (not a round number: round 0 in the wire record)
+DISTRIBUTION = "base_model_distribution.json"  # the coordinator's record of every check and transfer
 
 
 @dataclass

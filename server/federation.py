@@ -58,7 +58,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
 
-from .distribution import Distributor
+from .distribution import DISTRIBUTION, Distributor
 from .progress import RunProgress
 from .strategy import UpdateGuard, make_strategy, restore_strategy_state, strategy_state, weighted_mean
 from .wire import MeteredGrid
@@ -213,7 +213,7 @@ class Coordinator:
         transfers = self.distributor.run(new)
         self.model_ready.update(t.node for t in transfers if t.status != "failed")
         self.distribution.extend({"before_round": server_round, **t.as_dict()} for t in transfers)
-        write_json_atomic(self.out_dir / "base_model_distribution.json", self.distribution)
+        write_json_atomic(self.out_dir / DISTRIBUTION, self.distribution)
         sent = [t for t in transfers if t.status == "received"]
         if sent and self.progress:
             self.progress.console.print(
@@ -323,6 +323,8 @@ class Coordinator:
             self.accountant = PrivacyAccountant.from_state_dict(state.accountant)
         if state.rng:
             set_rng_state(state.rng)
+        if (self.out_dir / DISTRIBUTION).is_file():  # keep the killed run's transfer records
+            self.distribution = json.loads((self.out_dir / DISTRIBUTION).read_text())
 
     # --- outputs -------------------------------------------------------------------------------------
     def privacy(self) -> dict[str, Any]:

@@ -246,6 +246,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_every_round_recorded_once
     assert records[: checkpointed + 1] == killed[: checkpointed + 1]
     assert all(r["excluded_sites"] == {} and len(r["site_train_examples"]) == 3 for r in records[1:])
     assert again.returncode == 2 and "already finished" in again.stderr
+    checks = json.loads((out / "base_model_distribution.json").read_text())  # the killed run's kept
+    assert [c["before_round"] for c in checks] == [1] * 3 + [checkpointed + 1] * 3
+    assert {c["status"] for c in checks} == {"had"}
     meta = json.loads((out / "adapter" / "fedtune.json").read_text())
     assert meta["rounds"] == 3 and json.loads((out / "checkpoint" / "fedtune.json").read_text())["round"] == 3
 
