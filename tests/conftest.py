@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,23 @@ def save_tiny_bert(folder: Path, seed: int) -> Path:
 def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A base model folder none of the sites has (see :func:`save_tiny_bert`)."""
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-base") / "model", seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module's tiny CPU batches (on 2 shared cores, OpenMP spinning across
+    threads makes each step far slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> Path:
+    """The packaged base model's folder."""
+    from fedtune.common.model import resolve_model_dir
+
+    return resolve_model_dir("")

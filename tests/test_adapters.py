@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from fedtune.common.adapters import (
     save_shared_adapter,
     set_adapter_arrays,
 )
-from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer, resolve_model_dir
+from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForSequenceClassification
 
@@ -26,18 +25,7 @@ NUM_LABELS = 3
 TEXTS = ["fever and dry cough for three days", "invoice paid by bank transfer", "fractured left wrist"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny CPU batches: on 2 shared cores, OpenMP spinning across threads makes each step far slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base_dir() -> Path:
-    return resolve_model_dir("")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["lora", "prefix"])

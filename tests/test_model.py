@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,18 +30,7 @@ PERTURBED = "encoder.layer.0.attention.self.query.weight"
 PEFT_MARKERS = ("lora_", "prompt_encoder", "modules_to_save")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny CPU batches: on 2 shared cores, OpenMP spinning across threads makes each step far slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base_dir() -> Path:
-    return resolve_model_dir("")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
 from fedtune.common.data import TextDataset
-from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer, resolve_model_dir
+from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer
 from fedtune.common.train import (
     EvalResult,
     TrainResult,
@@ -49,18 +48,7 @@ OTHER = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny CPU batches: on 2 shared cores, OpenMP spinning across threads makes each step far slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base_dir() -> Path:
-    return resolve_model_dir("")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
