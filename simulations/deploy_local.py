@@ -197,7 +197,8 @@ def deployment_run_config(
     """The run config ``flwr run`` sends: ``overrides``, ``task=csv``, ``out-dir``, the coordinator's facts.
 
     ``secagg-max-weight`` defaults to the sites' total rows (a bound on any site's weight),
-    ``labels`` to the sorted union of their labels, ``test-data-path`` to ``test_data``.
+    ``labels`` to the sorted union of their labels, ``test-data-path`` to ``test_data``; a relative
+    ``base-model`` is made absolute (the ServerApp runs in another folder).
 
     Raises
     ------
@@ -215,6 +216,9 @@ def deployment_run_config(
         if not test_data.is_file():
             raise DeployError(f"--test-data {test_data} not found.")
         config[key_of("test_data_path")] = str(test_data.resolve())
+    base_model = str(config.get(key_of("base_model"), "")).strip()
+    if base_model:  # the ServerApp runs in another folder: a path relative to here must stay valid
+        config[key_of("base_model")] = str(Path(base_model).expanduser().resolve())
     if not str(config.get(key_of("test_data_path"), "")).strip():
         raise DeployError(
             "The coordinator needs a held-out file to score the shared adapter: give --test-data FILE."

@@ -299,6 +299,22 @@ def test_deployment_run_config_sends_counts_labels_and_the_test_file_never_a_sit
     assert (given["labels"], given["secagg-max-weight"]) == ("1,0", 5000.0)
 
 
+def test_deployment_run_config_makes_a_relative_base_model_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the operator names the model relative to the folder they are in
+    sites, test = write_pima_sites(tmp_path)
+    monkeypatch.chdir(tmp_path)
+
+    # Execute
+    config = deployment_run_config(
+        {"label-column": "Outcome", "base-model": "models/mine"}, sites, tmp_path, test
+    )
+
+    # Assert: the ServerApp, which runs elsewhere, gets the absolute path
+    assert config["base-model"] == str(tmp_path / "models" / "mine")
+
+
 @pytest.mark.parametrize(
     ("overrides", "test_data", "message"),
     [
