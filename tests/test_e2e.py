@@ -274,8 +274,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_every_round_recorded_once
 POISONED_RUN = """
 import json, sys
 import numpy as np
-from fedtune.client.app import client_fn
+from fedtune.client.base_model import make_base_model_mod
 from fedtune.client.mods import secure_aggregation_mod
+from fedtune.client.site import SiteClient
 from fedtune.common import instructions
 from fedtune.common.config import parse_run_config
 from fedtune.server.app import make_server_app
@@ -310,7 +311,10 @@ cfg = parse_run_config({
 try:
     run_simulation(
         server_app=make_server_app(cfg.to_run_config(), show_progress=False),
-        client_app=ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod, poison_mod]),
+        client_app=ClientApp(
+            client_fn=lambda context: SiteClient(dict(context.node_config)).to_client(),
+            mods=[make_base_model_mod(), secure_aggregation_mod, poison_mod],
+        ),
         num_supernodes=3,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
