@@ -60,6 +60,7 @@ def run(quick: bool) -> Path:
                 "sampled_per_round": len(arm.final["site_train_examples"]),
                 "peak_rss_gb": arm.peak_rss_bytes / 2**30,
                 "s_per_round": arm.mean_round_seconds(),
+                "round_1_s": arm.records[1]["seconds"],  # + start-up and the base-model check of all N
                 "total_s": arm.seconds,
                 "macro_f1": arm.final["macro_f1"],
             }
@@ -70,7 +71,8 @@ def run(quick: bool) -> Path:
         r["round_time_growth"] = r["s_per_round"] / first["s_per_round"]
     notes = [
         f"~{PER_SITE} examples per hospital, {HOLDOUT} held out, {SAMPLED} sampled per round, SecAgg+ on, "
-        f"{s['rounds']} rounds (seconds per round: mean over rounds 2..). Growth: against "
+        f"{s['rounds']} rounds (seconds per round: mean over rounds 2..; round 1 also starts the actors and "
+        "checks that every hospital holds the base model, one message each). Growth: against "
         f"{first['hospitals']} hospitals in the same invocation.",
         "Peak RSS: summed over the `fedtune simulate` process tree (Ray included), sampled every 0.2 s; "
         "shared memory is counted once per process, so this overstates the footprint.",
@@ -95,6 +97,7 @@ def run(quick: bool) -> Path:
             "rss_growth",
             "s_per_round",
             "round_time_growth",
+            "round_1_s",
             "total_s",
         ],
         notes=notes,
