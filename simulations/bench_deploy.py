@@ -109,8 +109,8 @@ def run(quick: bool) -> Path:
     rows = []
     console.print("[bold]arm 1/3[/bold]: simulation")
     sim_out = work / "simulation"
-    records, seconds = federate_site_files(sim_out, work / "data", s["sites"], rc)
-    rows.append(_row("simulation", records, seconds, sim_out))
+    sim = federate_site_files(sim_out, work / "data", s["sites"], rc)
+    rows.append(_row("simulation", sim.records, sim.seconds, sim_out))
     for label, base in (("deployment, sites have the model", ""), ("deployment, sites lack it", str(nudged))):
         console.print(f"[bold]arm {len(rows) + 1}/3[/bold]: {label}")
         out = work / ("deploy-lack" if base else "deploy-have")

@@ -43,10 +43,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +60,10 @@ from .bench import (
     train_and_score,
     work_dir,
 )
-from .benchmarking import console, write_results
+from .benchmarking import Arm, simulate_arm, write_results
 
 NAME = "diabetes"
+FEDERATE = ("fedtune.simulations.bench_diabetes", "federate", "--overwrite")  # a federated arm's entry
 SKEW_FEATURE = "Age"
 SEED = 42
 HOLDOUT = 0.15
@@ -158,7 +156,8 @@ def run(quick: bool) -> Path:
         cfg = parse_run_config(rc)
         test = coordinator_test_set(cfg)
         fed_out = work / f"federated-lr{lr:g}"
-        records, seconds = federate_site_files(fed_out, work / "data", s["sites"], rc)
+        arm = federate_site_files(fed_out, work / "data", s["sites"], rc)
+        records, seconds = arm.records, arm.seconds
         fed_probs = shared_adapter_probs(cfg, fed_out, test)[:, 1]
         checks.append(
             f"lr {lr:g}: the coordinator's own last-round AUC in metrics.json is "
@@ -239,39 +238,9 @@ def _score(arm: str, ages: str, n: int, lr: float, probs: np.ndarray, labels: np
     }
 
 
-def federate_site_files(
-    out: Path, data: Path, sites: int, rc: dict[str, Any]
-) -> tuple[list[dict[str, Any]], float]:
-    """Simulate with site ``i`` reading ``data/site-i.csv``, in a subprocess (fresh Ray).
-
-    Returns the metrics records and the wall seconds.
-    """
-    import shutil
-
-    shutil.rmtree(out, ignore_errors=True)
-    items = " ".join(f"{k}={v}" for k, v in rc.items())
-    cmd = [
-        sys.executable,
-        "-m",
-        "fedtune.simulations.bench_diabetes",
-        "federate",
-        "--sites-dir",
-        str(data),
-        "--num-clients",
-        str(sites),
-        "--out",
-        str(out),
-        "--run-config",
-        items,
-    ]
-    console.print(f"[dim]$ {' '.join(cmd[1:4])} ... --num-clients {sites} (site i reads site-i.csv)[/dim]")
-    log = out.with_suffix(".log")
-    start = time.perf_counter()
-    with log.open("w") as f:
-        rc_ = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=3 * 3600).returncode
-    if rc_ != 0:
-        raise RuntimeError(f"federated arm failed (exit {rc_}); see {log}")
-    return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start
+def federate_site_files(out: Path, data: Path, sites: int, rc: dict[str, Any]) -> Arm:
+    """Simulate with site ``i`` reading ``data/site-i.csv``, in a subprocess (fresh Ray), into ``out``."""
+    return simulate_arm(out, sites, rc, timeout=3 * 3600, entry=(*FEDERATE, "--sites-dir", str(data)))
 
 
 def site_file_node_config(sites_dir: str):  # noqa: ANN201 - a node-config function
@@ -291,6 +260,7 @@ def _main(argv: list[str] | None = None) -> int:
     fed.add_argument("--num-clients", type=int, required=True)
     fed.add_argument("--out", required=True)
     fed.add_argument("--run-config", default="")
+    fed.add_argument("--overwrite", action="store_true", help="Replace an existing --out folder.")
     args = parser.parse_args(argv)
 
     import fedtune.client.app as client_app
@@ -303,7 +273,7 @@ def _main(argv: list[str] | None = None) -> int:
     client_app.make_client_app = functools.partial(
         client_app.make_client_app, node_config_fn=site_file_node_config(sites_dir)
     )
-    cfg, n = resolve("default", args.num_clients, parse_overrides(args.run_config), args.out, overwrite=True)
+    cfg, n = resolve("default", args.num_clients, parse_overrides(args.run_config), args.out, args.overwrite)
     simulate(cfg, n)
     return 0
 

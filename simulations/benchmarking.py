@@ -100,25 +100,40 @@ class Arm:
         return sum(r["seconds"] for r in rounds) / len(rounds)
 
 
-def simulate_arm(out: Path, num_clients: int, run_config: dict[str, Any], timeout: float = 3600) -> Arm:
-    """Run ``fedtune simulate`` in a subprocess (fresh Ray each time) and measure it."""
+SIMULATE: tuple[str, ...] = ("fedtune.simulations.cli", "simulate", "--overwrite")
+
+
+def simulate_arm(
+    out: Path,
+    num_clients: int,
+    run_config: dict[str, Any],
+    timeout: float = 3600,
+    entry: Sequence[str] = SIMULATE,
+) -> Arm:
+    """Run a simulation in a subprocess (fresh Ray each time) and measure it.
+
+    Parameters
+    ----------
+    entry
+        The module and arguments run with ``python -m`` before ``--num-clients``, ``--out`` and
+        ``--run-config``: ``fedtune simulate`` by default; a driver may pass its own entry point.
+    """
     items = " ".join(f"{k}={v}" for k, v in run_config.items())
     cmd = [
         sys.executable,
         "-m",
-        "fedtune.simulations.cli",
-        "simulate",
+        *entry,
         "--num-clients",
         str(num_clients),
         "--out",
         str(out),
-        "--overwrite",
         "--run-config",
         items,
     ]
-    console.print(f'[dim]$ fedtune simulate --num-clients {num_clients} --run-config "{items}"[/dim]')
+    shown = " ".join(entry)
+    console.print(f'[dim]$ python -m {shown} --num-clients {num_clients} --run-config "{items}"[/dim]')
     start = time.perf_counter()
-    log = out.with_suffix(".log")
+    log = out.parent / f"{out.name}.log"  # not with_suffix: labels hold dots (dirichlet-0.3)
     out.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
