@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 
@@ -64,3 +65,21 @@ def base_dir() -> Path:
     from fedtune.common.model import resolve_model_dir
 
     return resolve_model_dir("")
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant (Ray's workers, a SuperNode's ClientApps), as a crash would."""
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.fixture
+def kill_tree() -> Callable[[int], None]:
+    """A function that SIGKILLs a process and all its descendants and waits for them."""
+    return _kill_tree

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -593,18 +593,6 @@ def test_ctrl_c_during_a_deployment_stops_every_process(tmp_path: Path) -> None:
     assert processes_under(tmp_path) == []
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a SuperNode and everything it started, as a site losing power would."""
-    root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
 def _received(wire: Path, server_round: int, stage: str) -> bool:
     """Whether a site's own wire record shows it received ``stage`` of ``server_round``."""
     try:
@@ -622,7 +610,9 @@ def _received(wire: Path, server_round: int, stage: str) -> bool:
 
 
 @pytest.mark.e2e
-def test_a_supernode_killed_mid_training_drops_out_and_the_round_completes(tmp_path: Path) -> None:
+def test_a_supernode_killed_mid_training_drops_out_and_the_round_completes(
+    tmp_path: Path, kill_tree: Callable[[int], None]
+) -> None:
     # Prepare: 3 sites under SecAgg+ (3 shares, threshold 2: one site may vanish), 1 round
     sites, test = write_pima_sites(tmp_path / "data")
     out = tmp_path / "out"
@@ -639,7 +629,7 @@ def test_a_supernode_killed_mid_training_drops_out_and_the_round_completes(tmp_p
             time.sleep(0.2)
 
         # Execute: the site's SuperNode and its processes vanish mid-training
-        _kill_tree(victim["pid"])
+        kill_tree(victim["pid"])
         killed_at = time.monotonic()
         output = finish(proc, timeout=900)
         seconds_after_kill = time.monotonic() - killed_at

@@ -6,10 +6,10 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 from fedtune.common.config import parse_run_config
@@ -187,19 +187,9 @@ def test_distributed_dp_run_is_accounted_and_its_empirical_epsilon_stays_below(t
     assert report["secagg"]["masked"] and report["only_adapter_left_sites"]
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every descendant (Ray's workers included), as a crash would."""
-    root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
-def test_a_killed_run_resumes_from_its_checkpoint_with_every_round_recorded_once(tmp_path: Path) -> None:
+def test_a_killed_run_resumes_from_its_checkpoint_with_every_round_recorded_once(
+    tmp_path: Path, kill_tree: Callable[[int], None]
+) -> None:
     # Prepare: a 3-round FedAdam run (server optimiser state to carry over), killed once round 1 is recorded
     out = tmp_path / "run"
     cli = [sys.executable, "-m", "fedtune.simulations.cli", "simulate"]
@@ -221,7 +211,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_every_round_recorded_once
             except (OSError, ValueError):
                 continue
     finally:
-        _kill_tree(first.pid)
+        kill_tree(first.pid)
     checkpointed = json.loads((out / "checkpoint" / "fedtune.json").read_text())["round"]
     assert not (out / "adapter").exists() and checkpointed == killed[-1]["round"] < 3
 
