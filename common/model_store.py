@@ -251,8 +251,8 @@ class IncomingModel:
             When the assembled tensors do not hash to the pinned fingerprint (the partial folder is
             deleted; both fingerprints are named).
         ValueError
-            When chunks are missing, a tensor's bytes are incomplete, a file's SHA-256 differs from the
-            coordinator's, or a file path would leave the model folder.
+            When chunks are missing, a tensor's bytes are incomplete or its dtype is not one of torch's,
+            a file's SHA-256 differs from the coordinator's, or a file path would leave the model folder.
         """
         plan = self.folder / PLAN
         num_chunks = json.loads(plan.read_text())["chunks"] if plan.is_file() else 0
@@ -272,7 +272,7 @@ class IncomingModel:
             raw = np.concatenate([pieces[s] for s in sorted(pieces)]) if pieces else np.zeros(0, np.uint8)
             if raw.size != nbytes:
                 raise ValueError(f"Base model tensor `{name}` arrived with {raw.size} of {nbytes} bytes.")
-            flat = torch.frombuffer(bytearray(raw.tobytes()), dtype=getattr(torch, dtype))
+            flat = torch.frombuffer(bytearray(raw.tobytes()), dtype=_torch_dtype(name, dtype))
             tensors[name] = flat.reshape(shape)
         got = hash_tensors(tensors)
         if got != self.expected:
@@ -310,3 +310,20 @@ def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _torch_dtype(tensor: str, name: str) -> torch.dtype:
+    """The torch dtype called ``name`` (e.g. ``"bfloat16"``) of the received ``tensor``.
+
+    Raises
+    ------
+    ValueError
+        When ``name`` is not a torch dtype (names the tensor and the value).
+    """
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(
+            f"Base model tensor `{tensor}` has dtype {name!r}, which is not a torch dtype: the coordinator "
+            "and this site must run compatible torch versions."
+        )
+    return dtype

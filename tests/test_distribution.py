@@ -127,6 +127,21 @@ def test_bfloat16_tensors_survive_the_transfer(tmp_path) -> None:
     assert got["w"].dtype == torch.bfloat16 and torch.equal(got["w"], checkpoint_tensors(src)["w"])
 
 
+@pytest.mark.parametrize("dtype", ["Tensor", "float128", "no_such_dtype"])
+def test_a_dtype_not_of_torch_is_refused_naming_the_tensor(coordinator_model, tmp_path, dtype) -> None:
+    # Prepare: every chunk arrived; the table's first dtype is an attribute of torch that is no dtype
+    out = Outgoing.read(coordinator_model, CHUNK)
+    incoming = IncomingModel(tmp_path, out.fingerprint, node=6)
+    _send_all(out, incoming)
+    table = json.loads(out.plan.table_json())
+    table[0][1] = dtype
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=rf"`{table[0][0]}` has dtype '{dtype}', which is not a torch dtype"):
+        incoming.commit(json.dumps(table), out.files, _hashes(out))
+    assert not (tmp_path / out.fingerprint).exists()
+
+
 def test_broken_off_transfer_resumes_from_the_chunks_on_disk(coordinator_model, tmp_path) -> None:
     # Prepare: chunks 0-2 arrived before the site's process died
     out = Outgoing.read(coordinator_model, CHUNK)
