@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -86,6 +86,7 @@ def train(
     device: torch.device,
     seed: int,
     proximal_mu: float = 0.0,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train the trainable (PEFT + head) parameters of ``model`` on ``ds``.
 
@@ -94,6 +95,10 @@ def train(
     proximal_mu
         FedProx weight: adds ``mu/2 * ||w - w_start||^2`` over the trainable parameters,
         ``w_start`` being their values when this call starts (the global adapter).
+    on_epoch_end
+        Called with the number of epochs done after each epoch (e.g. to score the model along the
+        way, as a learning curve); it may move the model or switch it to eval mode: training goes on
+        with the model back on ``device`` in train mode and the optimiser's state kept.
 
     Raises
     ------
@@ -112,7 +117,7 @@ def train(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     total_loss, seen = 0.0, 0
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         for inputs, labels in _batches(tokenizer, ds, batch_size, max_length, rng):
             inputs, labels = {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
             with _autocast(device):
@@ -131,6 +136,9 @@ def train(
             scaler.update()
             total_loss += loss.item() * len(labels)
             seen += len(labels)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+            model.to(device).train()
     model.cpu()
     if frozen_state_fingerprint(model) != frozen_before:
         raise RuntimeError("A frozen base-model parameter changed during local training.")

@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # heavy imports only where a benchmark trains in-process
 DESCRIPTIONS: dict[str, str] = {
     "quality": "Model quality on ICD-10 chapter coding: federated (FedAvg, FedProx, FedAdam) vs centralized "
     "PEFT on the pooled data vs each site alone, over IID, Dirichlet and specialty partitions.",
+    "rounds": "How the macro-F1 gap between FedAvg and centralized PEFT (and the lift over local-only) "
+    "changes over 20 rounds, at equal examples seen.",
     "diabetes": "Pima diabetes split over hospitals by age: federated vs each single site vs centralized, "
     "ROC AUC with bootstrap 95% CIs.",
     "methods": "LoRA r=4/8/16 vs prefix tuning 10/20 virtual tokens: trainable share, bytes per site per "
@@ -281,11 +283,19 @@ def concat(parts: Sequence[TextDataset]) -> TextDataset:
 
 
 def train_and_score(
-    cfg: FedConfig, train: TextDataset, test: TextDataset, *, epochs: int, keep_probs: bool = False
+    cfg: FedConfig,
+    train: TextDataset,
+    test: TextDataset,
+    *,
+    epochs: int,
+    keep_probs: bool = False,
+    curve_at: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Train a fresh PEFT model of ``cfg`` on ``train`` with :func:`fedtune.common.train.train`; score it.
 
     Same optimiser, batch size, learning rate, max length, device and seed as a federated site.
+    ``curve_at``: epochs after which the model is also scored on ``test`` (one run, the optimiser's
+    state kept), returned as ``curve``: one ``{"epoch", "accuracy", "macro_f1"}`` per such epoch.
     """
     from fedtune.common.model import load_tokenizer, resolve_model_dir
     from fedtune.common.train import predict_proba, score, select_device
@@ -294,6 +304,20 @@ def train_and_score(
     model = fresh_model(cfg, len(train.label_names))
     tokenizer = load_tokenizer(resolve_model_dir(cfg.base_model))
     device = select_device(cfg.device)
+    num_labels = len(test.label_names)
+
+    def probs() -> np.ndarray:
+        return predict_proba(
+            model, tokenizer, test, batch_size=cfg.batch_size, max_length=cfg.max_length, device=device
+        )
+
+    curve: list[dict[str, float]] = []
+
+    def on_epoch_end(epoch: int) -> None:
+        if epoch in curve_at:
+            m = score(probs(), test.labels, num_labels).as_metrics()
+            curve.append({"epoch": epoch, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+
     with torch_threads(bench_threads()):
         res = train_loop(
             model,
@@ -306,19 +330,20 @@ def train_and_score(
             max_length=cfg.max_length,
             device=device,
             seed=cfg.seed,
+            on_epoch_end=on_epoch_end if curve_at else None,
         )
-        probs = predict_proba(
-            model, tokenizer, test, batch_size=cfg.batch_size, max_length=cfg.max_length, device=device
-        )
-    scored = score(probs, test.labels, len(test.label_names))
+        final = probs()
+    scored = score(final, test.labels, num_labels)
     out: dict[str, Any] = {
         **scored.as_metrics(),
         "train_examples": len(train),
         "examples_seen": res.examples,
         "train_seconds": res.seconds,
     }
+    if curve_at:
+        out["curve"] = curve
     if keep_probs:
-        out["probs"] = probs
+        out["probs"] = final
     return out
 
 

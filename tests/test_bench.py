@@ -25,7 +25,7 @@ from fedtune.simulations.bench_secagg import max_abs_difference
 from fedtune.simulations.cli import main
 from sklearn.metrics import roc_auc_score
 
-ALL = ["quality", "diabetes", "methods", "comm", "secagg", "overhead", "scale", "privacy", "deploy"]
+ALL = ["quality", "rounds", "diabetes", "methods", "comm", "secagg", "overhead", "scale", "privacy", "deploy"]
 
 
 def test_registry_names_every_benchmark_and_each_has_a_module_with_run() -> None:
@@ -229,6 +229,46 @@ def test_diabetes_site_files_are_age_blocks_and_cover_the_pool(tmp_path: Path) -
     assert pool_rows + files["holdout_rows"] == 768
 
 
+def _point(epoch: int, f1: float) -> dict[str, float]:
+    return {"epoch": epoch, "accuracy": f1 + 0.5, "macro_f1": f1}
+
+
+def test_rounds_rows_pair_each_round_with_the_same_epoch_and_find_where_targets_are_met() -> None:
+    from fedtune.simulations.bench_rounds import curve_rows, target_notes
+
+    # Prepare: FedAvg climbs from 0.05 to 0.30; centralized is at 0.30 from epoch 5; two sites
+    fed = [
+        {"round": r, "accuracy": 0.5, "macro_f1": f} for r, f in [(0, 0.01), (1, 0.05), (5, 0.20), (10, 0.29)]
+    ]
+    central = [_point(1, 0.10), _point(5, 0.30), _point(10, 0.30)]
+    local = [
+        [_point(1, 0.02), _point(5, 0.04), _point(10, 0.06)],
+        [_point(1, 0.04), _point(5, 0.08), _point(10, 0.10)],
+    ]
+
+    # Execute
+    rows = curve_rows(fed, central, local, [1, 5, 10])
+    notes = target_notes(rows)
+
+    # Assert: gap and lift in points at each checkpoint; round 10 meets both targets, round 5 the lift only
+    assert [r["round"] for r in rows] == [1, 5, 10]
+    assert [r["gap_points"] for r in rows] == [5.0, 10.0, 1.0]
+    assert [r["lift_points"] for r in rows] == [2.0, 14.0, 21.0]
+    assert rows[2]["local_best_macro_f1"] == 0.10 and rows[2]["centralized_accuracy"] == 0.8
+    assert notes[0].startswith("Target centralized - federated <= 2 points: first met at round 10")
+    assert notes[1].startswith("Target federated - mean local-only >= 10 points: first met at round 5")
+
+
+def test_rounds_rows_name_the_arm_missing_a_checkpoint() -> None:
+    from fedtune.simulations.bench_rounds import curve_rows
+
+    fed = [{"round": 1, "accuracy": 0.5, "macro_f1": 0.1}]
+    with pytest.raises(ValueError, match="site 1 arm has no score after epoch 1"):
+        curve_rows(fed, [_point(1, 0.1)], [[_point(1, 0.1)], [_point(2, 0.1)]], [1])
+    with pytest.raises(ValueError, match="no record of round 2"):
+        curve_rows(fed, [_point(2, 0.1)], [], [2])
+
+
 @pytest.mark.e2e
 def test_bench_comm_quick_writes_well_formed_results(tmp_path: Path) -> None:
     # Execute: the real command, in a scratch folder (results/ is relative to the working directory)
@@ -263,3 +303,35 @@ def test_bench_comm_quick_writes_well_formed_results(tmp_path: Path) -> None:
     assert len(table) == 1 + len(rows) and all(line.count("|") == header.count("|") for line in table)
     assert (results / "comm_bytes.png").read_bytes()[:4] == b"\x89PNG"
     assert (results / "work" / "comm").is_dir()
+
+
+@pytest.mark.e2e
+def test_bench_rounds_quick_scores_every_arm_at_every_checkpoint(tmp_path: Path) -> None:
+    # Execute: the real command, in a scratch folder
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune.simulations.cli", "bench", "rounds", "--quick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # Assert: one row per checkpoint with every arm's held-out scores; the FedAvg figures are the
+    # coordinator's own per-round records; the in-process arms learned (scores differ along the curve)
+    results = tmp_path / "results"
+    data = json.loads((results / "rounds.json").read_text())
+    assert data["command"] == "fedtune bench rounds --quick" and data["settings"]["checkpoints"] == [1, 2, 3]
+    rows = data["rows"]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    records = json.loads((results / "work" / "rounds" / "fedavg" / "metrics.json").read_text())
+    assert [r["fedavg_macro_f1"] for r in rows] == [r["macro_f1"] for r in records[1:]]
+    for r in rows:
+        for key in ("fedavg_macro_f1", "centralized_macro_f1", "local_mean_macro_f1", "local_best_macro_f1"):
+            assert 0.0 <= r[key] <= 1.0
+        assert r["local_best_macro_f1"] >= r["local_mean_macro_f1"]
+        assert r["gap_points"] == round(100 * (r["centralized_macro_f1"] - r["fedavg_macro_f1"]), 1)
+        assert r["examples_seen"] == r["round"] * rows[0]["examples_seen"]
+    assert len({r["centralized_accuracy"] for r in rows}) > 1
+    assert any(n.startswith("Target centralized - federated <= 2 points") for n in data["notes"])
+    assert (results / "rounds_macro_f1.png").read_bytes()[:4] == b"\x89PNG"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,7 @@ def _train(
     epochs: int = 1,
     seed: int = 0,
     proximal_mu: float = 0.0,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainResult:
     return train(
         model,
@@ -105,6 +107,7 @@ def _train(
         device=CPU,
         seed=seed,
         proximal_mu=proximal_mu,
+        on_epoch_end=on_epoch_end,
     )
 
 
@@ -193,6 +196,36 @@ def test_fedprox_keeps_the_adapter_near_the_global_one(
     # Assert
     assert 0 < prox_distance < free_distance / 4
     assert prox.loss > free.loss  # the reported loss excludes the proximal term, which held it back
+
+
+def test_scoring_after_each_epoch_leaves_training_unchanged(
+    model: PeftModel,
+    model_and_start: tuple[PeftModel, list[np.ndarray]],
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: TextDataset,
+) -> None:
+    # Prepare: the callback scores the model (moves it to CPU, eval mode), as a learning curve does
+    _, start = model_and_start
+    calls: list[tuple[int, bool]] = []
+    curve: list[np.ndarray] = []
+
+    def on_epoch_end(epoch: int) -> None:
+        calls.append((epoch, model.training))
+        curve.append(
+            predict_proba(model, tokenizer, dataset, batch_size=16, max_length=MAX_LENGTH, device=CPU)
+        )
+
+    # Execute
+    _train(model, tokenizer, dataset, epochs=3, seed=7, on_epoch_end=on_epoch_end)
+    scored = get_adapter_arrays(model)
+    set_adapter_arrays(model, start)
+    _train(model, tokenizer, dataset, epochs=3, seed=7)
+
+    # Assert: called once per epoch in train mode; the same adapter as without it (dropout back on)
+    assert calls == [(1, True), (2, True), (3, True)]
+    assert all(np.array_equal(a, b) for a, b in zip(scored, get_adapter_arrays(model), strict=True))
+    final = predict_proba(model, tokenizer, dataset, batch_size=16, max_length=MAX_LENGTH, device=CPU)
+    assert np.allclose(curve[-1], final) and not np.allclose(curve[0], final)
 
 
 def test_train_refuses_an_empty_dataset(model: PeftModel, tokenizer: PreTrainedTokenizerBase) -> None:
