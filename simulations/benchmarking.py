@@ -160,7 +160,7 @@ def write_results(
 ) -> Path:
     """Print the table and write ``results/NAME.json`` and ``results/NAME.md``; return the JSON path."""
     RESULTS.mkdir(exist_ok=True)
-    command = f"fedtune bench {name}" + (" --quick" if quick else "")
+    command = bench_command(name, quick)
     payload = {
         "benchmark": name,
         "command": command,
@@ -191,6 +191,15 @@ def write_results(
     for n in notes:
         console.print(f"- {n}")
     return RESULTS / f"{name}.json"
+
+
+def bench_command(name: str, quick: bool) -> str:
+    """The command line that reproduces this invocation, with its ``FEDTUNE_BENCH_*`` variables.
+
+    Those variables pick arms, threads or reuse of saved arms, so a table made from a subset says so.
+    """
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FEDTUNE_BENCH_")]
+    return " ".join([*env, f"fedtune bench {name}"]) + (" --quick" if quick else "")
 
 
 def _cell(value: Any) -> str:

@@ -182,6 +182,24 @@ def test_mean_std_and_env_overrides(monkeypatch) -> None:
         choose("FEDTUNE_BENCH_PARTITIONS", ["iid", "dirichlet-0.5"], ["iid", "specialty"])
 
 
+def test_results_record_the_arm_picking_variables_in_the_command(tmp_path: Path, monkeypatch) -> None:
+    from fedtune.simulations import benchmarking
+
+    # Prepare: a subset of arms picked from the environment
+    monkeypatch.setattr(benchmarking, "RESULTS", tmp_path)
+    monkeypatch.setenv("FEDTUNE_BENCH_SEEDS", "43")
+    monkeypatch.setenv("FEDTUNE_BENCH_PARTITIONS", "iid")
+    monkeypatch.setenv("FEDTUNE_OTHER", "x")
+
+    # Execute
+    path = benchmarking.write_results("demo", [{"a": 1}], columns=["a"], quick=True)
+
+    # Assert: a reader can rerun exactly this subset; other variables are left out
+    command = "FEDTUNE_BENCH_PARTITIONS=iid FEDTUNE_BENCH_SEEDS=43 fedtune bench demo --quick"
+    assert json.loads(path.read_text())["command"] == command
+    assert f"`{command}`" in (tmp_path / "demo.md").read_text()
+
+
 def test_cached_reuses_an_arm_only_when_resuming_with_the_same_key(tmp_path: Path, monkeypatch) -> None:
     # Prepare
     calls = []
