@@ -21,7 +21,7 @@ from fedtune.simulations.bench import (
     mean_std,
     skewed_split,
 )
-from fedtune.simulations.bench_secagg import max_abs_difference
+from fedtune.simulations.bench_secagg import cost_per_site, max_abs_difference
 from fedtune.simulations.cli import main
 from sklearn.metrics import roc_auc_score
 
@@ -230,6 +230,22 @@ def test_max_abs_difference_of_adapters() -> None:
     assert max_abs_difference(a, b) == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="different tensors"):
         max_abs_difference(a, {"x": a["x"]})
+
+
+def test_secagg_cost_per_site_recovers_the_slopes_and_the_limit_ratio() -> None:
+    # Prepare: plain = 0.3 s/site + 0.5 s, SecAgg+ adds 0.03 s/site + 0.2 s
+    rows = [
+        {"sites": n, "plain_s_per_round": 0.3 * n + 0.5, "secagg_s_per_round": 0.33 * n + 0.7}
+        for n in (5, 10, 20)
+    ]
+
+    # Execute
+    (note,) = cost_per_site(rows)
+
+    # Assert
+    assert "plain 300 ms per site + 0.50 s" in note and "adds 30 ms per site + 0.20 s" in note
+    assert "= 1.100x" in note
+    assert cost_per_site(rows[:1]) == []
 
 
 def test_diabetes_site_files_are_age_blocks_and_cover_the_pool(tmp_path: Path) -> None:
