@@ -303,20 +303,26 @@ def test_rounds_rows_name_the_arm_missing_a_checkpoint() -> None:
         curve_rows(fed, [_point(2, 0.1)], [], [2])
 
 
-@pytest.mark.e2e
-def test_bench_comm_quick_writes_well_formed_results(tmp_path: Path) -> None:
-    # Execute: the real command, in a scratch folder (results/ is relative to the working directory)
+def _bench_quick(name: str, folder: Path) -> Path:
+    """Run the real ``fedtune bench NAME --quick`` in ``folder`` (results/ is relative to the working
+    directory); return its results folder."""
     proc = subprocess.run(
-        [sys.executable, "-m", "fedtune.simulations.cli", "bench", "comm", "--quick"],
-        cwd=tmp_path,
+        [sys.executable, "-m", "fedtune.simulations.cli", "bench", name, "--quick"],
+        cwd=folder,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return folder / "results"
+
+
+@pytest.mark.e2e
+def test_bench_comm_quick_writes_well_formed_results(tmp_path: Path) -> None:
+    # Execute
+    results = _bench_quick("comm", tmp_path)
 
     # Assert: JSON
-    results = tmp_path / "results"
     data = json.loads((results / "comm.json").read_text())
     assert data["benchmark"] == "comm" and data["command"] == "fedtune bench comm --quick" and data["quick"]
     assert {"cpu", "cores", "torch", "flwr"} <= set(data["machine"])
@@ -341,19 +347,11 @@ def test_bench_comm_quick_writes_well_formed_results(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_bench_rounds_quick_scores_every_arm_at_every_checkpoint(tmp_path: Path) -> None:
-    # Execute: the real command, in a scratch folder
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedtune.simulations.cli", "bench", "rounds", "--quick"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Execute
+    results = _bench_quick("rounds", tmp_path)
 
     # Assert: one row per checkpoint with every arm's held-out scores; the FedAvg figures are the
     # coordinator's own per-round records; the in-process arms learned (scores differ along the curve)
-    results = tmp_path / "results"
     data = json.loads((results / "rounds.json").read_text())
     assert data["command"] == "fedtune bench rounds --quick" and data["settings"]["checkpoints"] == [1, 2, 3]
     rows = data["rows"]
