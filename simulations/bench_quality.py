@@ -233,6 +233,7 @@ def _target_notes(results: dict[str, dict[str, list[dict[str, float]]]]) -> list
             f"mean local-only {100 * local:.1f}, federated - local = {lift:+.1f} points (target >= 10: "
             f"{'met' if lift >= 10 else 'missed'})."
         )
+    notes.append("`fedtune bench rounds` follows FedAvg, centralized and local-only over 20 rounds here.")
     return notes
 
 
