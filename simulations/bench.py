@@ -120,6 +120,17 @@ def cached(path: Path, key: Mapping[str, Any], compute: Callable[[], dict[str, A
     return result
 
 
+def resolved(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Every setting an arm with these overrides runs with, defaults included (not its output folder).
+
+    Part of a saved arm's key, so that an arm computed before a default changed is not reused.
+    """
+    from fedtune.common.config import key_of, parse_run_config
+
+    full = parse_run_config(dict(run_config)).to_run_config()
+    return {k: v for k, v in full.items() if k != key_of("out_dir")}
+
+
 def env_list(var: str, default: Sequence[Any], cast: Callable[[str], Any] = str) -> list[Any]:
     """A comma-separated override of a benchmark's arms from the environment, else ``default``.
 

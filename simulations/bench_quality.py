@@ -50,6 +50,7 @@ from .bench import (
     mean_std,
     new_figure,
     pm,
+    resolved,
     save_figure,
     train_and_score,
     work_dir,
@@ -143,12 +144,12 @@ def run(
                         "seconds": arm.seconds,
                     }
 
-                arms.setdefault(strategy, []).append(
-                    cached(folder / f"{label}.json", {**key, "strategy": strategy}, federated)
-                )
+                config = resolved({**run_config, "strategy": strategy})
+                arm_key = {**key, "strategy": strategy, "config": config}
+                arms.setdefault(strategy, []).append(cached(folder / f"{label}.json", arm_key, federated))
             pooled = cached(
                 folder / f"{part}-seed{seed}-pooled.json",
-                {**key, "epochs": epochs},
+                {**key, "epochs": epochs, "config": resolved(run_config)},
                 lambda run_config=run_config: _pooled_arms(run_config, s["sites"], epochs),
             )
             arms.setdefault("centralized", []).append(pooled["centralized"])

@@ -24,7 +24,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .bench import cached, concat, federated_arm, new_figure, save_figure, train_and_score, work_dir
+from .bench import (
+    cached,
+    concat,
+    federated_arm,
+    new_figure,
+    resolved,
+    save_figure,
+    train_and_score,
+    work_dir,
+)
 from .benchmarking import write_results
 
 NAME = "rounds"
@@ -53,7 +62,12 @@ def run(quick: bool) -> Path:
         "dirichlet-alpha": 0.3,
         "strategy": "fedavg",
     }
-    key = {"sites": s["sites"], "run_config": run_config, "checkpoints": s["checkpoints"]}
+    key = {
+        "sites": s["sites"],
+        "run_config": run_config,
+        "checkpoints": s["checkpoints"],
+        "config": resolved(run_config),
+    }
     folder = work_dir(NAME) / "arms"
 
     def federated() -> dict[str, Any]:

@@ -221,6 +221,19 @@ def test_cached_reuses_an_arm_only_when_resuming_with_the_same_key(tmp_path: Pat
     assert len(calls) == 3  # other settings: recomputed
 
 
+def test_resolved_config_of_an_arm_holds_every_default_but_no_output_folder() -> None:
+    from fedtune.common.config import FedConfig
+    from fedtune.simulations.bench import resolved
+
+    # Execute
+    config = resolved({"strategy": "fedadam", "out-dir": "somewhere"})
+
+    # Assert: a default that is not overridden is part of the key; the output folder is not
+    assert config["fedadam-eta"] == FedConfig.fedadam_eta and config["strategy"] == "fedadam"
+    assert config["learning-rate"] == FedConfig.learning_rate and "out-dir" not in config
+    assert resolved({"fedadam-eta": 0.01}) != resolved({})
+
+
 def test_max_abs_difference_of_adapters() -> None:
     # Prepare
     a = {"x": np.zeros((2, 2), np.float32), "y": np.ones(3, np.float32)}
