@@ -109,15 +109,35 @@ def cached(path: Path, key: Mapping[str, Any], compute: Callable[[], dict[str, A
     Long benchmarks can so be run in parts (a subset of arms per invocation) and assembled by a last
     run with every arm and ``FEDTUNE_BENCH_RESUME=1``. Without the variable every arm is recomputed.
     """
-    key = json.loads(json.dumps(key, default=str))
-    if os.environ.get("FEDTUNE_BENCH_RESUME") == "1" and path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return saved["result"]
+    if os.environ.get("FEDTUNE_BENCH_RESUME") == "1":
+        result = saved(path, key)
+        if result is not None:
+            return result
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "result": result}, indent=2, default=float) + "\n")
+    path.write_text(json.dumps({"key": _jsonable(key), "result": result}, indent=2, default=float) + "\n")
     return result
+
+
+def saved(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The arm result saved at ``path`` by :func:`cached` if its key equals ``key``, else ``None``."""
+    if not path.is_file():
+        return None
+    entry = json.loads(path.read_text())
+    return entry["result"] if entry.get("key") == _jsonable(key) else None
+
+
+def saved_only() -> bool:
+    """``FEDTUNE_BENCH_SAVED_ONLY=1``: assemble the table from saved arms only, computing nothing.
+
+    A grid run in parts over several sessions can so be reported as it stands; the arms not saved
+    yet are listed in the results.
+    """
+    return os.environ.get("FEDTUNE_BENCH_SAVED_ONLY") == "1"
+
+
+def _jsonable(key: Mapping[str, Any]) -> Any:
+    return json.loads(json.dumps(key, default=str))
 
 
 def resolved(run_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -31,13 +31,15 @@ Running a subset
     Each arm's result is kept in ``results/work/quality/arms/``; with ``FEDTUNE_BENCH_RESUME=1`` an arm
     already computed with the same settings is reused, so the grid can be run in parts and assembled
     by a final run over every arm. ``results/quality.json`` holds the arms of the last invocation.
+    ``FEDTUNE_BENCH_SAVED_ONLY=1`` computes nothing: it reports the saved arms of the chosen grid and
+    lists the ones not run yet (a grid still in progress, as it stands).
 
 Quick: 1 seed, ``iid`` and ``dirichlet-0.3``, fedavg only, 4 sites, 2 rounds, ``max-examples=800``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,8 @@ from .bench import (
     pm,
     resolved,
     save_figure,
+    saved,
+    saved_only,
     train_and_score,
     work_dir,
 )
@@ -114,6 +118,16 @@ def run(
     )
     seeds = list(seeds or env_list("FEDTUNE_BENCH_SEEDS", s["seeds"], int))
     epochs = s["rounds"] * s["local_epochs"]
+    missing: list[str] = []  # with FEDTUNE_BENCH_SAVED_ONLY=1: arms not saved yet
+
+    def arm(path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        if not saved_only():
+            return cached(path, key, compute)
+        result = saved(path, key)
+        if result is None:
+            missing.append(path.stem)
+        return result
+
     # results[partition][arm] -> one {accuracy, macro_f1} per seed
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     for part in partitions:
@@ -145,13 +159,18 @@ def run(
                     }
 
                 config = resolved({**run_config, "strategy": strategy})
-                arm_key = {**key, "strategy": strategy, "config": config}
-                arms.setdefault(strategy, []).append(cached(folder / f"{label}.json", arm_key, federated))
-            pooled = cached(
+                result = arm(
+                    folder / f"{label}.json", {**key, "strategy": strategy, "config": config}, federated
+                )
+                if result is not None:
+                    arms.setdefault(strategy, []).append(result)
+            pooled = arm(
                 folder / f"{part}-seed{seed}-pooled.json",
                 {**key, "epochs": epochs, "config": resolved(run_config)},
                 lambda run_config=run_config: _pooled_arms(run_config, s["sites"], epochs),
             )
+            if pooled is None:
+                continue
             arms.setdefault("centralized", []).append(pooled["centralized"])
             local = pooled["local"]
             arms.setdefault("local-mean", []).append(
@@ -185,6 +204,8 @@ def run(
         f"for {epochs} epochs (= rounds x local epochs, the examples the federation sees).",
         *_target_notes(results),
     ]
+    if missing:
+        notes.append(f"Not run yet (assembled from saved arms only): {', '.join(missing)}.")
     _plot(rows, "macro_f1", "macro-F1")
     _plot(rows, "accuracy", "accuracy")
     return write_results(
@@ -195,6 +216,7 @@ def run(
         extra={
             "settings": {**s, "partitions": partitions, "strategies": strategies, "seeds": seeds},
             "per_seed": results,
+            "missing": missing,
         },
         quick=quick,
     )
@@ -217,9 +239,9 @@ def _pooled_arms(run_config: dict[str, Any], sites: int, epochs: int) -> dict[st
 
 
 def _target_notes(results: dict[str, dict[str, list[dict[str, float]]]]) -> list[str]:
-    arms = results.get(TARGET_PARTITION)
-    if not arms:
-        return [f"Targets are judged at {TARGET_PARTITION}, which this run did not include."]
+    arms = results.get(TARGET_PARTITION, {})
+    if "centralized" not in arms:
+        return [f"Targets are judged at {TARGET_PARTITION}, whose baselines this run did not include."]
     central, _ = mean_std([r["macro_f1"] for r in arms["centralized"]])
     local, _ = mean_std([r["macro_f1"] for r in arms["local-mean"]])
     notes = []

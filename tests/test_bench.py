@@ -234,6 +234,46 @@ def test_resolved_config_of_an_arm_holds_every_default_but_no_output_folder() ->
     assert resolved({"fedadam-eta": 0.01}) != resolved({})
 
 
+def test_quality_saved_only_reports_the_saved_arms_and_lists_the_rest(tmp_path: Path, monkeypatch) -> None:
+    from fedtune.simulations import bench_quality
+    from fedtune.simulations.benchmarking import Arm
+
+    # Prepare: the quick grid computed once with stand-in arms (F1 0.2 federated, 0.3 centralized)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDTUNE_BENCH_RESUME", "1")
+    record = {"round": 2, "accuracy": 0.5, "macro_f1": 0.2}
+    monkeypatch.setattr(
+        bench_quality,
+        "federated_arm",
+        lambda *a, **k: Arm(records=[record], seconds=1.0, peak_rss_bytes=0, out=tmp_path),
+    )
+    local = [{"accuracy": 0.1, "macro_f1": 0.05}, {"accuracy": 0.2, "macro_f1": 0.15}]
+    pooled = {"centralized": {"accuracy": 0.6, "macro_f1": 0.3}, "local": local}
+    monkeypatch.setattr(bench_quality, "_pooled_arms", lambda *a: pooled)
+    bench_quality.run(True)
+    (tmp_path / "results" / "work" / "quality" / "arms" / "iid-seed42-pooled.json").unlink()
+
+    # Execute: assemble from saved arms only; computing anything would fail
+    def must_not_run(*a: object, **k: object) -> None:
+        raise AssertionError("an arm was computed")
+
+    monkeypatch.setattr(bench_quality, "federated_arm", must_not_run)
+    monkeypatch.setattr(bench_quality, "_pooled_arms", must_not_run)
+    monkeypatch.setenv("FEDTUNE_BENCH_SAVED_ONLY", "1")
+    data = json.loads(bench_quality.run(True).read_text())
+
+    # Assert: iid keeps its federated arm only; dirichlet-0.3 has every arm and its target notes
+    assert data["missing"] == ["iid-seed42-pooled"]
+    arms = {(r["partition"], r["arm"]): r for r in data["rows"]}
+    assert set(arms) == {("iid", "fedavg")} | {
+        ("dirichlet-0.3", a) for a in ("fedavg", "centralized", "local-mean", "local-best")
+    }
+    assert arms["dirichlet-0.3", "local-mean"]["macro_f1_mean"] == pytest.approx(0.1)
+    assert any("centralized - federated = +10.0 points" in n for n in data["notes"])
+    assert data["notes"][-1] == "Not run yet (assembled from saved arms only): iid-seed42-pooled."
+    assert "FEDTUNE_BENCH_SAVED_ONLY=1" in data["command"]
+
+
 def test_max_abs_difference_of_adapters() -> None:
     # Prepare
     a = {"x": np.zeros((2, 2), np.float32), "y": np.ones(3, np.float32)}
