@@ -203,6 +203,7 @@ def run(
         "every arm scored on the coordinator's held-out set. Centralized and local-only train in-process "
         f"for {epochs} epochs (= rounds x local epochs, the examples the federation sees).",
         *_target_notes(results),
+        *_gap_note(results),
     ]
     if missing:
         notes.append(f"Not run yet (assembled from saved arms only): {', '.join(missing)}.")
@@ -258,6 +259,18 @@ def _target_notes(results: dict[str, dict[str, list[dict[str, float]]]]) -> list
         )
     notes.append("`fedtune bench rounds` follows FedAvg, centralized and local-only over 20 rounds here.")
     return notes
+
+
+def _gap_note(results: dict[str, dict[str, list[dict[str, float]]]]) -> list[str]:
+    """Centralized - FedAvg macro-F1 by partition (is the gap there without label skew too?)."""
+    gaps = []
+    for part, arms in results.items():
+        if "fedavg" in arms and "centralized" in arms:
+            fed, _ = mean_std([r["macro_f1"] for r in arms["fedavg"]])
+            central, _ = mean_std([r["macro_f1"] for r in arms["centralized"]])
+            seeds = min(len(arms["fedavg"]), len(arms["centralized"]))
+            gaps.append(f"{part} {100 * (central - fed):+.1f} ({seeds} seed{'s' if seeds > 1 else ''})")
+    return [f"Centralized - FedAvg, macro-F1 points, by partition: {', '.join(gaps)}."] if gaps else []
 
 
 def _plot(rows: list[dict[str, Any]], metric: str, label: str) -> None:

@@ -270,6 +270,7 @@ def test_quality_saved_only_reports_the_saved_arms_and_lists_the_rest(tmp_path: 
     }
     assert arms["dirichlet-0.3", "local-mean"]["macro_f1_mean"] == pytest.approx(0.1)
     assert any("centralized - federated = +10.0 points" in n for n in data["notes"])
+    assert "by partition: dirichlet-0.3 +10.0 (1 seed)." in data["notes"][-2]
     assert data["notes"][-1] == "Not run yet (assembled from saved arms only): iid-seed42-pooled."
     assert "FEDTUNE_BENCH_SAVED_ONLY=1" in data["command"]
 
