@@ -120,7 +120,9 @@ def run(
     epochs = s["rounds"] * s["local_epochs"]
     missing: list[str] = []  # with FEDTUNE_BENCH_SAVED_ONLY=1: arms not saved yet
 
-    def arm(path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    def reuse_or_run(
+        path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any] | None:
         if not saved_only():
             return cached(path, key, compute)
         result = saved(path, key)
@@ -159,12 +161,12 @@ def run(
                     }
 
                 config = resolved({**run_config, "strategy": strategy})
-                result = arm(
+                result = reuse_or_run(
                     folder / f"{label}.json", {**key, "strategy": strategy, "config": config}, federated
                 )
                 if result is not None:
                     arms.setdefault(strategy, []).append(result)
-            pooled = arm(
+            pooled = reuse_or_run(
                 folder / f"{part}-seed{seed}-pooled.json",
                 {**key, "epochs": epochs, "config": resolved(run_config)},
                 lambda run_config=run_config: _pooled_arms(run_config, s["sites"], epochs),
