@@ -113,9 +113,11 @@ def cached(path: Path, key: Mapping[str, Any], compute: Callable[[], dict[str, A
         result = saved(path, key)
         if result is not None:
             return result
+    from fedtune.server.federation import write_json_atomic
+
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": _jsonable(key), "result": result}, indent=2, default=float) + "\n")
+    # atomic: a benchmark killed while saving leaves the previous file or none, never half of one
+    write_json_atomic(path, {"key": _jsonable(key), "result": json.loads(json.dumps(result, default=float))})
     return result
 
 
@@ -123,7 +125,12 @@ def saved(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
     """The arm result saved at ``path`` by :func:`cached` if its key equals ``key``, else ``None``."""
     if not path.is_file():
         return None
-    entry = json.loads(path.read_text())
+    try:
+        entry = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(
+            f"Saved arm {path} is not valid JSON ({err}): delete it to recompute the arm."
+        ) from None
     return entry["result"] if entry.get("key") == _jsonable(key) else None
 
 

@@ -182,6 +182,21 @@ def test_mean_std_and_env_overrides(monkeypatch) -> None:
         choose("FEDTUNE_BENCH_PARTITIONS", ["iid", "dirichlet-0.5"], ["iid", "specialty"])
 
 
+def test_a_broken_saved_arm_is_named_and_nothing_is_left_half_written(tmp_path: Path, monkeypatch) -> None:
+    # Prepare: an arm file cut short, as a crash while writing without a rename would leave it
+    monkeypatch.setenv("FEDTUNE_BENCH_RESUME", "1")
+    path = tmp_path / "arm.json"
+    path.write_text('{"key": {"seed": 1}, "res')
+
+    # Execute / Assert: the file and the fix are named; recomputing writes the whole entry, no temp file
+    with pytest.raises(ValueError, match=rf"Saved arm {path} is not valid JSON .*delete it"):
+        cached(path, {"seed": 1}, lambda: {"macro_f1": np.float32(0.25)})
+    path.unlink()
+    assert cached(path, {"seed": 1}, lambda: {"macro_f1": np.float32(0.25)}) == {"macro_f1": np.float32(0.25)}
+    assert json.loads(path.read_text()) == {"key": {"seed": 1}, "result": {"macro_f1": 0.25}}
+    assert [p.name for p in tmp_path.iterdir()] == ["arm.json"]
+
+
 def test_results_record_the_arm_picking_variables_in_the_command(tmp_path: Path, monkeypatch) -> None:
     from fedtune.simulations import benchmarking
 
