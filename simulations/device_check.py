@@ -2,7 +2,9 @@
 
 Runs the same seeded local training (``fedtune.common.train``, what a site runs each round)
 on every requested device, side by side, and writes ``OUT/device_check.json`` and
-``OUT/device_check.md``. Needs no Flower::
+``OUT/device_check.md``. Each device first trains, untimed, on two batches (CUDA context, kernel
+loading), and the adapter is reset after it, so the first device measured does not pay for start-up.
+Needs no Flower::
 
     python -m fedtune.simulations.device_check --devices auto,cpu --out results/device
 """
@@ -14,6 +16,7 @@ import json
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
 from fedtune.common.config import parse_overrides, parse_run_config
@@ -38,9 +41,11 @@ def check(devices: list[str], run_config: dict[str, str]) -> list[dict]:
     model = build_peft_model(PeftSpec.from_config(cfg, model_dir, len(data.label_names)))
     tokenizer = load_tokenizer(model_dir)
     initial, frozen = get_adapter_arrays(model), frozen_state_fingerprint(model)
+    warm_up = train_set.subset(np.arange(min(len(train_set), 2 * cfg.batch_size)))
     rows = []
     for name in devices:
         device = select_device(name)
+        train_local(model, tokenizer, warm_up, cfg, device=device, seed=cfg.seed)
         set_adapter_arrays(model, initial)
         fit = train_local(
             model,
