@@ -262,8 +262,11 @@ def test_quality_saved_only_reports_the_saved_arms_and_lists_the_rest(tmp_path: 
         "federated_arm",
         lambda *a, **k: Arm(records=[record], seconds=1.0, peak_rss_bytes=0, out=tmp_path),
     )
-    local = [{"accuracy": 0.1, "macro_f1": 0.05}, {"accuracy": 0.2, "macro_f1": 0.15}]
-    pooled = {"centralized": {"accuracy": 0.6, "macro_f1": 0.3}, "local": local}
+    local = [
+        {"accuracy": 0.1, "macro_f1": 0.05, "train_examples": 64},  # 2 steps of 32 per epoch
+        {"accuracy": 0.2, "macro_f1": 0.15, "train_examples": 100},  # 4 steps
+    ]
+    pooled = {"centralized": {"accuracy": 0.6, "macro_f1": 0.3, "train_examples": 164}, "local": local}
     monkeypatch.setattr(bench_quality, "_pooled_arms", lambda *a: pooled)
     bench_quality.run(True)
     (tmp_path / "results" / "work" / "quality" / "arms" / "iid-seed42-pooled.json").unlink()
@@ -285,6 +288,9 @@ def test_quality_saved_only_reports_the_saved_arms_and_lists_the_rest(tmp_path: 
     }
     assert arms["dirichlet-0.3", "local-mean"]["macro_f1_mean"] == pytest.approx(0.1)
     assert any("centralized - federated = +10.0 points" in n for n in data["notes"])
+    steps = next(n for n in data["notes"] if n.startswith("What limits federated"))
+    assert "a site takes 3.0 AdamW steps per round on average (6 over the run" in steps
+    assert "centralized takes 6 steps per epoch (12 in all, one optimiser): 2.0x as many" in steps
     assert "by partition: dirichlet-0.3 +10.0 (1 seed)." in data["notes"][-2]
     assert data["notes"][-1] == "Not run yet (assembled from saved arms only): iid-seed42-pooled."
     assert "FEDTUNE_BENCH_SAVED_ONLY=1" in data["command"]
