@@ -291,17 +291,22 @@ def _step_budget_arm(run_config: dict[str, Any], sites: int, rounds: int) -> dic
     return {**{k: res[k] for k in keys}, "steps": steps}
 
 
+def _mean_f1(arms: dict[str, list[dict[str, float]]], arm: str) -> float:
+    """Mean macro-F1 of ``arm`` over its seeds."""
+    return mean_std([r["macro_f1"] for r in arms[arm]])[0]
+
+
 def _target_notes(results: dict[str, dict[str, list[dict[str, float]]]]) -> list[str]:
     arms = results.get(TARGET_PARTITION, {})
     if "centralized" not in arms:
         return [f"Targets are judged at {TARGET_PARTITION}, whose baselines this run did not include."]
-    central, _ = mean_std([r["macro_f1"] for r in arms["centralized"]])
-    local, _ = mean_std([r["macro_f1"] for r in arms["local-mean"]])
+    central = _mean_f1(arms, "centralized")
+    local = _mean_f1(arms, "local-mean")
     notes = []
     for strategy in STRATEGIES:
         if strategy not in arms:
             continue
-        fed, _ = mean_std([r["macro_f1"] for r in arms[strategy]])
+        fed = _mean_f1(arms, strategy)
         gap, lift = 100 * (central - fed), 100 * (fed - local)
         notes.append(
             f"{TARGET_PARTITION}, {strategy}: macro-F1 {100 * fed:.1f}; centralized {100 * central:.1f}, "
@@ -334,8 +339,8 @@ def _budget_note(results: dict[str, dict[str, list[dict[str, float]]]]) -> list[
     parts = []
     for part, arms in results.items():
         if "fedavg" in arms and "centralized-steps" in arms:
-            fed, _ = mean_std([r["macro_f1"] for r in arms["fedavg"]])
-            budget, _ = mean_std([r["macro_f1"] for r in arms["centralized-steps"]])
+            fed = _mean_f1(arms, "fedavg")
+            budget = _mean_f1(arms, "centralized-steps")
             steps, _ = mean_std([r["steps"] for r in arms["centralized-steps"]])
             parts.append(f"{part} {100 * budget:.1f} vs {100 * fed:.1f} ({steps:.0f} steps)")
     if not parts:
@@ -353,8 +358,8 @@ def _gap_note(results: dict[str, dict[str, list[dict[str, float]]]]) -> list[str
     gaps = []
     for part, arms in results.items():
         if "fedavg" in arms and "centralized" in arms:
-            fed, _ = mean_std([r["macro_f1"] for r in arms["fedavg"]])
-            central, _ = mean_std([r["macro_f1"] for r in arms["centralized"]])
+            fed = _mean_f1(arms, "fedavg")
+            central = _mean_f1(arms, "centralized")
             seeds = min(len(arms["fedavg"]), len(arms["centralized"]))
             gaps.append(f"{part} {100 * (central - fed):+.1f} ({seeds} seed{'s' if seeds > 1 else ''})")
     return [f"Centralized - FedAvg, macro-F1 points, by partition: {', '.join(gaps)}."] if gaps else []
