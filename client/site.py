@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 from fedtune.common import instructions
-from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
+from fedtune.common.adapters import frozen_adapter_fingerprint, get_adapter_arrays, set_adapter_arrays
 from fedtune.common.config import FedConfig
-from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer
+from fedtune.common.model import FingerprintMismatchError, PeftSpec, build_peft_model, load_tokenizer
 from fedtune.common.sites import SiteData, site_data
 from fedtune.common.train import evaluate, select_device, train_local
 from flwr.client import NumPyClient
@@ -31,6 +31,14 @@ class SiteClient(NumPyClient):
         model_dir = site_model_dir(self.node_config, ins.base_fingerprint, self.default_base_model)
         data: SiteData = site_data(ins.cfg, self.node_config)
         model = build_peft_model(PeftSpec.from_config(ins.cfg, model_dir, len(data.train.label_names)))
+        local = frozen_adapter_fingerprint(model)
+        if local != ins.frozen_fingerprint:
+            raise FingerprintMismatchError(
+                f"This site's frozen LoRA A matrices (`lora-variant=ffa`) have fingerprint "
+                f"{local or 'none'}, the coordinator's {ins.frozen_fingerprint or 'none'}: their seeded "
+                "initialisation differs "
+                "(another torch version?). Refusing to train: install the coordinator's torch version."
+            )
         set_adapter_arrays(model, parameters)
         return ins, data, model, load_tokenizer(model_dir), select_device(ins.cfg.device)
 
@@ -45,12 +53,14 @@ class SiteClient(NumPyClient):
             cfg,
             device=device,
             seed=cfg.seed + ins.server_round,
+            server_round=ins.server_round,
             proximal_mu=ins.proximal_mu,
         )
         arrays = get_adapter_arrays(model)
         metrics = {
             "train_loss": result.loss,
             "train_seconds": result.seconds,
+            "train_steps": result.steps,
             "examples_per_second": result.examples / result.seconds,
         }
         # Client-level DP averages sites uniformly (each site's weight is 1), else weight = examples.

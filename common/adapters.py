@@ -22,14 +22,39 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 FEDTUNE_METADATA = "fedtune.json"
 
 
+def _exchanged_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The PEFT state that travels: all of it, less LoRA's A matrices when they are frozen (FFA-LoRA).
+
+    A frozen A stays at the seeded initialisation every site and the coordinator share, so sending it
+    would only double the upload; the shared adapter written at the end still holds it.
+    """
+    state = get_peft_model_state_dict(model)
+    a_frozen = any("lora_A" in n for n, _ in model.named_parameters()) and not any(
+        p.requires_grad for n, p in model.named_parameters() if "lora_A" in n
+    )
+    return {k: v for k, v in state.items() if not (a_frozen and "lora_A" in k)}
+
+
+def frozen_adapter_fingerprint(model: PeftModel) -> str:
+    """SHA-256 of the PEFT tensors that are frozen and never sent (FFA-LoRA's A); ``""`` when none are.
+
+    Every site must hold the coordinator's A for the averaged B to mean anything: the coordinator sends
+    this fingerprint and a site refuses to train on a mismatch (e.g. another torch version's init).
+    """
+    frozen = [p.detach().float().cpu().numpy() for n, p in sorted(model.named_parameters()) if "lora_A" in n]
+    if not frozen or any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n):
+        return ""
+    return arrays_fingerprint(frozen)
+
+
 def adapter_names(model: PeftModel) -> list[str]:
     """Names of the exchanged tensors, in wire order."""
-    return sorted(get_peft_model_state_dict(model))
+    return sorted(_exchanged_state(model))
 
 
 def get_adapter_arrays(model: PeftModel) -> list[np.ndarray]:
-    """The PEFT state as float32 numpy arrays in wire order (copies)."""
-    state = get_peft_model_state_dict(model)
+    """The exchanged PEFT state as float32 numpy arrays in wire order (copies)."""
+    state = _exchanged_state(model)
     return [state[k].detach().float().cpu().numpy().copy() for k in sorted(state)]
 
 
@@ -41,7 +66,7 @@ def set_adapter_arrays(model: PeftModel, arrays: list[np.ndarray]) -> None:
     ValueError
         On a wrong tensor count, or a tensor whose shape or values are wrong (names the tensor).
     """
-    state = get_peft_model_state_dict(model)
+    state = _exchanged_state(model)
     names = sorted(state)
     if len(arrays) != len(names):
         raise ValueError(f"Adapter has {len(names)} tensors ({names[:3]}...), received {len(arrays)}.")

@@ -23,7 +23,10 @@ from typing import Any, Literal, get_args
 PeftMethod = Literal["lora", "prefix"]
 Task = Literal["icd10-chapter", "diabetes", "csv"]
 Partitioning = Literal["iid", "dirichlet", "specialty"]
-StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"]
+LoraVariant = Literal["standard", "ffa"]
+LabelSkew = Literal["none", "logit-adjust", "restricted-softmax"]
+LrSchedule = Literal["constant", "cosine"]
 Device = Literal["auto", "cpu", "cuda"]
 DpMode = Literal["off", "distributed", "central"]
 Accountant = Literal["rdp", "pld"]
@@ -50,12 +53,16 @@ class FedConfig:
         1.0, "Fraction of connected sites sampled to evaluate locally.", min=0.0, max=1.0
     )
     min_clients: int = _opt(2, "Sites that must be connected (and sampled) before a round starts.", min=1)
-    strategy: StrategyName = _opt("fedavg", "Server aggregation: fedavg, fedprox or fedadam.")
+    strategy: StrategyName = _opt(
+        "fedavg", "Server aggregation (Flower's strategies): fedavg, fedprox, fedavgm, fedadam or fedyogi."
+    )
     fedprox_mu: float = _opt(0.01, "FedProx proximal weight on the PEFT parameters.", min=0.0)
-    fedadam_eta: float = _opt(1e-3, "FedAdam server learning rate.", min=0.0)
-    fedadam_beta_1: float = _opt(0.9, "FedAdam first-moment decay.", min=0.0, max=1.0)
-    fedadam_beta_2: float = _opt(0.99, "FedAdam second-moment decay.", min=0.0, max=1.0)
-    fedadam_tau: float = _opt(1e-9, "FedAdam adaptivity (epsilon).", min=0.0)
+    fedavgm_lr: float = _opt(1.0, "FedAvgM server learning rate (1 with momentum 0 = FedAvg).", min=0.0)
+    fedavgm_momentum: float = _opt(0.5, "FedAvgM server momentum.", min=0.0, max=0.999)
+    fedopt_eta: float = _opt(1e-2, "FedAdam / FedYogi server learning rate.", min=0.0)
+    fedopt_beta_1: float = _opt(0.9, "FedAdam / FedYogi first-moment decay.", min=0.0, max=1.0)
+    fedopt_beta_2: float = _opt(0.99, "FedAdam / FedYogi second-moment decay.", min=0.0, max=1.0)
+    fedopt_tau: float = _opt(1e-3, "FedAdam / FedYogi adaptivity (epsilon).", min=0.0)
     # --- secure aggregation (Flower SecAgg+) ------------------------------------------
     secure_aggregation: bool = _opt(
         True, "Mask site updates with Flower's SecAgg+ (server sees only the sum)."
@@ -120,13 +127,38 @@ class FedConfig:
     lora_alpha: int = _opt(16, "LoRA scaling alpha.", min=1)
     lora_dropout: float = _opt(0.05, "LoRA dropout.", min=0.0, max=1.0)
     lora_target_modules: str = _opt("query,value", "Comma-separated module names LoRA adapts.")
+    lora_variant: LoraVariant = _opt(
+        "standard",
+        "standard (A and B trained and exchanged) or ffa (FFA-LoRA, Sun et al. 2024: A frozen at the shared "
+        "seeded init, only B trained and exchanged, so the average of the sites' updates is exact).",
+    )
     prefix_virtual_tokens: int = _opt(10, "Prefix-tuning virtual tokens per layer.", min=1)
     max_length: int = _opt(48, "Tokenizer truncation length.", min=8)
     # --- local training ---------------------------------------------------------------
-    local_epochs: int = _opt(1, "Local epochs per round at each site.", min=1)
+    local_epochs: int = _opt(1, "Local epochs per round at each site (when `local-steps` is 0).", min=1)
+    local_steps: int = _opt(
+        0, "Optimiser steps per round at each site (batches drawn epoch by epoch); 0 = `local-epochs`.", min=0
+    )
     batch_size: int = _opt(32, "Local mini-batch size.", min=1)
-    learning_rate: float = _opt(5e-3, "Local AdamW learning rate (adapter and head).", min=0.0)
+    learning_rate: float = _opt(5e-3, "Local AdamW peak learning rate (adapter and head).", min=0.0)
+    lr_schedule: LrSchedule = _opt(
+        "constant",
+        "Local learning rate over the whole run's local steps (driven by the server round): constant, or "
+        "cosine (linear warm-up, then cosine decay to 0 at the last round's last step).",
+    )
+    lr_warmup: float = _opt(
+        0.0, "Share of the run's local steps spent warming up (cosine).", min=0.0, max=0.5
+    )
     weight_decay: float = _opt(0.0, "Local AdamW weight decay.", min=0.0)
+    label_skew: LabelSkew = _opt(
+        "none",
+        "Label-skew correction in local training: none; logit-adjust (train against the site's label prior, "
+        "Menon et al. 2021 / FedLC); restricted-softmax (scale the logits of labels the site lacks, FedRS).",
+    )
+    logit_adjust_tau: float = _opt(1.0, "Logit adjustment: weight of the log label prior.", min=0.0)
+    restricted_softmax_alpha: float = _opt(
+        0.5, "Restricted softmax: factor on the logits of labels absent at the site.", min=0.0, max=1.0
+    )
     device: Device = _opt("auto", "Where sites train: auto (CUDA if present, else CPU), cpu or cuda.")
     # --- data ---------------------------------------------------------------------------
     task: Task = _opt("icd10-chapter", "Task: icd10-chapter, diabetes or csv.")
@@ -184,6 +216,11 @@ class FedConfig:
         if self.test_data_path and self.task != "csv":
             raise ConfigError(
                 "`test-data-path` is for `task=csv`; the packaged tasks hold out `holdout-fraction`."
+            )
+        if self.lora_variant == "ffa" and self.peft_method != "lora":
+            raise ConfigError(
+                f"`lora-variant=ffa` freezes LoRA's A matrices, but `peft-method` is {self.peft_method!r}: "
+                "use `peft-method=lora` or `lora-variant=standard`."
             )
         if self.peft_method == "lora" and not self.target_modules:
             raise ConfigError("`lora-target-modules` is empty; give e.g. `query,value`.")

@@ -16,6 +16,7 @@ from .config import VALID_KEYS, FedConfig, parse_run_config
 
 ROUND = "fedtune.round"
 BASE_FINGERPRINT = "fedtune.base-fingerprint"
+FROZEN_FINGERPRINT = "fedtune.frozen-adapter-fingerprint"  # FFA-LoRA's shared A (absent otherwise)
 DP_NOISE_STD = "fedtune.dp-noise-std"  # std of the Gaussian noise one site adds (distributed DP)
 PROXIMAL_MU = "proximal_mu"  # the key Flower's FedProx strategy puts in the fit config
 CLIPPING_NORM = "clipping_norm"  # the key Flower's `fixedclipping_mod` reads
@@ -30,13 +31,21 @@ class Instruction:
     base_fingerprint: str
     dp_noise_std: float
     proximal_mu: float
+    frozen_fingerprint: str = ""
 
 
 def encode(
-    cfg: FedConfig, server_round: int, base_fingerprint: str, *, dp_noise_std: float = 0.0
+    cfg: FedConfig,
+    server_round: int,
+    base_fingerprint: str,
+    *,
+    dp_noise_std: float = 0.0,
+    frozen_fingerprint: str = "",
 ) -> dict[str, Any]:
     """Flat config dict for one round's messages."""
     out: dict[str, Any] = {**cfg.to_run_config(), ROUND: server_round, BASE_FINGERPRINT: base_fingerprint}
+    if frozen_fingerprint:
+        out[FROZEN_FINGERPRINT] = frozen_fingerprint
     if cfg.dp_mode != "off":
         out |= {CLIPPING_NORM: cfg.dp_clipping_norm, DP_NOISE_STD: float(dp_noise_std)}
     return out
@@ -61,4 +70,5 @@ def decode(config: Mapping[str, Any]) -> Instruction:
         base_fingerprint=str(config[BASE_FINGERPRINT]),
         dp_noise_std=float(config.get(DP_NOISE_STD, 0.0)),
         proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
+        frozen_fingerprint=str(config.get(FROZEN_FINGERPRINT, "")),
     )

@@ -126,6 +126,7 @@ class PeftSpec:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     target_modules: tuple[str, ...] = ("query", "value")
+    lora_variant: str = "standard"
     virtual_tokens: int = 10
     seed: int = 0
 
@@ -140,6 +141,7 @@ class PeftSpec:
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
             target_modules=cfg.target_modules,
+            lora_variant=cfg.lora_variant,
             virtual_tokens=cfg.prefix_virtual_tokens,
             seed=cfg.seed,
         )
@@ -161,6 +163,8 @@ def _prefix(spec: PeftSpec) -> PeftConfig:
 
 # method name -> PEFT config builder; for SEQ_CLS peft also trains and saves the classifier head.
 PEFT_METHODS: dict[str, Callable[[PeftSpec], PeftConfig]] = {"lora": _lora, "prefix": _prefix}
+# `lora-variant` name -> whether LoRA's A matrices are frozen (FFA-LoRA) and so never exchanged
+LORA_VARIANTS: dict[str, bool] = {"standard": False, "ffa": True}
 
 
 def load_base_model(model_dir: Path, num_labels: int) -> torch.nn.Module:
@@ -196,11 +200,18 @@ def build_peft_model(spec: PeftSpec) -> PeftModel:
         raise ValueError(
             f"`peft-method` {spec.method!r} is not supported; supported: {', '.join(PEFT_METHODS)}."
         )
+    if spec.lora_variant not in LORA_VARIANTS:
+        raise ValueError(
+            f"`lora-variant` {spec.lora_variant!r} is not supported; supported: {', '.join(LORA_VARIANTS)}."
+        )
     torch.manual_seed(spec.seed)
     model = get_peft_model(load_base_model(spec.model_dir, spec.num_labels), PEFT_METHODS[spec.method](spec))
+    frozen_a = spec.method == "lora" and LORA_VARIANTS[spec.lora_variant]
     for name, p in model.named_parameters():
+        if frozen_a and "lora_A" in name:
+            p.requires_grad_(False)  # FFA-LoRA: A stays at the seeded init every site shares
         # Only PEFT parameters and the peft-managed copy of the head may train.
-        assert p.requires_grad == (_is_peft_param(name)), name
+        assert p.requires_grad == (_is_peft_param(name) and not (frozen_a and "lora_A" in name)), name
     return model
 
 

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .config import FedConfig
 from .data import TextDataset
+from .local_plan import LogitTransform, Schedule, skew_transform, steps_per_round
 from .model import frozen_state_fingerprint
 
 
@@ -69,8 +70,18 @@ class TrainResult:
     """What one local training call did."""
 
     loss: float  # mean cross-entropy over the examples seen (without the proximal term)
-    examples: int  # examples processed (epochs x dataset size)
+    examples: int  # examples processed
+    steps: int  # optimiser steps taken
     seconds: float
+
+
+def _epochs(
+    tokenizer: PreTrainedTokenizerBase, ds: TextDataset, batch_size: int, max_length: int, seed: int
+) -> Iterator[Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]]:
+    """An endless run of epochs, each a fresh seeded permutation of ``ds`` cut into batches."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield _batches(tokenizer, ds, batch_size, max_length, rng)
 
 
 def train(
@@ -78,7 +89,8 @@ def train(
     tokenizer: PreTrainedTokenizerBase,
     ds: TextDataset,
     *,
-    epochs: int,
+    epochs: int = 1,
+    steps: int = 0,
     batch_size: int,
     learning_rate: float,
     weight_decay: float,
@@ -86,19 +98,28 @@ def train(
     device: torch.device,
     seed: int,
     proximal_mu: float = 0.0,
+    schedule: Schedule | None = None,
+    logit_transform: LogitTransform | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train the trainable (PEFT + head) parameters of ``model`` on ``ds``.
 
     Parameters
     ----------
+    epochs, steps
+        Train for ``steps`` optimiser steps when positive (epoch after epoch, each reshuffled, the
+        last one cut short), else for ``epochs`` whole epochs.
     proximal_mu
         FedProx weight: adds ``mu/2 * ||w - w_start||^2`` over the trainable parameters,
         ``w_start`` being their values when this call starts (the global adapter).
+    schedule
+        Learning-rate factor per step (``learning_rate`` is the peak); ``None`` = constant.
+    logit_transform
+        Label-skew correction applied to the logits in the training loss only.
     on_epoch_end
-        Called with the number of epochs done after each epoch (e.g. to score the model along the
-        way, as a learning curve); it may move the model or switch it to eval mode: training goes on
-        with the model back on ``device`` in train mode and the optimiser's state kept.
+        Called with the number of epochs done after each whole epoch (e.g. to score the model along
+        the way, as a learning curve); it may move the model or switch it to eval mode: training goes
+        on with the model back on ``device`` in train mode and the optimiser's state kept.
 
     Raises
     ------
@@ -114,35 +135,48 @@ def train(
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     scaler = torch.amp.GradScaler(enabled=autocast_dtype(device) == torch.float16)
-    rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    total_loss, seen = 0.0, 0
-    for epoch in range(1, epochs + 1):
-        for inputs, labels in _batches(tokenizer, ds, batch_size, max_length, rng):
+    total_steps = steps if steps > 0 else epochs * math.ceil(len(ds) / batch_size)
+    total_loss, seen, step = 0.0, 0, 0
+    for epoch, batches in enumerate(_epochs(tokenizer, ds, batch_size, max_length, seed), start=1):
+        for inputs, labels in batches:
+            if step == total_steps:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate * (schedule.factor(step) if schedule else 1.0)
             inputs, labels = {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
             with _autocast(device):
-                logits = model(**inputs).logits  # (batch, num_labels)
-                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+                logits = model(**inputs).logits.float()  # (batch, num_labels)
+            if logit_transform is not None:
+                logits = logit_transform(logits)
+            loss = torch.nn.functional.cross_entropy(logits, labels)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"Training loss became {loss.item()}; lower `learning-rate`.")
-            objective = loss
-            if anchors:
-                objective = loss + proximal_mu / 2 * sum(
-                    ((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)
-                )
+            objective = loss + _proximal(params, anchors, proximal_mu)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()
             scaler.step(optimizer)
             scaler.update()
             total_loss += loss.item() * len(labels)
             seen += len(labels)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-            model.to(device).train()
+            step += 1
+        else:  # a whole epoch
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+                model.to(device).train()
+        if step == total_steps:
+            break
     model.cpu()
     if frozen_state_fingerprint(model) != frozen_before:
         raise RuntimeError("A frozen base-model parameter changed during local training.")
-    return TrainResult(loss=total_loss / seen, examples=seen, seconds=time.perf_counter() - start)
+    return TrainResult(loss=total_loss / seen, examples=seen, steps=step, seconds=time.perf_counter() - start)
+
+
+def _proximal(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> torch.Tensor | float:
+    """FedProx's ``mu/2 * ||w - w_start||^2`` (0 without anchors)."""
+    if not anchors:
+        return 0.0
+    return mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
 
 
 def train_local(
@@ -153,14 +187,21 @@ def train_local(
     *,
     device: torch.device,
     seed: int,
+    server_round: int,
     proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """One site's local training with the run config's epochs, batch, optimiser and length settings."""
+    """One site's local training at ``server_round``: the run config's steps, schedule and skew correction.
+
+    The site takes :func:`~fedtune.common.local_plan.steps_per_round` steps; the learning rate follows
+    the run-wide schedule from where the previous round stopped; the training logits are corrected
+    with this site's own label counts (``label-skew``).
+    """
+    round_steps = steps_per_round(len(ds), cfg)
     return train(
         model,
         tokenizer,
         ds,
-        epochs=cfg.local_epochs,
+        steps=round_steps,
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
@@ -168,6 +209,8 @@ def train_local(
         device=device,
         seed=seed,
         proximal_mu=proximal_mu,
+        schedule=Schedule.for_round(cfg, server_round, round_steps),
+        logit_transform=skew_transform(cfg, ds.labels, len(ds.label_names)),
     )
 
 

@@ -17,6 +17,7 @@ import torch
 from fedtune.common import instructions
 from fedtune.common.adapters import (
     adapter_names,
+    frozen_adapter_fingerprint,
     get_adapter_arrays,
     nbytes,
     save_shared_adapter,
@@ -99,6 +100,7 @@ class Coordinator:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.device = select_device(self.cfg.device)
         self.initial = get_adapter_arrays(self.model)
+        self.frozen_fingerprint = frozen_adapter_fingerprint(self.model)  # FFA-LoRA's A, else ""
         # SecAgg+ weight normaliser: under DP every site weighs 1; else the largest possible site count.
         dp = self.cfg.dp_mode != "off"
         self.max_weight = 1.0 if dp else coordinator_max_weight(self.cfg)
@@ -132,7 +134,11 @@ class Coordinator:
     def instruction(self, server_round: int) -> dict[str, Any]:
         """Config sent with every train/evaluate message of ``server_round``."""
         return instructions.encode(
-            self.cfg, server_round, self.base_fingerprint, dp_noise_std=self.dp_noise_std
+            self.cfg,
+            server_round,
+            self.base_fingerprint,
+            dp_noise_std=self.dp_noise_std,
+            frozen_fingerprint=self.frozen_fingerprint,
         )
 
     def evaluate_shared(

@@ -1,13 +1,14 @@
-"""Aggregation strategies for the adapter: Flower's own FedAvg, FedProx and FedAdam.
+"""Aggregation strategies for the adapter: Flower's own FedAvg, FedProx, FedAvgM, FedAdam and FedYogi.
 
 FedAvg averages the sites' adapters weighted by training examples; FedProx is the same
-on the server and sends ``proximal_mu`` so sites add the proximal term; FedAdam runs a
-server Adam step on the averaged update. All three work unchanged under SecAgg+, which
-hands them one already-averaged result.
+on the server and sends ``proximal_mu`` so sites add the proximal term; FedAvgM takes a server
+SGD step with momentum on the averaged update; FedAdam and FedYogi take a server Adam / Yogi step
+on it (Reddi et al., "Adaptive Federated Optimization", ICLR 2021). All work unchanged under
+SecAgg+, which hands them one already-averaged result.
 
 Around them, :class:`UpdateGuard` leaves bad and missing site updates out of a round (or voids
 it), :class:`Float32Adapter` keeps the aggregate float32, and :func:`strategy_state` /
-:func:`restore_strategy_state` carry FedAdam's optimiser state through a checkpoint.
+:func:`restore_strategy_state` carry a server optimiser's state through a checkpoint.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ from flwr.server.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedOpt,
     FedProx,
+    FedYogi,
     Strategy,
 )
 
@@ -274,20 +277,33 @@ class UpdateGuard(_Delegate):
 
 
 FEDOPT_STATE = ("current_weights", "m_t", "v_t")
+FEDAVGM_STATE = ("initial_parameters", "momentum_vector")  # FedAvgM keeps its current weights here
+
+
+def _state_names(strategy: Strategy) -> tuple[str, ...]:
+    if isinstance(strategy, FedOpt):
+        return FEDOPT_STATE
+    if isinstance(strategy, FedAvgM):
+        return FEDAVGM_STATE
+    return ()
 
 
 def strategy_state(strategy: Strategy) -> dict[str, list[np.ndarray]]:
-    """The optimiser state of a FedOpt strategy (FedAdam: ``current_weights``, ``m_t``, ``v_t``); else ``{}``.
+    """The server optimiser's state; ``{}`` for a strategy without one.
+
+    FedAdam / FedYogi: ``current_weights``, ``m_t``, ``v_t``; FedAvgM: its current weights
+    (``initial_parameters``) and ``momentum_vector``.
 
     Only the state set so far is returned (the moments appear after the first aggregation).
     """
-    if not isinstance(strategy, FedOpt):
-        return {}
-    return {
-        name: [np.asarray(a) for a in getattr(strategy, name)]
-        for name in FEDOPT_STATE
-        if getattr(strategy, name) is not None
-    }
+    out = {}
+    for name in _state_names(strategy):
+        value = getattr(strategy, name)
+        if isinstance(value, Parameters):
+            value = parameters_to_ndarrays(value)
+        if value is not None:
+            out[name] = [np.asarray(a) for a in value]
+    return out
 
 
 def restore_strategy_state(strategy: Strategy, state: Mapping[str, list[np.ndarray]]) -> None:
@@ -298,20 +314,23 @@ def restore_strategy_state(strategy: Strategy, state: Mapping[str, list[np.ndarr
     ValueError
         When the state does not belong to this kind of strategy (names what is missing or extra).
     """
-    names = FEDOPT_STATE if isinstance(strategy, FedOpt) else ()
+    names = _state_names(strategy)
     extra = sorted(set(state) - set(names))
     if extra:
         raise ValueError(
             f"Checkpointed strategy state {extra} does not belong to a {type(strategy).__name__} strategy; "
             "resume with the `strategy` the run started with."
         )
-    if names and "current_weights" not in state:
+    if names and names[0] not in state:
         raise ValueError(
-            f"Checkpointed state lacks {type(strategy).__name__}'s `current_weights`; it was written by "
+            f"Checkpointed state lacks {type(strategy).__name__}'s `{names[0]}`; it was written by "
             "another strategy."
         )
     for name in names:
-        setattr(strategy, name, [np.array(a) for a in state[name]] if name in state else None)
+        value = [np.array(a) for a in state[name]] if name in state else None
+        if name == "initial_parameters" and value is not None:
+            value = ndarrays_to_parameters(value)
+        setattr(strategy, name, value)
 
 
 def make_strategy(
@@ -350,18 +369,33 @@ def _with_dp(cfg: FedConfig, strategy: Strategy) -> Strategy:
     )
 
 
-def _base_strategy(cfg: FedConfig, common: dict) -> Strategy:
-    if cfg.strategy == "fedavg":
-        return FedAvg(**common)
-    if cfg.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=cfg.fedprox_mu)
-    if cfg.strategy == "fedadam":
-        return FedAdam(
+def _fedopt(cls: type[FedOpt]) -> Callable[[FedConfig, dict], Strategy]:
+    def build(cfg: FedConfig, common: dict) -> Strategy:
+        return cls(
             **common,
-            eta=cfg.fedadam_eta,
+            eta=cfg.fedopt_eta,
             eta_l=cfg.learning_rate,
-            beta_1=cfg.fedadam_beta_1,
-            beta_2=cfg.fedadam_beta_2,
-            tau=cfg.fedadam_tau,
+            beta_1=cfg.fedopt_beta_1,
+            beta_2=cfg.fedopt_beta_2,
+            tau=cfg.fedopt_tau,
         )
-    raise ValueError(f"`strategy` {cfg.strategy!r} is not supported; supported: fedavg, fedprox, fedadam.")
+
+    return build
+
+
+# `strategy` name -> the Flower strategy built from the run config and the shared settings
+STRATEGIES: dict[str, Callable[[FedConfig, dict], Strategy]] = {
+    "fedavg": lambda cfg, common: FedAvg(**common),
+    "fedprox": lambda cfg, common: FedProx(**common, proximal_mu=cfg.fedprox_mu),
+    "fedavgm": lambda cfg, common: FedAvgM(
+        **common, server_learning_rate=cfg.fedavgm_lr, server_momentum=cfg.fedavgm_momentum
+    ),
+    "fedadam": _fedopt(FedAdam),
+    "fedyogi": _fedopt(FedYogi),
+}
+
+
+def _base_strategy(cfg: FedConfig, common: dict) -> Strategy:
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` {cfg.strategy!r} is not supported; supported: {', '.join(STRATEGIES)}.")
+    return STRATEGIES[cfg.strategy](cfg, common)

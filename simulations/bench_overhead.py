@@ -80,6 +80,7 @@ def direct_loop(
                     cfg,
                     device=device,
                     seed=cfg.seed + server_round,
+                    server_round=server_round,
                 )
                 per_site.append(time.perf_counter() - start)
             seconds.append(per_site)

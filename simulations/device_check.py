@@ -45,7 +45,7 @@ def check(devices: list[str], run_config: dict[str, str]) -> list[dict]:
     rows = []
     for name in devices:
         device = select_device(name)
-        train_local(model, tokenizer, warm_up, cfg, device=device, seed=cfg.seed)
+        train_local(model, tokenizer, warm_up, cfg, device=device, seed=cfg.seed, server_round=1)
         set_adapter_arrays(model, initial)
         fit = train_local(
             model,
@@ -54,6 +54,7 @@ def check(devices: list[str], run_config: dict[str, str]) -> list[dict]:
             cfg,
             device=device,
             seed=cfg.seed,
+            server_round=1,
         )
         res = evaluate(
             model, tokenizer, test_set, batch_size=cfg.batch_size, max_length=cfg.max_length, device=device

@@ -25,7 +25,10 @@ from fedtune.simulations.bench_secagg import cost_per_site, max_abs_difference
 from fedtune.simulations.cli import main
 from sklearn.metrics import roc_auc_score
 
-ALL = ["quality", "rounds", "diabetes", "methods", "comm", "secagg", "overhead", "scale", "privacy", "deploy"]
+ALL = [
+    *("quality", "rounds", "tuning", "diabetes", "methods", "comm"),
+    *("secagg", "overhead", "scale", "privacy", "deploy"),
+]
 
 
 def test_registry_names_every_benchmark_and_each_has_a_module_with_run() -> None:
@@ -244,9 +247,9 @@ def test_resolved_config_of_an_arm_holds_every_default_but_no_output_folder() ->
     config = resolved({"strategy": "fedadam", "out-dir": "somewhere"})
 
     # Assert: a default that is not overridden is part of the key; the output folder is not
-    assert config["fedadam-eta"] == FedConfig.fedadam_eta and config["strategy"] == "fedadam"
+    assert config["fedopt-eta"] == FedConfig.fedopt_eta and config["strategy"] == "fedadam"
     assert config["learning-rate"] == FedConfig.learning_rate and "out-dir" not in config
-    assert resolved({"fedadam-eta": 0.01}) != resolved({})
+    assert resolved({"fedopt-eta": 0.05}) != resolved({})
 
 
 def test_quality_saved_only_reports_the_saved_arms_and_lists_the_rest(tmp_path: Path, monkeypatch) -> None:

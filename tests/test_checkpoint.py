@@ -28,6 +28,7 @@ from fedtune.common.privacy import PrivacyAccountant
 from fedtune.server.strategy import make_strategy, restore_strategy_state, strategy_state
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
 from peft import PeftModel
 from safetensors.numpy import load_file
 
@@ -43,7 +44,7 @@ def model() -> PeftModel:
 def _fedadam() -> tuple:
     initial = [np.full(s, 0.5, np.float32) for s in SHAPES]
     wrapped = make_strategy(
-        FedConfig(strategy="fedadam", fedadam_eta=0.1, fedadam_tau=1e-3),
+        FedConfig(strategy="fedadam", fedopt_eta=0.1, fedopt_tau=1e-3),
         initial=initial,
         on_fit_config_fn=lambda r: {},
         on_evaluate_config_fn=lambda r: {},
@@ -245,3 +246,41 @@ def test_trim_audit_drops_the_rounds_a_resumed_run_redoes(tmp_path: Path) -> Non
     # Assert
     assert wire.read_text() == "".join(line + "\n" for line in kept)
     assert sorted(p.name for p in tmp_path.rglob("*.npz")) == ["received-round-001-node-5.npz"]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        FedConfig(strategy="fedavgm", fedavgm_lr=0.8, fedavgm_momentum=0.9),
+        FedConfig(strategy="fedyogi", fedopt_eta=0.05, fedopt_tau=1e-3),
+    ],
+    ids=["fedavgm", "fedyogi"],
+)
+def test_a_server_optimiser_restored_from_its_state_takes_the_next_round_exactly(cfg: FedConfig) -> None:
+    # Prepare: two rounds, then the state through JSON-free arrays as the checkpoint keeps it
+    def build() -> Strategy:
+        initial = [np.full(s, 0.5, np.float32) for s in SHAPES]
+        return make_strategy(
+            cfg, initial=initial, on_fit_config_fn=dict, on_evaluate_config_fn=dict, evaluate_fn=None
+        ).strategy
+
+    strategy = build()
+    for server_round in (1, 2):
+        strategy.aggregate_fit(server_round, _results(server_round), [])
+    state = strategy_state(strategy)
+
+    # Execute
+    fresh = build()
+    restore_strategy_state(fresh, state)
+    want, _ = strategy.aggregate_fit(3, _results(3), [])
+    got, _ = fresh.aggregate_fit(3, _results(3), [])
+
+    # Assert
+    assert state and all(state.values())
+    for a, b in zip(parameters_to_ndarrays(got), parameters_to_ndarrays(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    unrestored, _ = build().aggregate_fit(1, _results(3), [])  # the same results without the history
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(parameters_to_ndarrays(unrestored), parameters_to_ndarrays(want), strict=True)
+    )

@@ -120,7 +120,10 @@ def test_unknown_key_error_lists_every_valid_key() -> None:
         ("peft-method", "ia3", ("lora", "prefix")),
         ("task", "mimic", ("icd10-chapter", "diabetes", "csv")),
         ("partitioning", "random", ("iid", "dirichlet", "specialty")),
-        ("strategy", "fedyogi", ("fedavg", "fedprox", "fedadam")),
+        ("strategy", "scaffold", ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")),
+        ("lora-variant", "dora", ("standard", "ffa")),
+        ("label-skew", "fedlc", ("none", "logit-adjust", "restricted-softmax")),
+        ("lr-schedule", "linear", ("constant", "cosine")),
         ("device", "tpu", ("auto", "cpu", "cuda")),
     ],
 )
@@ -250,7 +253,11 @@ def test_nan_is_rejected_for_bounded_floats(key: str) -> None:
         ("secagg-quantization-range", 1, ">= 2"),
         ("max-examples", -1, ">= 0"),
         ("learning-rate", "-1e-3", ">= 0.0"),
-        ("fedadam-beta-1", 1.5, "in [0.0, 1.0]"),
+        ("fedopt-beta-1", 1.5, "in [0.0, 1.0]"),
+        ("fedavgm-momentum", 1.0, "in [0.0, 0.999]"),
+        ("lr-warmup", 0.6, "in [0.0, 0.5]"),
+        ("restricted-softmax-alpha", 1.5, "in [0.0, 1.0]"),
+        ("local-steps", -1, ">= 0"),
     ],
 )
 def test_out_of_range_value_names_key_and_bounds(key: str, value: Any, bounds: str) -> None:

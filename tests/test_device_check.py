@@ -42,7 +42,13 @@ def test_warm_up_does_not_change_the_measured_training(run_config: dict[str, str
     (row,) = device_check.check(["cpu"], run_config)
     set_adapter_arrays(model, initial)
     direct = train_local(
-        model, load_tokenizer(model_dir), train_set, cfg, device=torch.device("cpu"), seed=cfg.seed
+        model,
+        load_tokenizer(model_dir),
+        train_set,
+        cfg,
+        device=torch.device("cpu"),
+        seed=cfg.seed,
+        server_round=1,
     )
 
     assert row["train_loss"] == pytest.approx(direct.loss, rel=1e-6)

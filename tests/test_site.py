@@ -7,7 +7,7 @@ import pytest
 from fedtune.client.mods import REQUIRE_SECAGG, secure_aggregation_mod
 from fedtune.client.site import SiteClient
 from fedtune.common import instructions
-from fedtune.common.adapters import adapter_names, get_adapter_arrays
+from fedtune.common.adapters import adapter_names, frozen_adapter_fingerprint, get_adapter_arrays
 from fedtune.common.config import parse_run_config
 from fedtune.common.model import (
     FingerprintMismatchError,
@@ -116,3 +116,39 @@ def test_mod_passes_unmasked_training_through_when_not_required() -> None:
 
     # Assert
     assert len(called) == 1
+
+
+FFA = parse_run_config({**CFG.to_run_config(), "lora-variant": "ffa"})
+
+
+def test_ffa_site_trains_when_its_frozen_a_is_the_coordinators() -> None:
+    # Prepare: the coordinator's model (same spec) gives the A fingerprint it sends
+    model = build_peft_model(PeftSpec.from_config(FFA, resolve_model_dir(""), 22))
+    sent = frozen_adapter_fingerprint(model)
+    config = instructions.encode(FFA, 1, fingerprint(resolve_model_dir("")), frozen_fingerprint=sent)
+
+    # Execute
+    new, _, _ = SiteClient(NODE).fit(get_adapter_arrays(model), config)
+
+    # Assert: B and the head only, and A still the one the coordinator fingerprinted
+    assert len(sent) == 64 and not any("lora_A" in n for n in adapter_names(model))
+    assert len(new) == len(adapter_names(model)) and frozen_adapter_fingerprint(model) == sent
+
+
+def test_ffa_site_refuses_a_frozen_a_other_than_the_coordinators() -> None:
+    # Prepare
+    model = build_peft_model(PeftSpec.from_config(FFA, resolve_model_dir(""), 22))
+    config = instructions.encode(FFA, 1, fingerprint(resolve_model_dir("")), frozen_fingerprint="e" * 64)
+
+    # Execute / Assert
+    with pytest.raises(FingerprintMismatchError, match="frozen LoRA A matrices .* coordinator's e{64}"):
+        SiteClient(NODE).fit(get_adapter_arrays(model), config)
+
+
+def test_a_standard_lora_site_has_no_frozen_fingerprint(start) -> None:
+    arrays, _ = start
+    model = build_peft_model(PeftSpec.from_config(CFG, resolve_model_dir(""), 22))
+    assert frozen_adapter_fingerprint(model) == ""
+    config = instructions.encode(CFG, 1, fingerprint(resolve_model_dir("")), frozen_fingerprint="e" * 64)
+    with pytest.raises(FingerprintMismatchError, match="have fingerprint none"):
+        SiteClient(NODE).fit(arrays, config)

@@ -21,7 +21,7 @@ from flwr.common import (
 )
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 
 INITIAL = [np.array([[0.0, 1.0], [2.0, -1.0]], np.float32), np.array([0.5, -0.5, 0.0], np.float32)]
 
@@ -104,7 +104,13 @@ def test_weighted_mean(results: list[tuple[int, Metrics]], expected: dict[str, f
 
 @pytest.mark.parametrize(
     ("name", "cls"),
-    [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam)],
+    [
+        ("fedavg", FedAvg),
+        ("fedprox", FedProx),
+        ("fedavgm", FedAvgM),
+        ("fedadam", FedAdam),
+        ("fedyogi", FedYogi),
+    ],
 )
 def test_make_strategy_by_name(name: str, cls: type[Strategy]) -> None:
     # Prepare
@@ -128,14 +134,18 @@ def test_make_strategy_passes_algorithm_settings() -> None:
     # Prepare
     prox_cfg = FedConfig(strategy="fedprox", fedprox_mu=0.3)
     adam_cfg = FedConfig(
-        strategy="fedadam", fedadam_eta=0.05, fedadam_beta_1=0.8, fedadam_beta_2=0.95, fedadam_tau=1e-4
+        strategy="fedadam", fedopt_eta=0.05, fedopt_beta_1=0.8, fedopt_beta_2=0.95, fedopt_tau=1e-4
     )
+    avgm_cfg = FedConfig(strategy="fedavgm", fedavgm_lr=0.7, fedavgm_momentum=0.3)
+    yogi_cfg = FedConfig(strategy="fedyogi", fedopt_eta=0.02, fedopt_tau=1e-5)
 
     # Execute
-    prox, adam = _strategy(prox_cfg), _strategy(adam_cfg)
+    prox, adam, avgm, yogi = (_strategy(c) for c in (prox_cfg, adam_cfg, avgm_cfg, yogi_cfg))
 
     # Assert
     assert prox.proximal_mu == 0.3
+    assert (avgm.server_learning_rate, avgm.server_momentum) == (0.7, 0.3)
+    assert (yogi.eta, yogi.tau) == (0.02, 1e-5)
     assert (adam.eta, adam.eta_l, adam.beta_1, adam.beta_2, adam.tau) == (
         0.05,
         adam_cfg.learning_rate,
@@ -156,10 +166,10 @@ def test_no_evaluation_needs_no_evaluate_clients() -> None:
 
 def test_unknown_strategy_is_refused() -> None:
     # Prepare
-    cfg = FedConfig(strategy="fedyogi")  # type: ignore[arg-type] - direct construction skips the parser
+    cfg = FedConfig(strategy="scaffold")  # type: ignore[arg-type] - direct construction skips the parser
 
     # Execute / Assert
-    with pytest.raises(ValueError, match="fedavg, fedprox, fedadam"):
+    with pytest.raises(ValueError, match="fedavg, fedprox, fedavgm, fedadam, fedyogi"):
         _strategy(cfg)
 
 
@@ -255,14 +265,14 @@ def test_fedavg_fit_config_has_no_proximal_mu() -> None:
 def test_fedadam_takes_a_server_adam_step_from_the_initial_adapter() -> None:
     # Prepare
     cfg = FedConfig(
-        strategy="fedadam", fedadam_eta=0.1, fedadam_beta_1=0.9, fedadam_beta_2=0.99, fedadam_tau=1e-3
+        strategy="fedadam", fedopt_eta=0.1, fedopt_beta_1=0.9, fedopt_beta_2=0.99, fedopt_tau=1e-3
     )
     strategy = _strategy(cfg)
     rounds = [
         _results([(SITE_A[0], SITE_A[1], {}), (SITE_B[0], SITE_B[1], {})]),
         _results([(SITE_B[0], 2, {}), (SITE_A[0], 2, {})]),
     ]
-    b1, b2, eta, tau = cfg.fedadam_beta_1, cfg.fedadam_beta_2, cfg.fedadam_eta, cfg.fedadam_tau
+    b1, b2, eta, tau = cfg.fedopt_beta_1, cfg.fedopt_beta_2, cfg.fedopt_eta, cfg.fedopt_tau
     weights = [a.astype(np.float64) for a in INITIAL]
     m = [np.zeros_like(w) for w in weights]
     v = [np.zeros_like(w) for w in weights]
@@ -458,3 +468,70 @@ def test_an_error_reply_is_summarised_on_one_line_keeping_the_sites_message() ->
         error_summary("<class 'Exception'>:<'node\n unavailable'>")
         == "<class 'Exception'>:<'node unavailable'>"
     )
+
+
+def _two_rounds() -> list[list[tuple[ClientProxy, FitRes]]]:
+    return [
+        _results([(SITE_A[0], SITE_A[1], {}), (SITE_B[0], SITE_B[1], {})]),
+        _results([(SITE_B[0], 2, {}), (SITE_A[0], 2, {})]),
+    ]
+
+
+def _mean(results: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]:
+    total = sum(res.num_examples for _, res in results)
+    return [
+        sum(res.num_examples * parameters_to_ndarrays(res.parameters)[i] for _, res in results) / total
+        for i in range(len(INITIAL))
+    ]
+
+
+def test_fedavgm_takes_a_server_sgd_step_with_momentum() -> None:
+    # Prepare
+    lr, beta = 0.5, 0.9
+    strategy = _strategy(FedConfig(strategy="fedavgm", fedavgm_lr=lr, fedavgm_momentum=beta))
+    weights = [a.astype(np.float64) for a in INITIAL]
+    momentum: list[np.ndarray] | None = None
+
+    for server_round, results in enumerate(_two_rounds(), start=1):
+        # Execute
+        parameters, _ = strategy.aggregate_fit(server_round, results, [])
+
+        # Assert: pseudo-gradient g = w - mean; m = beta m + g (m = g in round 1); w <- w - lr m
+        grad = [w - x for w, x in zip(weights, _mean(results), strict=True)]
+        momentum = grad if momentum is None else [beta * m + g for m, g in zip(momentum, grad, strict=True)]
+        weights = [w - lr * m for w, m in zip(weights, momentum, strict=True)]
+        for got, want in zip(parameters_to_ndarrays(parameters), weights, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(weights[0], _mean(_two_rounds()[1])[0])  # not plain FedAvg
+
+
+def test_fedavgm_at_rate_one_without_momentum_is_fedavg() -> None:
+    strategy = _strategy(FedConfig(strategy="fedavgm", fedavgm_lr=1.0, fedavgm_momentum=0.0))
+    results = _two_rounds()[0]
+    parameters, _ = strategy.aggregate_fit(1, results, [])
+    for got, want in zip(parameters_to_ndarrays(parameters), MEAN_AB, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_fedyogi_takes_a_server_yogi_step() -> None:
+    # Prepare
+    cfg = FedConfig(
+        strategy="fedyogi", fedopt_eta=0.1, fedopt_beta_1=0.9, fedopt_beta_2=0.99, fedopt_tau=1e-3
+    )
+    strategy = _strategy(cfg)
+    b1, b2, eta, tau = cfg.fedopt_beta_1, cfg.fedopt_beta_2, cfg.fedopt_eta, cfg.fedopt_tau
+    weights = [a.astype(np.float64) for a in INITIAL]
+    m = [np.zeros_like(w) for w in weights]
+    v = [np.zeros_like(w) for w in weights]
+
+    for server_round, results in enumerate(_two_rounds(), start=1):
+        # Execute
+        parameters, _ = strategy.aggregate_fit(server_round, results, [])
+
+        # Assert: Yogi's v <- v - (1 - b2) d^2 sign(v - d^2); no bias correction in flwr's FedYogi
+        delta = [x - w for x, w in zip(_mean(results), weights, strict=True)]
+        m = [b1 * mi + (1 - b1) * d for mi, d in zip(m, delta, strict=True)]
+        v = [vi - (1 - b2) * d * d * np.sign(vi - d * d) for vi, d in zip(v, delta, strict=True)]
+        weights = [w + eta * mi / (np.sqrt(vi) + tau) for w, mi, vi in zip(weights, m, v, strict=True)]
+        for got, want in zip(parameters_to_ndarrays(parameters), weights, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
+from fedtune.common.config import FedConfig
 from fedtune.common.data import TextDataset
+from fedtune.common.local_plan import LogitTransform, Schedule
 from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer
 from fedtune.common.train import (
     EvalResult,
@@ -20,6 +23,7 @@ from fedtune.common.train import (
     score,
     select_device,
     train,
+    train_local,
 )
 from peft import PeftModel
 from sklearn.metrics import f1_score, roc_auc_score
@@ -358,3 +362,153 @@ def test_select_cuda_without_gpu_raises() -> None:
 def test_no_autocast_on_cpu() -> None:
     # Prepare / Execute / Assert
     assert autocast_dtype(CPU) is None
+
+
+# ---- local steps, schedule and label-skew correction ---------------------------------------------------
+
+
+@pytest.fixture
+def lrs(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The learning rate of every AdamW step taken while the test runs, in order."""
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self: torch.optim.AdamW, *args: object, **kwargs: object) -> object:
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    return seen
+
+
+def test_steps_make_exactly_that_many_optimiser_steps_across_epochs(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset, lrs: list[float]
+) -> None:
+    # Prepare: 32 examples, batch 8 -> 4 steps per epoch; 11 steps = 2 whole epochs + 3 batches
+    epochs_done: list[int] = []
+
+    # Execute
+    result = train(
+        model,
+        tokenizer,
+        dataset,
+        steps=11,
+        batch_size=8,
+        learning_rate=5e-3,
+        weight_decay=0.0,
+        max_length=MAX_LENGTH,
+        device=CPU,
+        seed=0,
+        on_epoch_end=epochs_done.append,
+    )
+
+    # Assert
+    assert len(lrs) == 11 and result.steps == 11
+    assert result.examples == 11 * 8
+    assert epochs_done == [1, 2]  # only whole epochs are reported
+
+
+def test_epochs_without_steps_take_every_batch_of_each_epoch(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset, lrs: list[float]
+) -> None:
+    result = _train(model, tokenizer, dataset, epochs=3)
+    assert len(lrs) == result.steps == 3 * 4
+
+
+def test_the_schedule_sets_each_steps_learning_rate(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset, lrs: list[float]
+) -> None:
+    # Prepare: the second of two rounds of 4 steps, cosine over the run's 8 steps, 2 of warm-up
+    schedule = Schedule("cosine", total=8, warmup=2, offset=4)
+
+    # Execute
+    train(
+        model,
+        tokenizer,
+        dataset,
+        steps=4,
+        batch_size=8,
+        learning_rate=0.01,
+        weight_decay=0.0,
+        max_length=MAX_LENGTH,
+        device=CPU,
+        seed=0,
+        schedule=schedule,
+    )
+
+    # Assert
+    assert lrs == pytest.approx([0.01 * schedule.factor(s) for s in range(4)])
+    assert lrs[0] < 0.01 and lrs == sorted(lrs, reverse=True)
+
+
+def test_a_zero_schedule_leaves_the_adapter_where_it_was(
+    model: PeftModel,
+    model_and_start: tuple[PeftModel, list[np.ndarray]],
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: TextDataset,
+) -> None:
+    # Prepare: a schedule past its end gives every step factor 0
+    _, start = model_and_start
+    spent = Schedule("cosine", total=4, offset=4)
+
+    # Execute
+    train(
+        model,
+        tokenizer,
+        dataset,
+        steps=3,
+        batch_size=8,
+        learning_rate=0.05,
+        weight_decay=0.0,
+        max_length=MAX_LENGTH,
+        device=CPU,
+        seed=0,
+        schedule=spent,
+    )
+
+    # Assert
+    assert _distance(get_adapter_arrays(model), start) == 0.0
+
+
+def test_the_training_loss_uses_the_transformed_logits(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset
+) -> None:
+    # Prepare: a transform that makes every example's true label win by a mile (labels are 0/1 by half)
+    half = len(dataset) // 2
+    one_label = dataclasses.replace(dataset, texts=dataset.texts[:half], labels=dataset.labels[:half])
+    assert set(one_label.labels.tolist()) == {1}
+    winning = LogitTransform(scale=torch.ones(2), offset=torch.tensor([0.0, 40.0]))
+    kwargs = dict(
+        steps=1, batch_size=8, learning_rate=1e-3, weight_decay=0.0, max_length=MAX_LENGTH, device=CPU, seed=0
+    )
+
+    # Execute
+    plain = train(model, tokenizer, one_label, **kwargs)
+    adjusted = train(model, tokenizer, one_label, logit_transform=winning, **kwargs)
+
+    # Assert
+    assert plain.loss > 0.1
+    assert adjusted.loss < 1e-6
+
+
+def test_train_local_follows_the_round_its_site_is_in(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset, lrs: list[float]
+) -> None:
+    # Prepare: 2 rounds of 3 local steps, cosine, logit adjustment on the site's labels
+    cfg = FedConfig(
+        num_server_rounds=2,
+        local_steps=3,
+        batch_size=8,
+        learning_rate=0.02,
+        lr_schedule="cosine",
+        label_skew="logit-adjust",
+        max_length=MAX_LENGTH,
+    )
+
+    # Execute
+    result = train_local(model, tokenizer, dataset, cfg, device=CPU, seed=0, server_round=2)
+
+    # Assert
+    expected = Schedule.for_round(cfg, 2, 3)
+    assert expected.offset == 3
+    assert result.steps == 3 and lrs == pytest.approx([0.02 * expected.factor(s) for s in range(3)])

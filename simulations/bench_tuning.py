@@ -1,0 +1,310 @@
+"""``fedtune bench tuning``: choose the local recipe and the server optimiser on validation data.
+
+The quality benchmark's target setting (10 hospitals, Dirichlet 0.3 over the ICD-10 chapters,
+``max-examples=4000``, LoRA r=8), one seed (a grid may use one seed; the final quality table uses
+three). Every arm is judged on a **validation set carved from the sites' data**: the union of the
+sites' local splits (``test-fraction`` of each site's partition, which the sites never train on and
+the coordinator never sees). The coordinator's held-out test set is reported beside it, never used
+to choose.
+
+- **Federated arms** (:data:`FEDERATED`): ``fedtune simulate`` with the arm's overrides; the shared
+  adapter after every round (the audit's ``global-round-NNN.npz`` files) is scored on the validation
+  set in-process; the held-out score per round is the coordinator's own (``metrics.json``).
+- **Centralized arms** (:data:`CENTRALIZED`): the same PEFT model and training loop on the union of
+  the sites' training splits, scored on both sets after every epoch.
+
+Reported per arm: the round (epoch) with the best validation macro-F1, the validation and held-out
+macro-F1 there, and both at the default budget (round / epoch ``rounds``); the validation curves are
+plotted. Pick arms with ``FEDTUNE_BENCH_ARMS`` (comma-separated names), the seed with
+``FEDTUNE_BENCH_SEEDS``; ``FEDTUNE_BENCH_RESUME=1`` reuses saved arms.
+
+Full: 5 rounds (centralized: 10 epochs), ~8 min per federated arm at 3 local epochs on 2 CPU cores.
+Quick: 3 sites, 2 rounds, ``max-examples=600``, two federated arms and one centralized arm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .bench import (
+    bench_threads,
+    cached,
+    central_schedule,
+    choose,
+    concat,
+    env_list,
+    federated_arm,
+    fresh_model,
+    new_figure,
+    resolved,
+    save_figure,
+    torch_threads,
+    work_dir,
+)
+from .benchmarking import write_results
+
+NAME = "tuning"
+# the local recipe: label-skew correction, local work per round, peak rate and its schedule
+OLD = {"label-skew": "none", "local-epochs": 1, "learning-rate": 5e-3, "lr-schedule": "constant"}
+LA3 = {"label-skew": "logit-adjust", "local-epochs": 3, "lr-schedule": "cosine"}
+FEDERATED: dict[str, dict[str, Any]] = {
+    "fedavg-old-defaults": {"strategy": "fedavg", **OLD},
+    "fedavg-la-e3-lr2e-3": {"strategy": "fedavg", **LA3, "learning-rate": 2e-3},
+    "fedavg-la-e3-lr5e-3": {"strategy": "fedavg", **LA3, "learning-rate": 5e-3},
+    "fedavg-la-e3-lr1e-3": {"strategy": "fedavg", **LA3, "learning-rate": 1e-3},
+    "fedavg-none-e3-lr2e-3": {"strategy": "fedavg", **LA3, "label-skew": "none", "learning-rate": 2e-3},
+    "fedavg-fedrs-e3-lr2e-3": {
+        "strategy": "fedavg",
+        **LA3,
+        "label-skew": "restricted-softmax",
+        "learning-rate": 2e-3,
+    },
+    "fedavg-la-e3-lr2e-3-ffa": {"strategy": "fedavg", **LA3, "learning-rate": 2e-3, "lora-variant": "ffa"},
+    "fedavg-la-e3-lr5e-3-ffa": {"strategy": "fedavg", **LA3, "learning-rate": 5e-3, "lora-variant": "ffa"},
+    "fedavgm-m0.5-la-e3-lr2e-3": {
+        "strategy": "fedavgm",
+        **LA3,
+        "learning-rate": 2e-3,
+        "fedavgm-momentum": 0.5,
+    },
+    "fedadam-eta1e-2-la-e3-lr2e-3": {
+        "strategy": "fedadam",
+        **LA3,
+        "learning-rate": 2e-3,
+        "fedopt-eta": 1e-2,
+        "fedopt-tau": 1e-3,
+    },
+    "fedyogi-eta1e-2-la-e3-lr2e-3": {
+        "strategy": "fedyogi",
+        **LA3,
+        "learning-rate": 2e-3,
+        "fedopt-eta": 1e-2,
+        "fedopt-tau": 1e-3,
+    },
+    "prefix-la-e3-lr2e-3": {"strategy": "fedavg", **LA3, "learning-rate": 2e-3, "peft-method": "prefix"},
+    "prefix-la-e3-lr1e-2": {"strategy": "fedavg", **LA3, "learning-rate": 1e-2, "peft-method": "prefix"},
+}
+CENTRALIZED: dict[str, dict[str, Any]] = {
+    "centralized-lr5e-3": {"label-skew": "none", "learning-rate": 5e-3, "lr-schedule": "constant"},
+    "centralized-lr2e-3": {"label-skew": "none", "learning-rate": 2e-3, "lr-schedule": "constant"},
+    "centralized-la-lr2e-3-cos": {
+        "label-skew": "logit-adjust",
+        "learning-rate": 2e-3,
+        "lr-schedule": "cosine",
+    },
+}
+DEFAULT_ARMS = (
+    "fedavg-old-defaults",
+    "fedavg-la-e3-lr2e-3",
+    "fedavg-la-e3-lr5e-3",
+    "fedavg-none-e3-lr2e-3",
+    "fedavg-fedrs-e3-lr2e-3",
+    "centralized-lr5e-3",
+    "centralized-lr2e-3",
+)
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    """Sites, rounds, centralized epochs, data size, seed and arms of the full or quick mode."""
+    if quick:
+        return {
+            "sites": 3,
+            "rounds": 2,
+            "epochs": 2,
+            "max_examples": 600,
+            "seed": 42,
+            "arms": ["fedavg-old-defaults", "fedavg-la-e3-lr2e-3", "centralized-lr2e-3"],
+        }
+    return {
+        "sites": 10,
+        "rounds": 5,
+        "epochs": 10,
+        "max_examples": 4000,
+        "seed": 42,
+        "arms": list(DEFAULT_ARMS),
+    }
+
+
+def run(quick: bool) -> Path:
+    """Run the chosen arms; write ``results/tuning.{json,md}`` and ``results/tuning_curves.png``."""
+    s = settings(quick)
+    arms = choose("FEDTUNE_BENCH_ARMS", env_list("FEDTUNE_BENCH_ARMS", s["arms"]), [*FEDERATED, *CENTRALIZED])
+    (seed,) = env_list("FEDTUNE_BENCH_SEEDS", [s["seed"]], int)[:1]
+    base = {
+        "max-examples": s["max_examples"],
+        "min-clients": s["sites"],
+        "num-server-rounds": s["rounds"],
+        "partitioning": "dirichlet",
+        "dirichlet-alpha": 0.3,
+        "fraction-evaluate": 0.0,
+        "seed": seed,
+    }
+    folder = work_dir(NAME) / "arms"
+    curves: dict[str, list[dict[str, float]]] = {}
+    for arm in arms:
+        if arm in FEDERATED:
+            config = {**base, **FEDERATED[arm], "audit": "true"}
+            key = {"sites": s["sites"], "config": resolved(config)}
+            result = cached(
+                folder / f"{arm}-seed{seed}.json",
+                key,
+                lambda arm=arm, config=config: _federated(arm, config, s["sites"]),
+            )
+        else:
+            config = {**base, **CENTRALIZED[arm]}
+            key = {"sites": s["sites"], "epochs": s["epochs"], "config": resolved(config)}
+            result = cached(
+                folder / f"{arm}-seed{seed}.json",
+                key,
+                lambda config=config: _centralized(config, s["sites"], s["epochs"]),
+            )
+        curves[arm] = result["curve"]
+    rows = [summary(arm, curve, s["rounds"]) for arm, curve in curves.items()]
+    _plot(curves)
+    notes = [
+        f"{s['sites']} hospitals, Dirichlet 0.3, max-examples {s['max_examples']}, LoRA r=8 unless named, "
+        f"seed {seed}; federated {s['rounds']} rounds, centralized {s['epochs']} epochs. Validation = the "
+        "union of the sites' local splits (never trained on); held-out = the coordinator's test set, "
+        "shown, never used to choose.",
+        "`best` is the round (epoch) of the best validation macro-F1; `@budget` is round (epoch) "
+        f"{s['rounds']}.",
+    ]
+    return write_results(
+        NAME,
+        rows,
+        columns=[
+            "arm",
+            "best",
+            "val_f1_best",
+            "test_f1_best",
+            "val_f1_budget",
+            "test_f1_budget",
+            "test_acc_budget",
+        ],
+        notes=notes,
+        extra={"settings": {**s, "arms": arms, "seed": seed}, "curves": curves},
+        quick=quick,
+    )
+
+
+def summary(arm: str, curve: list[dict[str, float]], budget: int) -> dict[str, Any]:
+    """The best-validation point of a curve and its point at the default budget."""
+    best = max(curve, key=lambda p: p["val_macro_f1"])
+    at = next((p for p in curve if p["step"] == budget), curve[-1])
+    return {
+        "arm": arm,
+        "best": int(best["step"]),
+        "val_f1_best": best["val_macro_f1"],
+        "test_f1_best": best["test_macro_f1"],
+        "val_f1_budget": at["val_macro_f1"],
+        "test_f1_budget": at["test_macro_f1"],
+        "test_acc_budget": at["test_accuracy"],
+    }
+
+
+def _sets(cfg: Any, sites: int) -> tuple[Any, Any, Any]:
+    """``(pooled training splits, validation = pooled local splits, held-out test set)``."""
+    from fedtune.common.sites import coordinator_test_set, simulated_site
+
+    data = [simulated_site(cfg, i, sites) for i in range(sites)]
+    return concat([d.train for d in data]), concat([d.test for d in data]), coordinator_test_set(cfg)
+
+
+def _scorer(cfg: Any, num_labels: int):  # noqa: ANN202 - (model, dataset) -> metrics
+    from fedtune.common.model import load_tokenizer, resolve_model_dir
+    from fedtune.common.train import evaluate, select_device
+
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.base_model))
+    device = select_device(cfg.device)
+
+    def score(model: Any, ds: Any) -> dict[str, float]:
+        return evaluate(
+            model, tokenizer, ds, batch_size=cfg.batch_size, max_length=cfg.max_length, device=device
+        ).as_metrics()
+
+    return score
+
+
+def _federated(arm: str, run_config: Mapping[str, Any], sites: int) -> dict[str, Any]:
+    """Run the arm; score the shared adapter after every round on the validation set."""
+    from fedtune.common.adapters import set_adapter_arrays
+    from fedtune.common.audit import load_arrays
+    from fedtune.common.config import parse_run_config
+
+    result = federated_arm(NAME, arm, sites, run_config)
+    cfg = parse_run_config(dict(run_config))
+    _, validation, _ = _sets(cfg, sites)
+    score = _scorer(cfg, len(validation.label_names))
+    model = fresh_model(cfg, len(validation.label_names))
+    server = result.out / "audit" / "server"
+    curve = []
+    with torch_threads(bench_threads()):
+        for record in result.records[1:]:  # record 0 is the initial adapter
+            r = record["round"]
+            after = server / (
+                f"global-round-{r + 1:03d}.npz" if r < cfg.num_server_rounds else "global-final.npz"
+            )
+            set_adapter_arrays(model, load_arrays(after)[0])
+            val = score(model, validation)
+            curve.append(_point(r, val, record))
+    return {"curve": curve, "seconds": result.seconds}
+
+
+def _centralized(run_config: Mapping[str, Any], sites: int, epochs: int) -> dict[str, Any]:
+    """Centralized PEFT on the pooled training splits, scored on both sets after every epoch."""
+    from fedtune.common.config import parse_run_config
+    from fedtune.common.local_plan import skew_transform
+    from fedtune.common.model import load_tokenizer, resolve_model_dir
+    from fedtune.common.train import select_device, train
+
+    cfg = parse_run_config(dict(run_config))
+    pool, validation, test = _sets(cfg, sites)
+    score = _scorer(cfg, len(pool.label_names))
+    model = fresh_model(cfg, len(pool.label_names))
+    curve: list[dict[str, float]] = []
+
+    def on_epoch_end(epoch: int) -> None:
+        curve.append(_point(epoch, score(model, validation), score(model, test)))
+
+    with torch_threads(bench_threads()):
+        res = train(
+            model,
+            load_tokenizer(resolve_model_dir(cfg.base_model)),
+            pool,
+            epochs=epochs,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            max_length=cfg.max_length,
+            device=select_device(cfg.device),
+            seed=cfg.seed,
+            schedule=central_schedule(cfg, len(pool), epochs),
+            logit_transform=skew_transform(cfg, pool.labels, len(pool.label_names)),
+            on_epoch_end=on_epoch_end,
+        )
+    return {"curve": curve, "seconds": res.seconds}
+
+
+def _point(step: int, val: Mapping[str, float], test: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        "step": step,
+        "val_macro_f1": val["macro_f1"],
+        "val_accuracy": val["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "test_accuracy": test["accuracy"],
+    }
+
+
+def _plot(curves: Mapping[str, list[dict[str, float]]]) -> None:
+    fig, ax = new_figure(7, 4.5)
+    for arm, curve in curves.items():
+        style = "--" if arm in CENTRALIZED else "-"
+        ax.plot([p["step"] for p in curve], [p["val_macro_f1"] for p in curve], style, marker="o", label=arm)
+    ax.set_xlabel("round (federated) / epoch (centralized)")
+    ax.set_ylabel("validation macro-F1")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title("ICD-10 chapter, Dirichlet 0.3: validation macro-F1 per round / epoch")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    save_figure(fig, NAME, "curves")
