@@ -133,6 +133,11 @@ class FedConfig:
         "seeded init, only B trained and exchanged, so the average of the sites' updates is exact).",
     )
     prefix_virtual_tokens: int = _opt(10, "Prefix-tuning virtual tokens per layer.", min=1)
+    prefix_projection: bool = _opt(
+        False,
+        "Prefix tuning through an MLP reparametrisation (Li & Liang 2021): steadier training, but the "
+        "MLP is trained and exchanged too (about 2M values for MiniLM).",
+    )
     max_length: int = _opt(48, "Tokenizer truncation length.", min=8)
     # --- local training ---------------------------------------------------------------
     local_epochs: int = _opt(1, "Local epochs per round at each site (when `local-steps` is 0).", min=1)

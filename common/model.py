@@ -128,6 +128,7 @@ class PeftSpec:
     target_modules: tuple[str, ...] = ("query", "value")
     lora_variant: str = "standard"
     virtual_tokens: int = 10
+    prefix_projection: bool = False
     seed: int = 0
 
     @classmethod
@@ -143,6 +144,7 @@ class PeftSpec:
             target_modules=cfg.target_modules,
             lora_variant=cfg.lora_variant,
             virtual_tokens=cfg.prefix_virtual_tokens,
+            prefix_projection=cfg.prefix_projection,
             seed=cfg.seed,
         )
 
@@ -158,7 +160,11 @@ def _lora(spec: PeftSpec) -> PeftConfig:
 
 
 def _prefix(spec: PeftSpec) -> PeftConfig:
-    return PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=spec.virtual_tokens)
+    return PrefixTuningConfig(
+        task_type=TaskType.SEQ_CLS,
+        num_virtual_tokens=spec.virtual_tokens,
+        prefix_projection=spec.prefix_projection,
+    )
 
 
 # method name -> PEFT config builder; for SEQ_CLS peft also trains and saves the classifier head.

@@ -47,44 +47,60 @@ from .benchmarking import write_results
 
 NAME = "tuning"
 # the local recipe: label-skew correction, local work per round, peak rate and its schedule
-OLD = {"label-skew": "none", "local-epochs": 1, "learning-rate": 5e-3, "lr-schedule": "constant"}
-LA3 = {"label-skew": "logit-adjust", "local-epochs": 3, "lr-schedule": "cosine"}
+OLD = {
+    "label-skew": "none",
+    "local-epochs": 1,
+    "local-steps": 0,
+    "learning-rate": 5e-3,
+    "lr-schedule": "constant",
+}
+LA3 = {"label-skew": "logit-adjust", "local-epochs": 3, "local-steps": 0, "lr-schedule": "cosine"}
+LA30 = {"label-skew": "logit-adjust", "local-steps": 30, "lr-schedule": "cosine"}
 FEDERATED: dict[str, dict[str, Any]] = {
     "fedavg-old-defaults": {"strategy": "fedavg", **OLD},
     "fedavg-la-e3-lr2e-3": {"strategy": "fedavg", **LA3, "learning-rate": 2e-3},
-    "fedavg-la-e3-lr5e-3": {"strategy": "fedavg", **LA3, "learning-rate": 5e-3},
-    "fedavg-la-e3-lr1e-3": {"strategy": "fedavg", **LA3, "learning-rate": 1e-3},
-    "fedavg-none-e3-lr2e-3": {"strategy": "fedavg", **LA3, "label-skew": "none", "learning-rate": 2e-3},
-    "fedavg-fedrs-e3-lr2e-3": {
+    "fedavg-la-s30-lr2e-3": {"strategy": "fedavg", **LA30, "learning-rate": 2e-3},
+    "fedavg-la-s30-lr5e-3": {"strategy": "fedavg", **LA30, "learning-rate": 5e-3},
+    "fedavg-la-s30-lr1e-3": {"strategy": "fedavg", **LA30, "learning-rate": 1e-3},
+    "fedavg-none-s30-lr2e-3": {"strategy": "fedavg", **LA30, "label-skew": "none", "learning-rate": 2e-3},
+    "fedavg-fedrs-s30-lr2e-3": {
         "strategy": "fedavg",
-        **LA3,
+        **LA30,
         "label-skew": "restricted-softmax",
         "learning-rate": 2e-3,
     },
-    "fedavg-la-e3-lr2e-3-ffa": {"strategy": "fedavg", **LA3, "learning-rate": 2e-3, "lora-variant": "ffa"},
-    "fedavg-la-e3-lr5e-3-ffa": {"strategy": "fedavg", **LA3, "learning-rate": 5e-3, "lora-variant": "ffa"},
-    "fedavgm-m0.5-la-e3-lr2e-3": {
+    "fedavg-la-s30-lr2e-3-ffa": {"strategy": "fedavg", **LA30, "learning-rate": 2e-3, "lora-variant": "ffa"},
+    "fedavg-la-s30-lr5e-3-ffa": {"strategy": "fedavg", **LA30, "learning-rate": 5e-3, "lora-variant": "ffa"},
+    "fedavgm-m0.5-la-s30-lr2e-3": {
         "strategy": "fedavgm",
-        **LA3,
+        **LA30,
         "learning-rate": 2e-3,
+        "fedavgm-lr": 1.0,
         "fedavgm-momentum": 0.5,
     },
-    "fedadam-eta1e-2-la-e3-lr2e-3": {
+    "fedadam-eta1e-2-la-s30-lr2e-3": {
         "strategy": "fedadam",
-        **LA3,
+        **LA30,
         "learning-rate": 2e-3,
         "fedopt-eta": 1e-2,
         "fedopt-tau": 1e-3,
     },
-    "fedyogi-eta1e-2-la-e3-lr2e-3": {
+    "fedyogi-eta1e-2-la-s30-lr2e-3": {
         "strategy": "fedyogi",
-        **LA3,
+        **LA30,
         "learning-rate": 2e-3,
         "fedopt-eta": 1e-2,
         "fedopt-tau": 1e-3,
     },
-    "prefix-la-e3-lr2e-3": {"strategy": "fedavg", **LA3, "learning-rate": 2e-3, "peft-method": "prefix"},
-    "prefix-la-e3-lr1e-2": {"strategy": "fedavg", **LA3, "learning-rate": 1e-2, "peft-method": "prefix"},
+    "prefix-la-s30-lr2e-3": {"strategy": "fedavg", **LA30, "learning-rate": 2e-3, "peft-method": "prefix"},
+    "prefix-la-s30-lr1e-2": {"strategy": "fedavg", **LA30, "learning-rate": 1e-2, "peft-method": "prefix"},
+    "prefix-mlp-la-s30-lr2e-3": {
+        "strategy": "fedavg",
+        **LA30,
+        "learning-rate": 2e-3,
+        "peft-method": "prefix",
+        "prefix-projection": True,
+    },
 }
 CENTRALIZED: dict[str, dict[str, Any]] = {
     "centralized-lr5e-3": {"label-skew": "none", "learning-rate": 5e-3, "lr-schedule": "constant"},
@@ -97,10 +113,10 @@ CENTRALIZED: dict[str, dict[str, Any]] = {
 }
 DEFAULT_ARMS = (
     "fedavg-old-defaults",
-    "fedavg-la-e3-lr2e-3",
-    "fedavg-la-e3-lr5e-3",
-    "fedavg-none-e3-lr2e-3",
-    "fedavg-fedrs-e3-lr2e-3",
+    "fedavg-la-s30-lr2e-3",
+    "fedavg-la-s30-lr5e-3",
+    "fedavg-none-s30-lr2e-3",
+    "fedavg-fedrs-s30-lr2e-3",
     "centralized-lr5e-3",
     "centralized-lr2e-3",
 )

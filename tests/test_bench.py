@@ -9,6 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedtune.common.config import parse_run_config
+from fedtune.common.sites import simulated_site
+from fedtune.common.train import score
+from fedtune.simulations import bench, bench_tuning
 from fedtune.simulations.bench import (
     BENCHMARKS,
     bootstrap_auc_ci,
@@ -472,3 +476,42 @@ def test_bench_rounds_quick_scores_every_arm_at_every_checkpoint(tmp_path: Path)
     assert len({r["centralized_accuracy"] for r in rows}) > 1
     assert any(n.startswith("Target centralized - federated <= 2 points") for n in data["notes"])
     assert (results / "rounds_macro_f1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tuning_summary_takes_the_best_validation_point_not_the_best_test_point() -> None:
+    # Prepare: the test set would pick round 1; validation picks round 2
+    def point(step: int, val: float, test: float) -> dict[str, float]:
+        return {"step": step, "val_macro_f1": val, "test_macro_f1": test, "test_accuracy": test + 0.5}
+
+    curve = [point(1, 0.20, 0.40), point(2, 0.30, 0.25), point(3, 0.28, 0.30)]
+
+    # Execute
+    row = bench_tuning.summary("arm", curve, budget=3)
+
+    # Assert
+    assert (row["best"], row["val_f1_best"], row["test_f1_best"]) == (2, 0.30, 0.25)
+    assert (row["val_f1_budget"], row["test_f1_budget"], row["test_acc_budget"]) == (0.28, 0.30, 0.80)
+    assert bench_tuning.summary("arm", curve[:2], budget=5)["val_f1_budget"] == 0.30  # short curve: its end
+
+
+@pytest.mark.e2e
+def test_bench_tuning_quick_scores_every_round_on_the_sites_validation_splits(tmp_path: Path) -> None:
+    # Execute
+    results = _bench_quick("tuning", tmp_path)
+
+    # Assert: a point per round (epoch); the held-out figures are the coordinator's own records, and
+    # the validation figure of the last round is the final shared adapter scored on the sites' splits
+    data = json.loads((results / "tuning.json").read_text())
+    arms = data["settings"]["arms"]
+    assert [r["arm"] for r in data["rows"]] == arms
+    for arm in arms:
+        assert [p["step"] for p in data["curves"][arm]] == [1, 2]
+    arm = "fedavg-la-e3-lr2e-3"
+    records = json.loads((results / "work" / "tuning" / arm / "metrics.json").read_text())
+    assert [p["test_macro_f1"] for p in data["curves"][arm]] == [r["macro_f1"] for r in records[1:]]
+    cfg = parse_run_config(json.loads((results / "work" / "tuning" / arm / "run_config.json").read_text()))
+    validation = bench.concat([simulated_site(cfg, i, 3).test for i in range(3)])
+    probs = bench.shared_adapter_probs(cfg, results / "work" / "tuning" / arm, validation)
+    final = score(probs, validation.labels, len(validation.label_names))
+    assert data["curves"][arm][-1]["val_macro_f1"] == pytest.approx(final.macro_f1)
+    assert (results / "tuning_curves.png").read_bytes()[:4] == b"\x89PNG"

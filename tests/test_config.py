@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,21 @@ def test_run_config_keys_are_the_kebab_case_field_names() -> None:
     assert sorted(keys) == list(VALID_KEYS)
     assert all("_" not in key for key in keys)
     assert key_of("num_server_rounds") == "num-server-rounds"
+
+
+def test_readme_run_config_table_lists_every_key_with_its_default() -> None:
+    # Prepare
+    readme = (PYPROJECT.parent / "README.md").read_text(encoding="utf-8")
+    start = readme.index("| key | default | meaning |")
+    table = readme[start : readme.index("\n\n", start)]
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| ([^|]+) \| (.+) \|$", table, flags=re.MULTILINE)
+
+    # Execute
+    documented = {key: default.strip() for key, default, _ in rows}
+
+    # Assert: the table is FedConfig's (regenerate it from the dataclass when a key or default changes)
+    want = {k: ("true" if v else "false") if isinstance(v, bool) else repr(v) for k, v in defaults().items()}
+    assert documented == want
 
 
 def test_pyproject_app_config_equals_embedded_defaults() -> None:

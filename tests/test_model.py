@@ -249,6 +249,7 @@ def test_peft_spec_from_config_copies_model_fields(base_dir: Path) -> None:
         lora_dropout=0.1,
         lora_target_modules="query, key",
         prefix_virtual_tokens=7,
+        prefix_projection=True,
         seed=3,
     )
 
@@ -265,6 +266,7 @@ def test_peft_spec_from_config_copies_model_fields(base_dir: Path) -> None:
         lora_dropout=0.1,
         target_modules=("query", "key"),
         virtual_tokens=7,
+        prefix_projection=True,
         seed=3,
     )
     assert hash(spec) == hash(PeftSpec.from_config(cfg, base_dir, num_labels=4))
@@ -304,11 +306,22 @@ def test_only_peft_and_head_parameters_train(
         ("lora", 6 * 2 * (8 * 384 + 384 * 8) + 384 * 3 + 3),
         # 10 virtual tokens x 6 layers x (key, value) x 384, head 384 x 3 + 3
         ("prefix", 10 * 6 * 2 * 384 + 384 * 3 + 3),
+        # FFA-LoRA trains B only: 6 layers x (query, value) x 384 x r, head
+        ("lora-ffa", 6 * 2 * 384 * 8 + 384 * 3 + 3),
+        # prefix through the MLP: 10 x 384 embedding, 384 -> 384 -> 6 x 2 x 384 (with biases), head
+        ("prefix-projection", 10 * 384 + (384 * 384 + 384) + (384 * 6 * 2 * 384 + 6 * 2 * 384) + 384 * 3 + 3),
     ],
 )
 def test_trainable_counts_match_the_peft_shapes(base_dir: Path, method: str, expected: int) -> None:
     # Prepare
-    spec = PeftSpec(model_dir=base_dir, method=method, num_labels=3)
+    name, _, variant = method.partition("-")
+    spec = PeftSpec(
+        model_dir=base_dir,
+        method=name,
+        num_labels=3,
+        lora_variant="ffa" if variant == "ffa" else "standard",
+        prefix_projection=variant == "projection",
+    )
 
     # Execute
     n_trainable, _ = trainable_counts(build_peft_model(spec))
