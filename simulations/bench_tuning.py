@@ -59,8 +59,40 @@ LA30 = {"label-skew": "logit-adjust", "local-steps": 30, "lr-schedule": "cosine"
 FEDERATED: dict[str, dict[str, Any]] = {
     "fedavg-old-defaults": {"strategy": "fedavg", **OLD},
     "fedavg-la-e3-lr2e-3": {"strategy": "fedavg", **LA3, "learning-rate": 2e-3},
+    "fedavg-la-e3-lr2e-3-const": {
+        "strategy": "fedavg",
+        **LA3,
+        "learning-rate": 2e-3,
+        "lr-schedule": "constant",
+    },
     "fedavg-la-s30-lr2e-3": {"strategy": "fedavg", **LA30, "learning-rate": 2e-3},
+    "fedavg-la-s30-lr2e-3-const": {
+        "strategy": "fedavg",
+        **LA30,
+        "learning-rate": 2e-3,
+        "lr-schedule": "constant",
+    },
+    "fedavg-la-s30-lr5e-3-const": {
+        "strategy": "fedavg",
+        **LA30,
+        "learning-rate": 5e-3,
+        "lr-schedule": "constant",
+    },
     "fedavg-la-s30-lr5e-3": {"strategy": "fedavg", **LA30, "learning-rate": 5e-3},
+    "fedavg-la-s30-lr1e-2-const": {
+        "strategy": "fedavg",
+        **LA30,
+        "learning-rate": 1e-2,
+        "lr-schedule": "constant",
+    },
+    "fedavg-la-b16-s60-lr5e-3-const": {
+        "strategy": "fedavg",
+        **LA30,
+        "batch-size": 16,
+        "local-steps": 60,
+        "learning-rate": 5e-3,
+        "lr-schedule": "constant",
+    },
     "fedavg-la-s30-lr1e-3": {"strategy": "fedavg", **LA30, "learning-rate": 1e-3},
     "fedavg-none-s30-lr2e-3": {"strategy": "fedavg", **LA30, "label-skew": "none", "learning-rate": 2e-3},
     "fedavg-fedrs-s30-lr2e-3": {

@@ -30,6 +30,7 @@ from fedtune.common.local_plan import (
         (100, 3, 0, 32, 12),
         (100, 3, 7, 32, 7),  # local-steps wins over local-epochs
         (5, 1, 40, 32, 40),  # more steps than one epoch of batches
+        (100, 3, 1, 32, 1),
     ],
 )
 def test_steps_per_round(
@@ -66,6 +67,12 @@ def test_cosine_without_warm_up_starts_at_the_peak_and_decreases() -> None:
     assert values[0] == 1.0
     assert all(a > b for a, b in zip(values, values[1:], strict=False))
     assert values[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 10)))
+
+
+def test_short_schedules_end_at_zero_and_may_be_all_warm_up() -> None:
+    assert Schedule("cosine", total=3, warmup=2).factor(3) == 0.0  # one decay step
+    all_warm_up = Schedule("cosine", total=4, warmup=4)
+    assert [all_warm_up.factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
 
 
 def test_constant_schedule_is_one_everywhere() -> None:
