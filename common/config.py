@@ -140,9 +140,14 @@ class FedConfig:
     )
     max_length: int = _opt(48, "Tokenizer truncation length.", min=8)
     # --- local training ---------------------------------------------------------------
-    local_epochs: int = _opt(1, "Local epochs per round at each site (when `local-steps` is 0).", min=1)
     local_steps: int = _opt(
-        0, "Optimiser steps per round at each site (batches drawn epoch by epoch); 0 = `local-epochs`.", min=0
+        30,
+        "Optimiser steps per round at each site (batches drawn epoch after epoch): every site does the same "
+        "work, so no large site holds a round up.",
+        min=0,
+    )
+    local_epochs: int = _opt(
+        0, "When > 0: local epochs per round at each site instead of `local-steps`.", min=0
     )
     batch_size: int = _opt(32, "Local mini-batch size.", min=1)
     learning_rate: float = _opt(5e-3, "Local AdamW peak learning rate (adapter and head).", min=0.0)
@@ -221,6 +226,11 @@ class FedConfig:
         if self.test_data_path and self.task != "csv":
             raise ConfigError(
                 "`test-data-path` is for `task=csv`; the packaged tasks hold out `holdout-fraction`."
+            )
+        if self.local_steps == 0 and self.local_epochs == 0:
+            raise ConfigError(
+                "`local-steps` and `local-epochs` are both 0: a site would not train. Set `local-steps` "
+                "(optimiser steps per round, e.g. 30) or `local-epochs` (e.g. 1)."
             )
         if self.lora_variant == "ffa" and self.peft_method != "lora":
             raise ConfigError(

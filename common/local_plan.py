@@ -3,7 +3,7 @@
 No Flower and no model here: pure functions of the run config and a site's labels, so the
 coordinator, the sites and the benchmarks' centralized arms share one definition.
 
-- :func:`steps_per_round`: ``local-steps``, else ``local-epochs`` x batches of the site's data.
+- :func:`steps_per_round`: ``local-epochs`` x batches of the site's data, or ``local-steps``.
 - :class:`Schedule`: the learning-rate factor at each local step of the *whole run* (a site at
   round ``r`` continues where round ``r - 1`` stopped), from the :data:`SCHEDULES` registry.
 - :class:`LogitTransform`: the label-skew correction applied to the training logits only, from the
@@ -26,10 +26,13 @@ from .config import FedConfig
 
 
 def steps_per_round(examples: int, cfg: FedConfig) -> int:
-    """Optimiser steps one site takes per round: ``local-steps``, else epochs x ``ceil(examples / batch)``."""
-    if cfg.local_steps > 0:
-        return cfg.local_steps
-    return cfg.local_epochs * math.ceil(examples / cfg.batch_size)
+    """Optimiser steps one site takes per round.
+
+    ``local-epochs`` x ``ceil(examples / batch)`` when ``local-epochs`` > 0, else ``local-steps``.
+    """
+    if cfg.local_epochs > 0:
+        return cfg.local_epochs * math.ceil(examples / cfg.batch_size)
+    return cfg.local_steps
 
 
 def _constant(step: int, total: int, warmup: int) -> float:

@@ -196,9 +196,12 @@ def run(
             best = max(local, key=lambda x: x["macro_f1"])
             arms.setdefault("local-best", []).append({k: best[k] for k in ("accuracy", "macro_f1")})
             if part == TARGET_PARTITION:
-                batch = resolved(run_config)["batch-size"]
-                site = [_steps_per_round(x["train_examples"], batch, s["local_epochs"]) for x in local]
-                central = _steps_per_round(pooled["centralized"]["train_examples"], batch, 1)
+                from fedtune.common.config import parse_run_config
+                from fedtune.common.local_plan import steps_per_round
+
+                cfg = parse_run_config(run_config)
+                site = [steps_per_round(x["train_examples"], cfg) for x in local]
+                central = math.ceil(pooled["centralized"]["train_examples"] / cfg.batch_size)
                 steps.append((sum(site) / len(site), central))
 
     rows = []
@@ -263,11 +266,6 @@ def _pooled_arms(run_config: dict[str, Any], sites: int, epochs: int) -> dict[st
     return {"centralized": {k: central[k] for k in keys}, "local": local}
 
 
-def _steps_per_round(examples: int, batch: int, local_epochs: int) -> int:
-    """Sequential optimiser steps of one training run of ``local_epochs`` over ``examples``."""
-    return math.ceil(examples / batch) * local_epochs
-
-
 def _step_budget_arm(run_config: dict[str, Any], sites: int, rounds: int) -> dict[str, Any]:
     """Centralized PEFT given FedAvg's sequential optimiser steps instead of its examples.
 
@@ -277,11 +275,12 @@ def _step_budget_arm(run_config: dict[str, Any], sites: int, rounds: int) -> dic
     """
     import numpy as np
     from fedtune.common.config import parse_run_config
+    from fedtune.common.local_plan import steps_per_round
     from fedtune.common.sites import coordinator_test_set, simulated_site
 
     cfg = parse_run_config(run_config)
     trains = [simulated_site(cfg, i, sites).train for i in range(sites)]
-    site_steps = [_steps_per_round(len(t), cfg.batch_size, cfg.local_epochs) for t in trains]
+    site_steps = [steps_per_round(len(t), cfg) for t in trains]
     steps = round(rounds * sum(site_steps) / len(site_steps))
     pool, examples = concat(trains), steps * cfg.batch_size
     rng = np.random.default_rng(cfg.seed)

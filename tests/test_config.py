@@ -274,6 +274,7 @@ def test_nan_is_rejected_for_bounded_floats(key: str) -> None:
         ("lr-warmup", 0.6, "in [0.0, 0.5]"),
         ("restricted-softmax-alpha", 1.5, "in [0.0, 1.0]"),
         ("local-steps", -1, ">= 0"),
+        ("local-epochs", -1, ">= 0"),
     ],
 )
 def test_out_of_range_value_names_key_and_bounds(key: str, value: Any, bounds: str) -> None:
@@ -323,6 +324,8 @@ def test_bound_values_are_inclusive(key: str, value: Any) -> None:
         ({"task": "icd10-chapter", "test-data-path": "/t.csv"}, ("test-data-path", "task=csv")),
         ({"task": "diabetes", "test-data-path": "/t.csv"}, ("test-data-path",)),
         ({"peft-method": "lora", "lora-target-modules": " , "}, ("lora-target-modules",)),
+        ({"local-steps": 0, "local-epochs": 0}, ("local-steps", "local-epochs", "both 0")),
+        ({"peft-method": "prefix", "lora-variant": "ffa"}, ("lora-variant=ffa", "peft-method=lora")),
     ],
 )
 def test_cross_field_error_names_the_keys(run_config: dict[str, Any], needles: tuple[str, ...]) -> None:
@@ -341,6 +344,8 @@ def test_cross_field_error_names_the_keys(run_config: dict[str, Any], needles: t
         {"task": "csv", "data-path": "/d.csv"},
         {"task": "csv", "data-path": "/d.csv", "test-data-path": "/t.csv"},
         {"peft-method": "prefix", "lora-target-modules": ""},
+        {"local-steps": 0, "local-epochs": 2},
+        {"local-steps": 5, "local-epochs": 0},
     ],
 )
 def test_consistent_cross_fields_are_accepted(run_config: dict[str, Any]) -> None:

@@ -25,12 +25,13 @@ from fedtune.common.local_plan import (
 @pytest.mark.parametrize(
     ("examples", "local_epochs", "local_steps", "batch", "expected"),
     [
-        (100, 1, 0, 32, 4),  # ceil(100 / 32)
-        (96, 1, 0, 32, 3),
-        (100, 3, 0, 32, 12),
-        (100, 3, 7, 32, 7),  # local-steps wins over local-epochs
-        (5, 1, 40, 32, 40),  # more steps than one epoch of batches
-        (100, 3, 1, 32, 1),
+        (100, 1, 30, 32, 4),  # ceil(100 / 32): local-epochs > 0 wins over local-steps
+        (96, 1, 30, 32, 3),
+        (100, 3, 30, 32, 12),
+        (100, 0, 7, 32, 7),  # local-epochs 0: local-steps
+        (5, 0, 40, 32, 40),  # more steps than one epoch of batches
+        (100, 0, 1, 32, 1),
+        (100, 2, 0, 32, 8),
     ],
 )
 def test_steps_per_round(
