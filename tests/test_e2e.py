@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 pytestmark = pytest.mark.e2e
 
-SMOKE = "num-server-rounds=2 max-examples=600 partitioning=iid"
+SMOKE = "num-server-rounds=2 max-examples=600 partitioning=iid local-epochs=1"  # mechanics, not quality
 
 
 def simulate(out: Path, run_config: str, num_clients: int = 3) -> list[dict]:
@@ -153,7 +153,7 @@ def _upload_array_bytes(out: Path, prefix: str) -> int:
 
 def test_audit_of_masked_and_clear_runs(tmp_path: Path) -> None:
     # Prepare: one round, 3 sites, with and without SecAgg+
-    run = "num-server-rounds=1 max-examples=600 partitioning=iid fraction-evaluate=0"
+    run = "num-server-rounds=1 max-examples=600 partitioning=iid fraction-evaluate=0 local-epochs=1"
     simulate(tmp_path / "masked", f"{run} secure-aggregation=true")
     simulate(tmp_path / "clear", f"{run} secure-aggregation=false")
 
@@ -182,8 +182,8 @@ def test_distributed_dp_run_is_accounted_and_its_empirical_epsilon_stays_below(t
     out = tmp_path / "dp"
     records = simulate(
         out,
-        "num-server-rounds=3 max-examples=600 partitioning=iid dp-mode=distributed dp-noise-multiplier=1.0 "
-        "dp-clipping-norm=0.5 audit-canaries=200 dp-target-epsilon=7.5",
+        "num-server-rounds=3 max-examples=600 partitioning=iid local-epochs=1 dp-mode=distributed "
+        "dp-noise-multiplier=1.0 dp-clipping-norm=0.5 audit-canaries=200 dp-target-epsilon=7.5",
     )
     report = audit(out)
 
@@ -210,7 +210,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_every_round_recorded_once
     # Prepare: a 3-round FedAdam run (server optimiser state to carry over), killed once round 1 is recorded
     out = tmp_path / "run"
     cli = [sys.executable, "-m", "fedtune.simulations.cli", "simulate"]
-    run_config = "num-server-rounds=3 max-examples=600 partitioning=iid strategy=fedadam fedopt-eta=0.01"
+    run_config = "num-server-rounds=3 max-examples=600 partitioning=iid local-epochs=1 strategy=fedadam "
+    run_config += "fedopt-eta=0.01"
     first = subprocess.Popen(
         [*cli, "--num-clients", "3", "--out", str(out), "--run-config", run_config],
         stdout=subprocess.DEVNULL,
@@ -312,7 +313,7 @@ def poison_mod(msg, ctxt, call_next):
 
 
 cfg = parse_run_config({
-    "num-server-rounds": 2, "max-examples": 600, "partitioning": "iid", "audit": False,
+    "num-server-rounds": 2, "max-examples": 600, "partitioning": "iid", "audit": False, "local-epochs": 1,
     "fraction-evaluate": 0.0, "secure-aggregation": secure, "out-dir": out,
 })
 try:
