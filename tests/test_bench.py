@@ -515,3 +515,34 @@ def test_bench_tuning_quick_scores_every_round_on_the_sites_validation_splits(tm
     final = score(probs, validation.labels, len(validation.label_names))
     assert data["curves"][arm][-1]["val_macro_f1"] == pytest.approx(final.macro_f1)
     assert (results / "tuning_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tuning_choice_is_made_on_validation_and_judges_the_targets_on_held_out() -> None:
+    # Prepare: the held-out set would prefer the other federated arm; validation picks the first
+    def row(arm: str, val_budget: float, test_budget: float, val_best: float, test_best: float) -> dict:
+        return {
+            "arm": arm,
+            "best": 4,
+            "val_f1_best": val_best,
+            "test_f1_best": test_best,
+            "val_f1_budget": val_budget,
+            "test_f1_budget": test_budget,
+            "test_acc_budget": 0.8,
+        }
+
+    rows = [
+        row("fedavg-la-s30-lr5e-3-const", 0.33, 0.30, 0.34, 0.31),
+        row("fedavg-old-defaults", 0.10, 0.35, 0.10, 0.36),
+        row("centralized-lr5e-3", 0.35, 0.36, 0.50, 0.45),
+        row("centralized-lr2e-3", 0.30, 0.40, 0.40, 0.60),
+    ]
+
+    # Execute
+    notes = bench_tuning.choice_notes(rows)
+
+    # Assert: 0.30 / 0.36 = 83% of centralized at the budget; 45 - 31 = 14 points at the best points
+    assert "picks `fedavg-la-s30-lr5e-3-const`" in notes[0] and "centralized `centralized-lr5e-3`" in notes[0]
+    assert notes[1].endswith("83% (met).")
+    assert "`centralized-lr5e-3` epoch 4 held-out 0.450" in notes[2] and "+14.0 points" in notes[2]
+    assert "missed" in notes[2]
+    assert bench_tuning.choice_notes(rows[:2]) == []
