@@ -161,7 +161,7 @@ class FedConfig:
     )
     weight_decay: float = _opt(0.0, "Local AdamW weight decay.", min=0.0)
     label_skew: LabelSkew = _opt(
-        "none",
+        "logit-adjust",
         "Label-skew correction in local training: none; logit-adjust (train against the site's label prior, "
         "Menon et al. 2021 / FedLC); restricted-softmax (scale the logits of labels the site lacks, FedRS).",
     )
