@@ -18,7 +18,8 @@ macro-F1 there, and both at the default budget (round / epoch ``rounds``); the v
 plotted. Pick arms with ``FEDTUNE_BENCH_ARMS`` (comma-separated names), the seed with
 ``FEDTUNE_BENCH_SEEDS``; ``FEDTUNE_BENCH_RESUME=1`` reuses saved arms.
 
-Full: 5 rounds (centralized: 10 epochs), ~8 min per federated arm at 3 local epochs on 2 CPU cores.
+Full: 5 rounds (centralized: 10 epochs), 9-15 min per federated arm and ~9 min per centralized arm on
+2 CPU cores (~1 h 50 min for the default arms).
 Quick: 3 sites, 2 rounds, ``max-examples=600``, two federated arms and one centralized arm.
 """
 
@@ -173,13 +174,15 @@ CENTRALIZED: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_ARMS = (
-    "fedavg-old-defaults",
+    "fedavg-la-e3-lr2e-3",
     "fedavg-la-s30-lr2e-3",
-    "fedavg-la-s30-lr5e-3",
-    "fedavg-none-s30-lr2e-3",
-    "fedavg-fedrs-s30-lr2e-3",
+    "fedavg-la-s30-lr5e-3-const",
+    "fedavg-la-b16-s60-lr5e-3-const",
+    "fedavg-none-s30-lr5e-3-const",
+    "fedavg-la-s30-lr1e-2-const",
+    "fedadam-eta1e-2-la-s30-lr5e-3-const",
+    "fedavg-la-s30-lr5e-3-const-ffa",
     "centralized-lr5e-3",
-    "centralized-lr2e-3",
 )
 
 
@@ -412,6 +415,6 @@ def _plot(curves: Mapping[str, list[dict[str, float]]]) -> None:
     ax.set_xlabel("round (federated) / epoch (centralized)")
     ax.set_ylabel("validation macro-F1")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_title("ICD-10 chapter, Dirichlet 0.3: validation macro-F1 per round / epoch")
+    ax.set_title("ICD-10 chapters, Dirichlet 0.3")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     save_figure(fig, NAME, "curves")
