@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # heavy imports only where a benchmark trains in-process
     from fedtune.common.config import FedConfig
     from fedtune.common.data import TextDataset
     from fedtune.common.local_plan import Schedule
+    from fedtune.common.train import TrainResult
 
 DESCRIPTIONS: dict[str, str] = {
     "quality": "Model quality on ICD-10 chapter coding: federated (FedAvg, FedProx, FedAdam) vs centralized "
@@ -331,6 +332,42 @@ def central_schedule(cfg: FedConfig, examples: int, epochs: int) -> Schedule:
     return Schedule(cfg.lr_schedule, total=total, warmup=round(cfg.lr_warmup * total))
 
 
+def train_central(
+    cfg: FedConfig,
+    model: Any,
+    train: TextDataset,
+    *,
+    epochs: int,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``train`` in-process for ``epochs`` with a site's settings of ``cfg``.
+
+    Same optimiser, batch size, learning rate, max length, device and seed as a federated site; the
+    learning-rate schedule runs over all ``epochs`` and ``label-skew`` uses ``train``'s own label prior.
+    """
+    from fedtune.common.local_plan import skew_transform
+    from fedtune.common.model import load_tokenizer, resolve_model_dir
+    from fedtune.common.train import select_device
+    from fedtune.common.train import train as train_loop
+
+    with torch_threads(bench_threads()):
+        return train_loop(
+            model,
+            load_tokenizer(resolve_model_dir(cfg.base_model)),
+            train,
+            epochs=epochs,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            max_length=cfg.max_length,
+            device=select_device(cfg.device),
+            seed=cfg.seed,
+            schedule=central_schedule(cfg, len(train), epochs),
+            logit_transform=skew_transform(cfg, train.labels, len(train.label_names)),
+            on_epoch_end=on_epoch_end,
+        )
+
+
 def train_and_score(
     cfg: FedConfig,
     train: TextDataset,
@@ -340,17 +377,13 @@ def train_and_score(
     keep_probs: bool = False,
     curve_at: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Train a fresh PEFT model of ``cfg`` on ``train`` with :func:`fedtune.common.train.train`; score it.
+    """Train a fresh PEFT model of ``cfg`` on ``train`` with :func:`train_central`; score it on ``test``.
 
-    Same optimiser, batch size, learning rate, max length, device and seed as a federated site; the
-    learning-rate schedule runs over all ``epochs`` and ``label-skew`` uses ``train``'s own label prior.
     ``curve_at``: epochs after which the model is also scored on ``test`` (one run, the optimiser's
     state kept), returned as ``curve``: one ``{"epoch", "accuracy", "macro_f1"}`` per such epoch.
     """
-    from fedtune.common.local_plan import skew_transform
     from fedtune.common.model import load_tokenizer, resolve_model_dir
     from fedtune.common.train import predict_proba, score, select_device
-    from fedtune.common.train import train as train_loop
 
     model = fresh_model(cfg, len(train.label_names))
     tokenizer = load_tokenizer(resolve_model_dir(cfg.base_model))
@@ -369,22 +402,8 @@ def train_and_score(
             m = score(probs(), test.labels, num_labels).as_metrics()
             curve.append({"epoch": epoch, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
 
+    res = train_central(cfg, model, train, epochs=epochs, on_epoch_end=on_epoch_end if curve_at else None)
     with torch_threads(bench_threads()):
-        res = train_loop(
-            model,
-            tokenizer,
-            train,
-            epochs=epochs,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            weight_decay=cfg.weight_decay,
-            max_length=cfg.max_length,
-            device=device,
-            seed=cfg.seed,
-            schedule=central_schedule(cfg, len(train), epochs),
-            logit_transform=skew_transform(cfg, train.labels, len(train.label_names)),
-            on_epoch_end=on_epoch_end if curve_at else None,
-        )
         final = probs()
     scored = score(final, test.labels, num_labels)
     console.print(

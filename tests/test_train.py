@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,29 +90,19 @@ def model(model_and_start: tuple[PeftModel, list[np.ndarray]]) -> PeftModel:
 
 
 def _train(
-    model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    ds: TextDataset,
-    *,
-    epochs: int = 1,
-    seed: int = 0,
-    proximal_mu: float = 0.0,
-    on_epoch_end: Callable[[int], None] | None = None,
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, ds: TextDataset, **kwargs: Any
 ) -> TrainResult:
-    return train(
-        model,
-        tokenizer,
-        ds,
-        epochs=epochs,
-        batch_size=8,
-        learning_rate=5e-3,
-        weight_decay=0.0,
-        max_length=MAX_LENGTH,
-        device=CPU,
-        seed=seed,
-        proximal_mu=proximal_mu,
-        on_epoch_end=on_epoch_end,
-    )
+    """:func:`train` with this module's settings (1 epoch of batch 8 at 5e-3, seed 0); ``kwargs`` override."""
+    settings = {
+        "epochs": 1,
+        "batch_size": 8,
+        "learning_rate": 5e-3,
+        "weight_decay": 0.0,
+        "max_length": MAX_LENGTH,
+        "device": CPU,
+        "seed": 0,
+    }
+    return train(model, tokenizer, ds, **(settings | kwargs))
 
 
 def _distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -388,19 +378,7 @@ def test_steps_make_exactly_that_many_optimiser_steps_across_epochs(
     epochs_done: list[int] = []
 
     # Execute
-    result = train(
-        model,
-        tokenizer,
-        dataset,
-        steps=11,
-        batch_size=8,
-        learning_rate=5e-3,
-        weight_decay=0.0,
-        max_length=MAX_LENGTH,
-        device=CPU,
-        seed=0,
-        on_epoch_end=epochs_done.append,
-    )
+    result = _train(model, tokenizer, dataset, steps=11, on_epoch_end=epochs_done.append)
 
     # Assert
     assert len(lrs) == 11 and result.steps == 11
@@ -422,19 +400,7 @@ def test_the_schedule_sets_each_steps_learning_rate(
     schedule = Schedule("cosine", total=8, warmup=2, offset=4)
 
     # Execute
-    train(
-        model,
-        tokenizer,
-        dataset,
-        steps=4,
-        batch_size=8,
-        learning_rate=0.01,
-        weight_decay=0.0,
-        max_length=MAX_LENGTH,
-        device=CPU,
-        seed=0,
-        schedule=schedule,
-    )
+    _train(model, tokenizer, dataset, steps=4, learning_rate=0.01, schedule=schedule)
 
     # Assert
     assert lrs == pytest.approx([0.01 * schedule.factor(s) for s in range(4)])
@@ -452,19 +418,7 @@ def test_a_zero_schedule_leaves_the_adapter_where_it_was(
     spent = Schedule("cosine", total=4, offset=4)
 
     # Execute
-    train(
-        model,
-        tokenizer,
-        dataset,
-        steps=3,
-        batch_size=8,
-        learning_rate=0.05,
-        weight_decay=0.0,
-        max_length=MAX_LENGTH,
-        device=CPU,
-        seed=0,
-        schedule=spent,
-    )
+    _train(model, tokenizer, dataset, steps=3, learning_rate=0.05, schedule=spent)
 
     # Assert
     assert _distance(get_adapter_arrays(model), start) == 0.0
@@ -478,13 +432,10 @@ def test_the_training_loss_uses_the_transformed_logits(
     one_label = dataclasses.replace(dataset, texts=dataset.texts[:half], labels=dataset.labels[:half])
     assert set(one_label.labels.tolist()) == {1}
     winning = LogitTransform(scale=torch.ones(2), offset=torch.tensor([0.0, 40.0]))
-    kwargs = dict(
-        steps=1, batch_size=8, learning_rate=1e-3, weight_decay=0.0, max_length=MAX_LENGTH, device=CPU, seed=0
-    )
 
     # Execute
-    plain = train(model, tokenizer, one_label, **kwargs)
-    adjusted = train(model, tokenizer, one_label, logit_transform=winning, **kwargs)
+    plain = _train(model, tokenizer, one_label, steps=1, learning_rate=1e-3)
+    adjusted = _train(model, tokenizer, one_label, steps=1, learning_rate=1e-3, logit_transform=winning)
 
     # Assert
     assert plain.loss > 0.1
