@@ -45,7 +45,7 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         "A 3-hospital, 2-round check that finishes in about a minute.",
         num_clients=3,
-        run_config={"num-server-rounds": 2, "max-examples": 600, "partitioning": "iid"},
+        run_config={"num-server-rounds": 2, "max-examples": 600, "partitioning": "iid", "local-epochs": 1},
     ),
 }
 
