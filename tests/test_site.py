@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedtune.client import site as site_module
 from fedtune.client.mods import REQUIRE_SECAGG, secure_aggregation_mod
 from fedtune.client.site import SiteClient
 from fedtune.common import instructions
@@ -16,6 +17,7 @@ from fedtune.common.model import (
     fingerprint,
     resolve_model_dir,
 )
+from fedtune.common.train import TrainResult
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
@@ -66,6 +68,26 @@ def test_site_returns_only_a_trained_adapter_of_the_same_shapes(start) -> None:
     assert all("lora_" in n or "classifier" in n for n in names)
     assert any(not np.array_equal(a, b) for a, b in zip(new, arrays, strict=True))
     assert 50 < num_examples < 300 and metrics["train_loss"] > 0
+
+
+def test_site_trains_at_the_round_of_its_instruction(start, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: record what the site hands to local training
+    arrays, _ = start
+    calls: list[dict] = []
+
+    def fake_train_local(model, tokenizer, ds, cfg, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(kwargs)
+        return TrainResult(loss=1.0, examples=len(ds), steps=cfg.local_steps, seconds=1.0)
+
+    monkeypatch.setattr(site_module, "train_local", fake_train_local)
+    config = instructions.encode(CFG, 4, fingerprint(resolve_model_dir("")))
+
+    # Execute
+    _, _, metrics = SiteClient(NODE).fit(arrays, config)
+
+    # Assert: the schedule's round and the reported steps come from this round's instruction
+    assert calls[0]["server_round"] == 4 and calls[0]["seed"] == CFG.seed + 4
+    assert metrics["train_steps"] == CFG.local_steps
 
 
 def test_site_evaluate_scores_its_local_test_split(start) -> None:

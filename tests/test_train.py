@@ -463,3 +463,25 @@ def test_train_local_follows_the_round_its_site_is_in(
     expected = Schedule.for_round(cfg, 2, 3)
     assert expected.offset == 3
     assert result.steps == 3 and lrs == pytest.approx([0.02 * expected.factor(s) for s in range(3)])
+
+
+def test_train_local_corrects_the_training_logits_with_the_sites_labels(
+    model: PeftModel,
+    model_and_start: tuple[PeftModel, list[np.ndarray]],
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: TextDataset,
+) -> None:
+    # Prepare: a site holding only label 1; logit adjustment with a large tau makes its loss tiny
+    _, start = model_and_start
+    half = len(dataset) // 2
+    one_label = dataclasses.replace(dataset, texts=dataset.texts[:half], labels=dataset.labels[:half])
+    plain_cfg = FedConfig(local_steps=1, batch_size=8, max_length=MAX_LENGTH, label_skew="none")
+    skew_cfg = dataclasses.replace(plain_cfg, label_skew="logit-adjust", logit_adjust_tau=20.0)
+
+    # Execute
+    plain = train_local(model, tokenizer, one_label, plain_cfg, device=CPU, seed=0, server_round=1)
+    set_adapter_arrays(model, start)
+    adjusted = train_local(model, tokenizer, one_label, skew_cfg, device=CPU, seed=0, server_round=1)
+
+    # Assert
+    assert plain.loss > 0.1 and adjusted.loss < 1e-3
