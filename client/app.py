@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 
 from .audit import make_audit_mods
 from .base_model import make_base_model_mod
+from .errors import make_site_errors_mod
 from .mods import dp_mod, secure_aggregation_mod
 from .site import SiteClient
 
@@ -17,9 +18,12 @@ NodeConfigFn = Callable[[dict], dict]
 
 
 def make_client_app(
-    audit_dir: str | None = None, base_model: str = "", node_config_fn: NodeConfigFn | None = None
+    audit_dir: str | None = None,
+    base_model: str = "",
+    node_config_fn: NodeConfigFn | None = None,
+    site_log_dir: str | None = None,
 ) -> ClientApp:
-    """The ClientApp with its mods, outermost first: wire record, base model, SecAgg+, update capture, DP.
+    """The ClientApp; mods outermost first: site errors, wire record, base model, SecAgg+, capture, DP.
 
     Parameters
     ----------
@@ -31,6 +35,9 @@ def make_client_app(
         (deployment: each site's node config ``base-model``, its model cache or the packaged model).
     node_config_fn
         Maps a node config to the one the site uses (a benchmark gives simulated sites their files).
+    site_log_dir
+        Simulation: where simulated site ``i`` logs the details of its errors (``site-i.log``); the
+        coordinator only learns their category (:mod:`fedtune.client.errors`).
     """
     wire_mod, capture_mod = make_audit_mods(audit_dir)
 
@@ -40,7 +47,14 @@ def make_client_app(
             node_config = node_config_fn(node_config)
         return SiteClient(node_config, base_model).to_client()
 
-    mods = [wire_mod, make_base_model_mod(base_model), secure_aggregation_mod, capture_mod, dp_mod]
+    mods = [
+        make_site_errors_mod(site_log_dir),
+        wire_mod,
+        make_base_model_mod(base_model),
+        secure_aggregation_mod,
+        capture_mod,
+        dp_mod,
+    ]
     return ClientApp(client_fn=client_fn, mods=mods)
 
 

@@ -193,9 +193,7 @@ class FedConfig:
     partitioning: Partitioning = _opt(
         "dirichlet", "How simulated sites split the data: iid, dirichlet, specialty."
     )
-    dirichlet_alpha: float = _opt(
-        1.0, "Dirichlet concentration over labels (smaller = more skewed).", min=0.0
-    )
+    dirichlet_alpha: float = _opt(1.0, "Dirichlet concentration over labels (smaller = more skewed).", gt=0.0)
     specialty_labels: int = _opt(2, "Dominant labels per specialty site.", min=1)
     specialty_share: float = _opt(
         0.8, "Share of a specialty site's data drawn from its dominant labels.", min=0.0, max=1.0
@@ -306,6 +304,9 @@ def _coerce(key: str, raw: Any) -> Any:
         raise ConfigError(
             f"Run-config key `{key}` got {value!r}; valid values: {', '.join(map(str, choices))}."
         )
+    above = f.metadata.get("gt")
+    if above is not None and not value > above:
+        raise ConfigError(f"Run-config key `{key}` must be > {above}, got {value!r}.")
     lo, hi = f.metadata.get("min"), f.metadata.get("max")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"

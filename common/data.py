@@ -24,7 +24,7 @@ import importlib.util
 import json
 import logging
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +68,12 @@ _DIABETES_LABELS: tuple[str, ...] = ("no diabetes", "diabetes")
 
 class DataError(ValueError):
     """Bad input data; the message names the file, line and column and the fix."""
+
+
+# A label column read without `labels` is refused as free text (notes, names, record numbers would
+# otherwise become class names, written into the shared adapter's fedtune.json) above these:
+MAX_INFERRED_CLASSES = 100
+MAX_LABEL_CHARS = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -391,6 +397,42 @@ def _cell(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def check_label_values(source: str, column: str, labels: Sequence[str]) -> None:
+    """Refuse inferred label values that look like free text rather than classes.
+
+    More than :data:`MAX_INFERRED_CLASSES` distinct values, or one longer than
+    :data:`MAX_LABEL_CHARS` characters, is most likely a text column read as the label (the message
+    names no value: they may be patient text).
+
+    Raises
+    ------
+    DataError
+        Naming the file and column, the count and the longest length, and the fix.
+    """
+    longest = max((len(x) for x in labels), default=0)
+    if len(labels) > MAX_INFERRED_CLASSES or longest > MAX_LABEL_CHARS:
+        raise DataError(
+            f"{source}, column `{column}`: {len(labels)} distinct labels, the longest {longest} characters "
+            f"(limits without `labels`: {MAX_INFERRED_CLASSES} classes, {MAX_LABEL_CHARS} characters); this "
+            "looks like free text, not a class label. Check `label-column` and `text-column`; if these are "
+            "the classes, list them in `labels`."
+        )
+
+
+def file_labels(path: Path, label_column: str) -> tuple[int, tuple[str, ...]]:
+    """``(data rows, sorted distinct non-empty labels)`` of a CSV/JSONL file, read by the site's rules.
+
+    Raises
+    ------
+    DataError
+        The file is missing, unparsable or has no ``label_column`` (names file, line and column).
+    """
+    table = _read_table(path)
+    li = _require_column(str(path), table, label_column, "label")
+    labels = {cells[li].strip() for _, cells in table.rows} - {""}
+    return len(table.rows), tuple(sorted(labels))
+
+
 def _require_column(source: str, table: _Table, column: str, role: str) -> int:
     if column not in table.columns:
         raise DataError(
@@ -457,6 +499,7 @@ def _build(
         )
     if not labels:
         labels = tuple(sorted(set(raw_labels)))
+        check_label_values(source, label_column, labels)
         if len(labels) < 2:
             raise DataError(
                 f"{source}, lines {table.rows[0][0]}-{table.rows[-1][0]}, column `{label_column}`: only one "

@@ -136,8 +136,11 @@ def coordinator_test_set(cfg: FedConfig) -> TextDataset:
         )
     _, holdout = simulation_pool(cfg)
     if len(holdout) == 0:
+        rest, _ = simulation_pool(cfg)
         raise ValueError(
-            "`holdout-fraction` is 0 and no `test-data-path` is set: the server has nothing to score."
+            f"The coordinator's held-out test set is empty: `holdout-fraction` {cfg.holdout_fraction} of the "
+            f"{len(rest)} examples keeps none (every class keeps one example for the sites); raise "
+            "`holdout-fraction`, use more data or set `test-data-path`."
         )
     return holdout
 

@@ -41,6 +41,18 @@ def _fmt(key: str, value: Any) -> str:
     return "-" if value is None else COLUMNS[key][1](value)
 
 
+def dropped_sites(records: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per site left out of a round's aggregate: the round, the node and why (a category).
+
+    A fedtune site reports only its error's category; the details are in the site's own log.
+    """
+    return [
+        f"round {r['round']}: site node {node} left out: {reason}"
+        for r in records
+        for node, reason in (r.get("excluded_sites") or {}).items()
+    ]
+
+
 def results_table(records: Sequence[dict[str, Any]], title: str) -> Table:
     """A table with one row per round and the columns of :data:`COLUMNS` that have values."""
     keys = [k for k in COLUMNS if any(r.get(k) is not None for r in records)]

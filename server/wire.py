@@ -26,6 +26,7 @@ from fedtune.common.audit import (
     save_arrays,
     secagg_stage,
 )
+from fedtune.common.site_errors import parse_reason
 from flwr.app import Message
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
@@ -45,9 +46,13 @@ ERROR_CHARS = 400
 def error_summary(reason: str) -> str:
     """An error reply's reason on one line, without colour codes; a long one (a traceback) keeps its end.
 
-    A site's exception message ends the traceback Flower (or Ray, in simulation) sends back.
+    A fedtune site sends only its error's category (:mod:`fedtune.common.site_errors`), which is kept
+    alone; another reason (Flower's own) is kept as sent, its end when long.
     """
     text = " ".join(_ANSI.sub("", reason).split())
+    site = parse_reason(text)
+    if site is not None:
+        return site
     return text if len(text) <= ERROR_CHARS else "..." + text[-ERROR_CHARS:]
 
 

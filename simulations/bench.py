@@ -34,8 +34,9 @@ if TYPE_CHECKING:  # heavy imports only where a benchmark trains in-process
     from fedtune.common.train import TrainResult
 
 DESCRIPTIONS: dict[str, str] = {
-    "quality": "Model quality on ICD-10 chapter coding: federated (FedAvg, FedProx, FedAdam) vs centralized "
-    "PEFT on the pooled data vs each site alone, over IID, Dirichlet and specialty partitions.",
+    "quality": "Model quality on ICD-10 chapter coding under a fair protocol: federated vs centralized PEFT "
+    "on the pooled data vs each site alone, each at its best validation point and at the default budget, "
+    "over IID, Dirichlet and specialty partitions.",
     "rounds": "How the macro-F1 gap between FedAvg and centralized PEFT (and the lift over local-only) "
     "changes over 20 rounds, at equal examples seen.",
     "tuning": "The local recipe (label-skew correction, local work, learning rate and schedule), the server "
@@ -94,6 +95,17 @@ def get_benchmark(name: str) -> Callable[[bool], Path]:
 def work_dir(name: str) -> Path:
     """``results/work/<name>/`` (created): the benchmark's arms' ``--out`` folders and logs."""
     path = RESULTS / "work" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def arms_dir(name: str) -> Path:
+    """``results/arms/<name>/`` (created, kept in git): one small JSON result per computed arm.
+
+    A long grid run in parts, over sessions or machines, is assembled from these files (see
+    :func:`cached`); the arms' working folders stay in :func:`work_dir`.
+    """
+    path = RESULTS / "arms" / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -1,69 +1,50 @@
 """``fedtune bench quality``: federated PEFT against centralized PEFT and against training alone.
 
-Task ``icd10-chapter`` (22 chapters), the project's default data size (``max-examples=4000``), LoRA
-r=8, 5 rounds x 1 local epoch, 10 hospitals. For every partition and seed:
+The fair protocol. Task ``icd10-chapter`` (22 chapters), 10 hospitals, ``max-examples=4000``, LoRA r=8,
+the local recipe ``fedtune bench tuning`` chose on validation data (the run-config defaults). Every
+arm is scored after each round (epoch) on a **validation set carved from the sites' data** (the union
+of their local splits, which no arm trains on) and on the coordinator's **held-out test set**, and is
+judged at two points chosen without the test set: its **best validation point** and the **default
+budget** (round / epoch 5). For every partition and seed:
 
-- **federated**: ``fedtune simulate`` with ``strategy`` = fedavg, fedprox, fedadam (their default
-  settings, e.g. ``fedadam-eta=0.001``), scored by the coordinator on its held-out set;
-- **centralized**: the same PEFT model and training loop (:func:`fedtune.common.train.train`),
-  in-process, on the union of the sites' training splits for ``rounds x local-epochs`` epochs, so it
-  sees as many examples as the federation; scored on the same held-out set
-  (:func:`fedtune.common.sites.coordinator_test_set`);
-- **local-only**: each site trains alone on its own training split for the same number of epochs and
-  is scored on the same held-out set; ``local-mean`` is the mean over sites, ``local-best`` the best;
-- **centralized-steps** (a diagnostic): centralized PEFT given the federation's sequential optimiser
-  steps instead of its examples (rounds x a site's mean steps per round, batches drawn from the
-  pooled data), to show how much of the gap the step count alone explains.
+- **federated** (``strategy`` in :data:`STRATEGIES`, each at its default settings, which
+  ``bench tuning`` chose on validation): one ``fedtune simulate`` of up to ``max_rounds`` rounds
+  (:func:`~fedtune.simulations.bench_curves.federated_curve`);
+- **centralized**: the same model and training loop on the pooled training splits for up to
+  ``max_epochs`` epochs, once per setting of :data:`CENTRAL_GRID` (learning rate, label prior); the
+  setting with the best validation macro-F1 is the arm's, chosen per seed and per judging point;
+- **local-only**: each site alone with the federation's recipe (its local steps per round, learning
+  rate and own label prior; a fresh optimiser each round), for up to ``local_rounds`` rounds, judged
+  on its own local split (what a hospital alone can use) and scored on the held-out set at its best
+  round and at the budget. ``local-mean`` is the mean over sites; ``local-best`` the site that scores
+  best on the held-out set (a reference, not a choice).
 
-Every arm starts from the same seeded initial adapter. Partitions: ``iid``, ``dirichlet-1.0``,
-``dirichlet-0.3``, ``dirichlet-0.1``, ``specialty``; seeds 42, 43, 44 (the seed also draws the
-subsample, the held-out set and the partition). Reported: accuracy and macro-F1, mean ± std over
-seeds. Targets (at Dirichlet alpha = 0.3): federated within 2 macro-F1 points of centralized and at
-least 10 points above the mean local-only site.
+Reported: held-out macro-F1 and accuracy at both points, mean ± std over seeds, the step chosen,
+and the validation curves (``results/quality_curves.png``). Targets (``TARGET_GAPS``): federated
+within 3 macro-F1 points of centralized at Dirichlet 0.3 (1.5 at IID, 5 at specialty), at least 10
+above the mean local-only site, and at the budget at least 80% of centralized after as many epochs.
 
 Running a subset
-    The full grid is 5 partitions x 3 seeds x (3 federated runs + centralized + 10 local trainings +
-    centralized-steps): 45 federated runs of ~2.5 min each plus ~8 min of in-process training per
-    partition and seed, so ~4 hours on 2 otherwise idle CPU cores (a GPU shortens the training part
-    only). Pick arms with environment
-    variables (comma-separated), or call
-    ``run(quick, partitions=..., strategies=..., seeds=...)``::
+    The full protocol (5 partitions x 3 seeds; 50 rounds, 20 epochs x 4 settings, 10 sites x 10 local
+    rounds) takes about 2.5 hours per partition and seed on 2 CPU cores, ~37 hours in all. Choose with
+    ``FEDTUNE_BENCH_PARTITIONS``, ``FEDTUNE_BENCH_STRATEGIES``, ``FEDTUNE_BENCH_SEEDS``,
+    ``FEDTUNE_BENCH_CENTRAL`` (comma-separated names) and shorten with ``FEDTUNE_BENCH_MAX_ROUNDS`` /
+    ``FEDTUNE_BENCH_MAX_EPOCHS`` (the notes then say the protocol was cut). Every arm's result is
+    saved in ``results/arms/quality/``; ``FEDTUNE_BENCH_RESUME=1`` reuses an arm saved with the same
+    settings, and ``FEDTUNE_BENCH_SAVED_ONLY=1`` computes nothing and lists the arms not run yet.
 
-        export FEDTUNE_BENCH_PARTITIONS=dirichlet-0.3 FEDTUNE_BENCH_STRATEGIES=fedavg
-        FEDTUNE_BENCH_SEEDS=42 fedtune bench quality
-
-    Each arm's result is kept in ``results/work/quality/arms/``; with ``FEDTUNE_BENCH_RESUME=1`` an arm
-    already computed with the same settings is reused, so the grid can be run in parts and assembled
-    by a final run over every arm. ``results/quality.json`` holds the arms of the last invocation.
-    ``FEDTUNE_BENCH_SAVED_ONLY=1`` computes nothing: it reports the saved arms of the chosen grid and
-    lists the ones not run yet (a grid still in progress, as it stands).
-
-Quick: 1 seed, ``iid`` and ``dirichlet-0.3``, fedavg only, 4 sites, 2 rounds, ``max-examples=800``.
+Quick: 3 sites, ``max-examples=600``, Dirichlet 0.3, 1 seed, 3 rounds / epochs, budget 2.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .bench import (
-    cached,
-    choose,
-    concat,
-    env_list,
-    federated_arm,
-    mean_std,
-    new_figure,
-    pm,
-    resolved,
-    save_figure,
-    saved,
-    saved_only,
-    train_and_score,
-    work_dir,
-)
+from .bench import arms_dir, cached, choose, env_list, resolved, saved, saved_only
+from .bench_curves import Curve, centralized_curve, federated_curve
+from .bench_quality_report import report
 from .benchmarking import write_results
 
 NAME = "quality"
@@ -74,311 +55,192 @@ PARTITIONS: dict[str, dict[str, Any]] = {
     "dirichlet-0.1": {"partitioning": "dirichlet", "dirichlet-alpha": 0.1},
     "specialty": {"partitioning": "specialty"},
 }
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam")
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox")
 SEEDS: tuple[int, ...] = (42, 43, 44)
-ARMS: tuple[str, ...] = (*STRATEGIES, "centralized", "centralized-steps", "local-mean", "local-best")
-TARGET_PARTITION = "dirichlet-0.3"
+# centralized settings; validation picks one per seed (the pooled label prior when logit-adjusted)
+CENTRAL_GRID: dict[str, dict[str, Any]] = {
+    "lr5e-3": {"learning-rate": 5e-3, "label-skew": "none"},
+    "lr2e-3": {"learning-rate": 2e-3, "label-skew": "none"},
+    "lr5e-3-la": {"learning-rate": 5e-3, "label-skew": "logit-adjust"},
+    "lr2e-3-la": {"learning-rate": 2e-3, "label-skew": "logit-adjust"},
+}
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    """Sites, rounds, data size and the default arms of the full or quick mode."""
+    """Sites, data size, rounds, epochs and the default arms of the full or quick mode."""
     if quick:
         return {
-            "sites": 4,
-            "rounds": 2,
-            "local_epochs": 1,
-            "max_examples": 800,
-            "partitions": ["iid", "dirichlet-0.3"],
+            "sites": 3,
+            "max_examples": 600,
+            "budget": 2,
+            "max_rounds": 3,
+            "max_epochs": 3,
+            "local_rounds": 3,
+            "partitions": ["dirichlet-0.3"],
             "strategies": ["fedavg"],
+            "central": ["lr5e-3"],
             "seeds": [42],
         }
     return {
         "sites": 10,
-        "rounds": 5,
-        "local_epochs": 1,
         "max_examples": 4000,
+        "budget": 5,
+        "max_rounds": 50,
+        "max_epochs": 20,
+        "local_rounds": 10,
         "partitions": list(PARTITIONS),
-        "strategies": list(STRATEGIES),
+        "strategies": ["fedavg"],
+        "central": list(CENTRAL_GRID),
         "seeds": list(SEEDS),
     }
 
 
-def run(
-    quick: bool,
-    *,
-    partitions: Sequence[str] | None = None,
-    strategies: Sequence[str] | None = None,
-    seeds: Sequence[int] | None = None,
-) -> Path:
-    """Run the chosen arms; write ``results/quality.{json,md}`` and ``results/quality_*.png``."""
+def chosen_settings(quick: bool) -> dict[str, Any]:
+    """:func:`settings` with the ``FEDTUNE_BENCH_*`` choices applied and checked."""
     s = settings(quick)
-    partitions = choose(
-        "FEDTUNE_BENCH_PARTITIONS",
-        partitions or env_list("FEDTUNE_BENCH_PARTITIONS", s["partitions"]),
-        list(PARTITIONS),
+    s["partitions"] = choose(
+        "FEDTUNE_BENCH_PARTITIONS", env_list("FEDTUNE_BENCH_PARTITIONS", s["partitions"]), list(PARTITIONS)
     )
-    strategies = choose(
-        "FEDTUNE_BENCH_STRATEGIES",
-        strategies or env_list("FEDTUNE_BENCH_STRATEGIES", s["strategies"]),
-        list(STRATEGIES),
+    s["strategies"] = choose(
+        "FEDTUNE_BENCH_STRATEGIES", env_list("FEDTUNE_BENCH_STRATEGIES", s["strategies"]), list(STRATEGIES)
     )
-    seeds = list(seeds or env_list("FEDTUNE_BENCH_SEEDS", s["seeds"], int))
-    epochs = s["rounds"] * s["local_epochs"]
+    s["central"] = choose(
+        "FEDTUNE_BENCH_CENTRAL", env_list("FEDTUNE_BENCH_CENTRAL", s["central"]), list(CENTRAL_GRID)
+    )
+    s["protocol"] = {"max_rounds": s["max_rounds"], "max_epochs": s["max_epochs"], "seeds": len(s["seeds"])}
+    for key, var in (("max_rounds", "FEDTUNE_BENCH_MAX_ROUNDS"), ("max_epochs", "FEDTUNE_BENCH_MAX_EPOCHS")):
+        s[key] = min(s[key], *env_list(var, [s[key]], int))
+        if s[key] < s["budget"]:
+            raise ValueError(f"${var}={s[key]}: must be at least the default budget, {s['budget']}.")
+    s["seeds"] = env_list("FEDTUNE_BENCH_SEEDS", s["seeds"], int)
+    return s
+
+
+def run(quick: bool) -> Path:
+    """Run the chosen arms; write ``results/quality.{json,md}`` and ``results/quality_*.png``."""
+    s = chosen_settings(quick)
     missing: list[str] = []  # with FEDTUNE_BENCH_SAVED_ONLY=1: arms not saved yet
 
-    def reuse_or_run(
-        path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]
-    ) -> dict[str, Any] | None:
+    def reuse_or_run(label: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict | None:
+        path = arms_dir(NAME) / f"{label}.json"
         if not saved_only():
             return cached(path, key, compute)
         result = saved(path, key)
         if result is None:
-            missing.append(path.stem)
+            missing.append(label)
         return result
 
-    # results[partition][arm] -> one {accuracy, macro_f1} per seed
-    results: dict[str, dict[str, list[dict[str, float]]]] = {}
-    # at the target partition, per seed: (a site's mean optimiser steps per round, centralized's per epoch)
-    steps: list[tuple[float, int]] = []
-    for part in partitions:
-        for seed in seeds:
-            run_config = {
-                "num-server-rounds": s["rounds"],
-                "local-epochs": s["local_epochs"],
-                "max-examples": s["max_examples"],
-                "min-clients": s["sites"],
-                "fraction-evaluate": 0.0,  # the sites' own scores are not compared here
-                "audit": "false",
-                "seed": seed,
-                **PARTITIONS[part],
-            }
-            arms = results.setdefault(part, {})
-            key = {"sites": s["sites"], "run_config": run_config}
-            folder = work_dir(NAME) / "arms"
-            for strategy in strategies:
-                label = f"{part}-seed{seed}-{strategy}"
-
-                def federated(
-                    label: str = label, strategy: str = strategy, run_config: dict[str, Any] = run_config
-                ) -> dict[str, Any]:
-                    arm = federated_arm(NAME, label, s["sites"], {**run_config, "strategy": strategy})
-                    return {
-                        "accuracy": arm.final["accuracy"],
-                        "macro_f1": arm.final["macro_f1"],
-                        "seconds": arm.seconds,
-                    }
-
-                config = resolved({**run_config, "strategy": strategy})
-                result = reuse_or_run(
-                    folder / f"{label}.json", {**key, "strategy": strategy, "config": config}, federated
-                )
+    # per_seed[partition][seed][arm] -> {"curve": ...} (federated, centralized) or {"sites": ...}
+    per_seed: dict[str, dict[int, dict[str, Any]]] = {}
+    for part in s["partitions"]:
+        for seed in s["seeds"]:
+            arms = per_seed.setdefault(part, {}).setdefault(seed, {})
+            base = _base_config(s, part, seed)
+            for name, (label, key, compute) in _arm_plan(s, part, seed, base).items():
+                result = reuse_or_run(label, key, compute)
                 if result is not None:
-                    arms.setdefault(strategy, []).append(result)
-            pooled = reuse_or_run(
-                folder / f"{part}-seed{seed}-pooled.json",
-                {**key, "epochs": epochs, "config": resolved(run_config)},
-                lambda run_config=run_config: _pooled_arms(run_config, s["sites"], epochs),
-            )
-            budget = reuse_or_run(
-                folder / f"{part}-seed{seed}-central-steps.json",
-                {**key, "rounds": s["rounds"], "config": resolved(run_config)},
-                lambda run_config=run_config: _step_budget_arm(run_config, s["sites"], s["rounds"]),
-            )
-            if budget is not None:
-                arms.setdefault("centralized-steps", []).append(budget)
-            if pooled is None:
-                continue
-            arms.setdefault("centralized", []).append(pooled["centralized"])
-            local = pooled["local"]
-            arms.setdefault("local-mean", []).append(
-                {k: sum(x[k] for x in local) / len(local) for k in ("accuracy", "macro_f1")}
-            )
-            best = max(local, key=lambda x: x["macro_f1"])
-            arms.setdefault("local-best", []).append({k: best[k] for k in ("accuracy", "macro_f1")})
-            if part == TARGET_PARTITION:
-                from fedtune.common.config import parse_run_config
-                from fedtune.common.local_plan import steps_per_round
-
-                cfg = parse_run_config(run_config)
-                site = [steps_per_round(x["train_examples"], cfg) for x in local]
-                central = math.ceil(pooled["centralized"]["train_examples"] / cfg.batch_size)
-                steps.append((sum(site) / len(site), central))
-
-    rows = []
-    for part, arms in results.items():
-        for arm, runs in sorted(arms.items(), key=lambda item: ARMS.index(item[0])):
-            acc, acc_sd = mean_std([r["accuracy"] for r in runs])
-            f1, f1_sd = mean_std([r["macro_f1"] for r in runs])
-            rows.append(
-                {
-                    "partition": part,
-                    "arm": arm,
-                    "seeds": len(runs),
-                    "accuracy_mean": acc,
-                    "accuracy_std": acc_sd,
-                    "macro_f1_mean": f1,
-                    "macro_f1_std": f1_sd,
-                    "accuracy": pm(acc, acc_sd),
-                    "macro_f1": pm(f1, f1_sd),
-                }
-            )
-    notes = [
-        f"{s['sites']} hospitals, {s['rounds']} rounds x {s['local_epochs']} local epoch(s), "
-        f"max-examples {s['max_examples']}, LoRA r=8, seeds {', '.join(map(str, seeds))}; "
-        "every arm scored on the coordinator's held-out set. Centralized and local-only train in-process "
-        f"for {epochs} epochs (= rounds x local epochs, the examples the federation sees).",
-        *_target_notes(results),
-        *_steps_note(steps, s["rounds"], epochs),
-        *_budget_note(results),
-        *_gap_note(results),
-    ]
+                    arms[name] = result
+    rows, notes = report(per_seed, s)
     if missing:
         notes.append(f"Not run yet (assembled from saved arms only): {', '.join(missing)}.")
-    _plot(rows, "macro_f1", "macro-F1")
-    _plot(rows, "accuracy", "accuracy")
     return write_results(
         NAME,
         rows,
-        columns=["partition", "arm", "accuracy", "macro_f1", "seeds"],
+        columns=[
+            "partition",
+            "arm",
+            "seeds",
+            "best",
+            "macro_f1_best",
+            "accuracy_best",
+            "macro_f1_budget",
+            "accuracy_budget",
+        ],
         notes=notes,
-        extra={
-            "settings": {**s, "partitions": partitions, "strategies": strategies, "seeds": seeds},
-            "per_seed": results,
-            "missing": missing,
-        },
+        extra={"settings": s, "per_seed": per_seed, "missing": missing},
         quick=quick,
     )
 
 
-def _pooled_arms(run_config: dict[str, Any], sites: int, epochs: int) -> dict[str, Any]:
-    """Centralized PEFT on the union of the sites' training splits, and each site alone."""
-    from fedtune.common.config import parse_run_config
-    from fedtune.common.sites import coordinator_test_set, simulated_site
-
-    cfg = parse_run_config(run_config)
-    test = coordinator_test_set(cfg)
-    trains = [simulated_site(cfg, i, sites).train for i in range(sites)]
-    keys = ("accuracy", "macro_f1", "train_examples", "train_seconds")
-    central = train_and_score(cfg, concat(trains), test, epochs=epochs)
-    local = [
-        {k: v for k, v in train_and_score(cfg, t, test, epochs=epochs).items() if k in keys} for t in trains
-    ]
-    return {"centralized": {k: central[k] for k in keys}, "local": local}
+def _base_config(s: Mapping[str, Any], part: str, seed: int) -> dict[str, Any]:
+    return {
+        "max-examples": s["max_examples"],
+        "min-clients": s["sites"],
+        "num-server-rounds": s["max_rounds"],
+        "fraction-evaluate": 0.0,  # the sites' own scores are not compared here
+        "seed": seed,
+        **PARTITIONS[part],
+    }
 
 
-def _step_budget_arm(run_config: dict[str, Any], sites: int, rounds: int) -> dict[str, Any]:
-    """Centralized PEFT given FedAvg's sequential optimiser steps instead of its examples.
-
-    ``rounds`` x a site's mean steps per round (``ceil(examples / batch) x local-epochs``), each a
-    batch drawn from the pooled training data (one optimiser, seeded permutations of the pool
-    concatenated): the same number of sequential steps as the federation's shared adapter takes.
-    """
-    import numpy as np
-    from fedtune.common.config import parse_run_config
-    from fedtune.common.local_plan import steps_per_round
-    from fedtune.common.sites import coordinator_test_set, simulated_site
-
-    cfg = parse_run_config(run_config)
-    trains = [simulated_site(cfg, i, sites).train for i in range(sites)]
-    site_steps = [steps_per_round(len(t), cfg) for t in trains]
-    steps = round(rounds * sum(site_steps) / len(site_steps))
-    pool, examples = concat(trains), steps * cfg.batch_size
-    rng = np.random.default_rng(cfg.seed)
-    order = np.concatenate([rng.permutation(len(pool)) for _ in range(math.ceil(examples / len(pool)))])
-    res = train_and_score(cfg, pool.subset(order[:examples]), coordinator_test_set(cfg), epochs=1)
-    keys = ("accuracy", "macro_f1", "examples_seen")
-    return {**{k: res[k] for k in keys}, "steps": steps}
-
-
-def _mean_f1(arms: dict[str, list[dict[str, float]]], arm: str) -> float:
-    """Mean macro-F1 of ``arm`` over its seeds."""
-    return mean_std([r["macro_f1"] for r in arms[arm]])[0]
-
-
-def _target_notes(results: dict[str, dict[str, list[dict[str, float]]]]) -> list[str]:
-    arms = results.get(TARGET_PARTITION, {})
-    if "centralized" not in arms:
-        return [f"Targets are judged at {TARGET_PARTITION}, whose baselines this run did not include."]
-    central = _mean_f1(arms, "centralized")
-    local = _mean_f1(arms, "local-mean")
-    notes = []
-    for strategy in STRATEGIES:
-        if strategy not in arms:
-            continue
-        fed = _mean_f1(arms, strategy)
-        gap, lift = 100 * (central - fed), 100 * (fed - local)
-        notes.append(
-            f"{TARGET_PARTITION}, {strategy}: macro-F1 {100 * fed:.1f}; centralized {100 * central:.1f}, "
-            f"centralized - federated = {gap:+.1f} points (target <= 2: {'met' if gap <= 2 else 'missed'}); "
-            f"mean local-only {100 * local:.1f}, federated - local = {lift:+.1f} points (target >= 10: "
-            f"{'met' if lift >= 10 else 'missed'})."
+def _arm_plan(
+    s: Mapping[str, Any], part: str, seed: int, base: dict[str, Any]
+) -> dict[str, tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]]:
+    """``{arm: (saved file's label, key, compute)}`` for one partition and seed, in running order."""
+    sites, plan = s["sites"], {}
+    for strategy in s["strategies"]:
+        config = {**base, "strategy": strategy, "audit": "true"}
+        label = f"{part}-seed{seed}-{strategy}"
+        plan[strategy] = (
+            label,
+            {"sites": sites, "config": resolved(config)},
+            lambda label=label, config=config: federated_curve(NAME, label, config, sites),
         )
-    notes.append("`fedtune bench rounds` follows FedAvg, centralized and local-only over 20 rounds here.")
-    return notes
+    for setting in s["central"]:
+        config = {**base, **CENTRAL_GRID[setting]}
+        plan[f"centralized-{setting}"] = (
+            f"{part}-seed{seed}-centralized-{setting}",
+            {"sites": sites, "epochs": s["max_epochs"], "config": resolved(config)},
+            lambda config=config: centralized_curve(config, sites, s["max_epochs"]),
+        )
+    plan["local"] = (
+        f"{part}-seed{seed}-local",
+        {"sites": sites, "rounds": s["local_rounds"], "budget": s["budget"], "config": resolved(base)},
+        lambda: local_only(base, sites, s["local_rounds"], s["budget"]),
+    )
+    return plan
 
 
-def _steps_note(steps: list[tuple[float, int]], rounds: int, epochs: int) -> list[str]:
-    """What limits FedAvg at equal examples seen: its sequential optimiser steps, from the data sizes."""
-    if not steps:
-        return []
-    site = sum(x for x, _ in steps) / len(steps)
-    central = sum(c for _, c in steps) / len(steps)
-    return [
-        f"What limits federated here: at equal examples seen it makes far fewer sequential optimiser "
-        f"steps. At {TARGET_PARTITION} a site takes {site:.1f} AdamW steps per round on average "
-        f"({rounds * site:.0f} over the run, a fresh optimiser each round) and the shared adapter moves "
-        f"by the average of the sites' moves; centralized takes {central:.0f} steps per epoch "
-        f"({epochs * central:.0f} in all, one optimiser): {central / site:.1f}x as many. The gap by "
-        "partition below shows whether label skew adds to it."
-    ]
+def local_only(run_config: Mapping[str, Any], sites: int, rounds: int, budget: int) -> dict[str, Any]:
+    """Each site alone: the federation's local recipe for ``rounds`` rounds, never aggregated.
 
+    A site keeps its own adapter from round to round (a fresh optimiser each round, like a site of
+    the federation) and is judged on its own local split; the held-out set scores it at its best
+    round and at round ``budget``.
+    """
+    from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
+    from fedtune.common.config import parse_run_config
+    from fedtune.common.model import load_tokenizer, resolve_model_dir
+    from fedtune.common.sites import coordinator_test_set, simulated_site
+    from fedtune.common.train import select_device, train_local
 
-def _budget_note(results: dict[str, dict[str, list[dict[str, float]]]]) -> list[str]:
-    """FedAvg against centralized given FedAvg's sequential steps, by partition."""
-    parts = []
-    for part, arms in results.items():
-        if "fedavg" in arms and "centralized-steps" in arms:
-            fed = _mean_f1(arms, "fedavg")
-            budget = _mean_f1(arms, "centralized-steps")
-            steps, _ = mean_std([r["steps"] for r in arms["centralized-steps"]])
-            parts.append(f"{part} {100 * budget:.1f} vs {100 * fed:.1f} ({steps:.0f} steps)")
-    if not parts:
-        return []
-    return [
-        "Centralized given FedAvg's sequential steps instead of its examples (`centralized-steps`: rounds "
-        "x a site's mean steps per round, batches drawn from the pooled data) vs FedAvg, macro-F1 by "
-        f"partition: {', '.join(parts)}. Where the two are close, the step count, not the federation, "
-        "sets FedAvg's score; where centralized-steps is far ahead, the sites' label skew costs the rest."
-    ]
+    from .bench import bench_threads, fresh_model, torch_threads
+    from .bench_curves import scorer
 
-
-def _gap_note(results: dict[str, dict[str, list[dict[str, float]]]]) -> list[str]:
-    """Centralized - FedAvg macro-F1 by partition (is the gap there without label skew too?)."""
-    gaps = []
-    for part, arms in results.items():
-        if "fedavg" in arms and "centralized" in arms:
-            fed = _mean_f1(arms, "fedavg")
-            central = _mean_f1(arms, "centralized")
-            seeds = min(len(arms["fedavg"]), len(arms["centralized"]))
-            gaps.append(f"{part} {100 * (central - fed):+.1f} ({seeds} seed{'s' if seeds > 1 else ''})")
-    return [f"Centralized - FedAvg, macro-F1 points, by partition: {', '.join(gaps)}."] if gaps else []
-
-
-def _plot(rows: list[dict[str, Any]], metric: str, label: str) -> None:
-    import numpy as np
-
-    parts = list(dict.fromkeys(r["partition"] for r in rows))
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    fig, ax = new_figure(max(6.0, 1.6 * len(parts) + 2), 4)
-    width = 0.8 / len(arms)
-    x = np.arange(len(parts))
-    for i, arm in enumerate(arms):
-        by_part = {r["partition"]: r for r in rows if r["arm"] == arm}
-        means = [by_part[p][f"{metric}_mean"] if p in by_part else np.nan for p in parts]
-        stds = [by_part[p][f"{metric}_std"] if p in by_part else 0.0 for p in parts]
-        ax.bar(x + (i - (len(arms) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=arm)
-    ax.set_xticks(x, parts)
-    ax.set_ylabel(f"{label} (held-out set)")
-    ax.set_title(f"ICD-10 chapter: {label}, mean ± std over seeds")
-    ax.legend(fontsize=7, ncol=3)
-    save_figure(fig, NAME, metric)
+    cfg = parse_run_config(dict(run_config))
+    test, score = coordinator_test_set(cfg), scorer(cfg)
+    tokenizer, device = load_tokenizer(resolve_model_dir(cfg.base_model)), select_device(cfg.device)
+    results = []
+    for i in range(sites):
+        site = simulated_site(cfg, i, sites)
+        model = fresh_model(cfg, len(test.label_names))
+        curve: Curve = []
+        kept: dict[int, Any] = {}
+        for r in range(1, rounds + 1):
+            with torch_threads(bench_threads()):
+                train_local(
+                    model, tokenizer, site.train, cfg, device=device, seed=cfg.seed + r, server_round=r
+                )
+            val = score(model, site.test)
+            curve.append({"step": r, "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"]})
+            kept[r] = get_adapter_arrays(model)
+        best = int(max(curve, key=lambda p: p["val_macro_f1"])["step"])
+        site_result: dict[str, Any] = {"train_examples": len(site.train), "best": best, "curve": curve}
+        for point, r in (("best", best), ("budget", min(budget, rounds))):
+            set_adapter_arrays(model, kept[r])
+            held_out = score(model, test)
+            site_result[f"test_f1_{point}"] = held_out["macro_f1"]
+            site_result[f"test_acc_{point}"] = held_out["accuracy"]
+        results.append(site_result)
+        print(f"local-only site {i}: best round {best}, held-out macro-F1 {site_result['test_f1_best']:.3f}")
+    return {"sites": results}

@@ -15,7 +15,7 @@ Reported per checkpoint: macro-F1 and accuracy of each arm, the gap centralized 
 lift federated - mean local-only (the quality targets: gap <= 2 points, lift >= 10 points), and the
 first round where each target is met. Full: ``R`` = 20, checkpoints 1, 2, 3, 5, 10, 15, 20 (~1 h on 2
 CPU cores). Quick: 4 hospitals, ``max-examples=800``, ``R`` = 3. ``FEDTUNE_BENCH_RESUME=1`` reuses
-the federated and the in-process arms saved in ``results/work/rounds/arms/``.
+the federated and the in-process arms saved in ``results/arms/rounds/``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import (
+    arms_dir,
     cached,
     concat,
     federated_arm,
@@ -32,7 +33,6 @@ from .bench import (
     resolved,
     save_figure,
     train_and_score,
-    work_dir,
 )
 from .benchmarking import write_results
 
@@ -68,7 +68,7 @@ def run(quick: bool) -> Path:
         "checkpoints": s["checkpoints"],
         "config": resolved(run_config),
     }
-    folder = work_dir(NAME) / "arms"
+    folder = arms_dir(NAME)
 
     def federated() -> dict[str, Any]:
         arm = federated_arm(NAME, "fedavg", s["sites"], run_config)

@@ -29,21 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .bench import (
-    bench_threads,
-    cached,
-    choose,
-    concat,
-    env_list,
-    federated_arm,
-    fresh_model,
-    new_figure,
-    resolved,
-    save_figure,
-    torch_threads,
-    train_central,
-    work_dir,
-)
+from .bench import arms_dir, cached, choose, env_list, new_figure, resolved, save_figure
+from .bench_curves import centralized_curve, federated_curve, summary
 from .benchmarking import write_results
 
 NAME = "tuning"
@@ -158,7 +145,7 @@ def run(quick: bool) -> Path:
         "fraction-evaluate": 0.0,
         "seed": seed,
     }
-    folder = work_dir(NAME) / "arms"
+    folder = arms_dir(NAME)
     curves: dict[str, list[dict[str, float]]] = {}
     for arm in arms:
         if arm in FEDERATED:
@@ -167,7 +154,7 @@ def run(quick: bool) -> Path:
             result = cached(
                 folder / f"{arm}-seed{seed}.json",
                 key,
-                lambda arm=arm, config=config: _federated(arm, config, s["sites"]),
+                lambda arm=arm, config=config: federated_curve(NAME, arm, config, s["sites"]),
             )
         else:
             config = {**base, **CENTRALIZED[arm]}
@@ -175,7 +162,7 @@ def run(quick: bool) -> Path:
             result = cached(
                 folder / f"{arm}-seed{seed}.json",
                 key,
-                lambda config=config: _centralized(config, s["sites"], s["epochs"]),
+                lambda config=config: centralized_curve(config, s["sites"], s["epochs"]),
             )
         curves[arm] = result["curve"]
     rows = [summary(arm, curve, s["rounds"]) for arm, curve in curves.items()]
@@ -234,96 +221,6 @@ def choice_notes(rows: list[dict[str, Any]]) -> list[str]:
         f"federated = {gap:+.1f} points (target <= 3: {'met' if gap <= 3 else 'missed'}; federated is "
         "limited to the rounds run here).",
     ]
-
-
-def summary(arm: str, curve: list[dict[str, float]], budget: int) -> dict[str, Any]:
-    """The best-validation point of a curve and its point at the default budget."""
-    best = max(curve, key=lambda p: p["val_macro_f1"])
-    at = next((p for p in curve if p["step"] == budget), curve[-1])
-    return {
-        "arm": arm,
-        "best": int(best["step"]),
-        "val_f1_best": best["val_macro_f1"],
-        "test_f1_best": best["test_macro_f1"],
-        "val_f1_budget": at["val_macro_f1"],
-        "test_f1_budget": at["test_macro_f1"],
-        "test_acc_budget": at["test_accuracy"],
-    }
-
-
-def _sets(cfg: Any, sites: int) -> tuple[Any, Any, Any]:
-    """``(pooled training splits, validation = pooled local splits, held-out test set)``."""
-    from fedtune.common.sites import coordinator_test_set, simulated_site
-
-    data = [simulated_site(cfg, i, sites) for i in range(sites)]
-    return concat([d.train for d in data]), concat([d.test for d in data]), coordinator_test_set(cfg)
-
-
-def _scorer(cfg: Any, num_labels: int):  # noqa: ANN202 - (model, dataset) -> metrics
-    from fedtune.common.model import load_tokenizer, resolve_model_dir
-    from fedtune.common.train import evaluate, select_device
-
-    tokenizer = load_tokenizer(resolve_model_dir(cfg.base_model))
-    device = select_device(cfg.device)
-
-    def score(model: Any, ds: Any) -> dict[str, float]:
-        return evaluate(
-            model, tokenizer, ds, batch_size=cfg.batch_size, max_length=cfg.max_length, device=device
-        ).as_metrics()
-
-    return score
-
-
-def _federated(arm: str, run_config: Mapping[str, Any], sites: int) -> dict[str, Any]:
-    """Run the arm; score the shared adapter after every round on the validation set."""
-    from fedtune.common.adapters import set_adapter_arrays
-    from fedtune.common.audit import load_arrays
-    from fedtune.common.config import parse_run_config
-
-    result = federated_arm(NAME, arm, sites, run_config)
-    cfg = parse_run_config(dict(run_config))
-    _, validation, _ = _sets(cfg, sites)
-    score = _scorer(cfg, len(validation.label_names))
-    model = fresh_model(cfg, len(validation.label_names))
-    server = result.out / "audit" / "server"
-    curve = []
-    with torch_threads(bench_threads()):
-        for record in result.records[1:]:  # record 0 is the initial adapter
-            r = record["round"]
-            after = server / (
-                f"global-round-{r + 1:03d}.npz" if r < cfg.num_server_rounds else "global-final.npz"
-            )
-            set_adapter_arrays(model, load_arrays(after)[0])
-            val = score(model, validation)
-            curve.append(_point(r, val, record))
-    return {"curve": curve, "seconds": result.seconds}
-
-
-def _centralized(run_config: Mapping[str, Any], sites: int, epochs: int) -> dict[str, Any]:
-    """Centralized PEFT on the pooled training splits, scored on both sets after every epoch."""
-    from fedtune.common.config import parse_run_config
-
-    cfg = parse_run_config(dict(run_config))
-    pool, validation, test = _sets(cfg, sites)
-    score = _scorer(cfg, len(pool.label_names))
-    model = fresh_model(cfg, len(pool.label_names))
-    curve: list[dict[str, float]] = []
-
-    def on_epoch_end(epoch: int) -> None:
-        curve.append(_point(epoch, score(model, validation), score(model, test)))
-
-    res = train_central(cfg, model, pool, epochs=epochs, on_epoch_end=on_epoch_end)
-    return {"curve": curve, "seconds": res.seconds}
-
-
-def _point(step: int, val: Mapping[str, float], test: Mapping[str, Any]) -> dict[str, float]:
-    return {
-        "step": step,
-        "val_macro_f1": val["macro_f1"],
-        "val_accuracy": val["accuracy"],
-        "test_macro_f1": test["macro_f1"],
-        "test_accuracy": test["accuracy"],
-    }
 
 
 def _plot(curves: Mapping[str, list[dict[str, float]]]) -> None:

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fedtune.common.config import ConfigError, parse_overrides
 
 from .presets import PRESETS
+
+# exit codes of `fedtune simulate` and `fedtune deploy-local` (README, "Exit codes")
+EXIT_FAILED = 1  # the run failed (the message says where)
+EXIT_BAD_INPUT = 2  # refused before starting: bad config, data, model or output folder
+EXIT_SITES_LOST = 3  # finished, but some site was left out of some round (listed, with the category)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +89,7 @@ def _deploy_command(args: argparse.Namespace) -> int:
             return 2
         print(f"Wrote {', '.join(p.name for p in files.all_files())} to {files.root}.")
         return 0
-    from .deploy_local import DeployError, deploy_local
+    from .deploy_local import DeployError, deploy_local, read_rounds
 
     if args.sites is not None and args.sites != len(args.site_data):
         print(
@@ -109,13 +115,30 @@ def _deploy_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    return 0
+    return _report_dropped("deploy-local", read_rounds(Path(args.out) / "metrics.json"), f"{args.out}/logs")
+
+
+def _report_dropped(command: str, records: list[dict], logs: str) -> int:
+    """Print the sites left out of a finished run's rounds; :data:`EXIT_SITES_LOST` if any, else 0."""
+    from fedtune.server.progress import dropped_sites
+
+    dropped = dropped_sites(records)
+    if not dropped:
+        return 0
+    print(
+        f"fedtune {command}: finished without some sites ({len(dropped)} left out; the details are in "
+        f"the sites' own logs, {logs}):\n  " + "\n  ".join(dropped),
+        file=sys.stderr,
+    )
+    return EXIT_SITES_LOST
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedtune`` console script."""
     args = _parser().parse_args(argv)
     if args.command == "simulate":
+        from fedtune.common.preflight import PreflightError
+
         from .simulate import resolve, resume, simulate
 
         try:
@@ -135,10 +158,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedtune simulate: {err}", file=sys.stderr)
             return 2
         try:
-            simulate(cfg, num_clients, verbose=args.verbose)
+            records = simulate(cfg, num_clients, verbose=args.verbose)
+        except PreflightError as err:
+            print(f"fedtune simulate: {err}", file=sys.stderr)
+            return 2
         except RuntimeError as err:
             print(f"fedtune simulate: {err}", file=sys.stderr)
             return 1
+        return _report_dropped("simulate", records, f"{cfg.out_dir}/site-logs/")
     elif args.command == "audit":
         from fedtune.common.audit_report import AuditError, write_report
 

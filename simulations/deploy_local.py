@@ -17,7 +17,6 @@ SIGKILL) on success, failure, Ctrl-C, SIGTERM or interpreter exit.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -34,6 +33,9 @@ import tomli
 import tomli_w
 from fedtune.common.checkpoint import read_checkpoint, resume_config
 from fedtune.common.config import ConfigError, FedConfig, key_of, parse_run_config
+from fedtune.common.data import DataError, check_label_values, file_labels
+from fedtune.common.preflight import PreflightError, check_base_model, check_site_file
+from fedtune.common.sites import coordinator_test_set
 from fedtune.server.certs import CertFiles, make_certs
 
 from .processes import HOST, ProcessGroup, free_port, wait_for_port
@@ -160,31 +162,26 @@ class SiteSummary:
 def summarise_sites(paths: Sequence[Path], label_column: str) -> SiteSummary:
     """Total data rows of the site files (CSV or JSONL) and the sorted union of their labels.
 
+    Read by the sites' own rules (:func:`~fedtune.common.data.file_labels`).
+
     Raises
     ------
     DeployError
-        A file is missing or has no ``label_column``; the message names the file.
+        A file is missing or unparsable or has no ``label_column`` (the message names the file and
+        line), or the labels look like free text (:func:`~fedtune.common.data.check_label_values`).
     """
     rows = 0
     labels: set[str] = set()
-    for path in paths:
-        if not path.is_file():
-            raise DeployError(f"Site file {path} not found; check `--site-data`.")
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            if path.suffix.lower() == ".jsonl":
-                records = [json.loads(line) for line in f if line.strip()]
-                present = set().union(*(r.keys() for r in records)) if records else set()
-            else:
-                reader = csv.DictReader(f)
-                present = set(reader.fieldnames or ())
-                records = list(reader)
-        if label_column not in present:
-            raise DeployError(
-                f"{path}: no label column `{label_column}` (columns: {', '.join(sorted(present))}); "
-                'set it with --run-config "label-column=NAME".'
-            )
-        rows += len(records)
-        labels.update(str(r[label_column]).strip() for r in records if str(r.get(label_column) or "").strip())
+    try:
+        for path in paths:
+            if not path.is_file():
+                raise DeployError(f"Site file {path} not found; check `--site-data`.")
+            n, names = file_labels(path, label_column)
+            rows += n
+            labels.update(names)
+        check_label_values("the --site-data files", label_column, sorted(labels))
+    except DataError as err:
+        raise DeployError(str(err)) from None
     return SiteSummary(rows=rows, labels=tuple(sorted(labels)))
 
 
@@ -236,8 +233,27 @@ def deployment_run_config(
         config[key_of("secagg_max_weight")] = float(summary.rows)
     if not cfg.label_names:
         config[key_of("labels")] = ",".join(summary.labels)
-    typed = parse_run_config(config).to_run_config()
+    cfg = parse_run_config(config)
+    _preflight(cfg, site_files)
+    typed = cfg.to_run_config()
     return {key: typed[key] for key in config}
+
+
+def _preflight(cfg: FedConfig, site_files: Sequence[Path]) -> None:
+    """Every site's file, the held-out file and the base model checked as the run will read them.
+
+    Raises
+    ------
+    DeployError
+        The first problem found (names the file, line and column, or the key), before any process starts.
+    """
+    try:
+        check_base_model(cfg)
+        for path in site_files:
+            check_site_file(cfg, path)
+        coordinator_test_set(cfg)
+    except (PreflightError, DataError) as err:
+        raise DeployError(str(err)) from None
 
 
 # --- the deployment -------------------------------------------------------------------------------------
@@ -396,7 +412,8 @@ class LocalDeployment:
         raise DeployError(f"The log stream of run {run_id} kept ending early; see {self.out / 'logs'}.")
 
 
-def _read_rounds(metrics: Path) -> list[dict[str, Any]]:
+def read_rounds(metrics: Path) -> list[dict[str, Any]]:
+    """The round records of ``metrics.json`` so far (none while it is missing or being replaced)."""
     try:
         return list(json.loads(metrics.read_text()))
     except (OSError, ValueError):
@@ -526,7 +543,7 @@ def deploy_local(
         rounds_seen = [resumed_after]
 
         def progress() -> None:
-            records = _read_rounds(out_dir / "metrics.json")
+            records = read_rounds(out_dir / "metrics.json")
             for r in records[1:]:
                 if r["round"] > rounds_seen[0]:
                     rounds_seen[0] = r["round"]

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from fedtune.common.checkpoint import read_checkpoint, resume_config
 from fedtune.common.config import ConfigError, FedConfig, key_of, parse_run_config
+from fedtune.common.preflight import check_simulation
 from rich.console import Console
 
 from .presets import get_preset
 
 console = Console()
 SIMULATION = "simulation.json"  # what the run config does not hold: the number of simulated hospitals
+SITE_LOGS = "site-logs"  # simulated site i logs the details of its errors in site-logs/site-i.log
 
 
 def resolve(
@@ -91,7 +93,16 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
 
     A new run records ``num_clients`` in ``out-dir/simulation.json``; a resumed one
     (``cfg.resume``, see :func:`resume`) continues after its last checkpoint.
+
+    Raises
+    ------
+    PreflightError
+        Before anything starts or is written, when the run cannot succeed
+        (:func:`~fedtune.common.preflight.check_simulation`).
+    RuntimeError
+        The simulation ended without a shared adapter.
     """
+    check_simulation(cfg, num_clients)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's GPU-env FutureWarning
@@ -110,7 +121,9 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
     run_simulation(
         server_app=make_server_app(cfg.to_run_config()),
         client_app=make_client_app(
-            str(Path(cfg.out_dir).resolve() / "audit") if cfg.audit else None, base_model=cfg.base_model
+            str(Path(cfg.out_dir).resolve() / "audit") if cfg.audit else None,
+            base_model=cfg.base_model,
+            site_log_dir=str(Path(cfg.out_dir).resolve() / SITE_LOGS),
         ),
         num_supernodes=num_clients,
         backend_config={

@@ -83,3 +83,13 @@ def _kill_tree(pid: int) -> None:
 def kill_tree() -> Callable[[int], None]:
     """A function that SIGKILLs a process and all its descendants and waits for them."""
     return _kill_tree
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake running task: Flower 1.42 stamps every new message with the task's identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

@@ -12,7 +12,7 @@ import pytest
 from fedtune.common.config import parse_run_config
 from fedtune.common.sites import simulated_site
 from fedtune.common.train import score
-from fedtune.simulations import bench, bench_tuning
+from fedtune.simulations import bench, bench_curves, bench_tuning
 from fedtune.simulations.bench import (
     BENCHMARKS,
     bootstrap_auc_ci,
@@ -256,80 +256,6 @@ def test_resolved_config_of_an_arm_holds_every_default_but_no_output_folder() ->
     assert resolved({"fedopt-eta": 0.05}) != resolved({})
 
 
-def test_quality_saved_only_reports_the_saved_arms_and_lists_the_rest(tmp_path: Path, monkeypatch) -> None:
-    from fedtune.simulations import bench_quality
-    from fedtune.simulations.benchmarking import Arm
-
-    # Prepare: the quick grid computed once with stand-in arms (F1 0.2 federated, 0.3 centralized)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FEDTUNE_BENCH_RESUME", "1")
-    record = {"round": 2, "accuracy": 0.5, "macro_f1": 0.2}
-    monkeypatch.setattr(
-        bench_quality,
-        "federated_arm",
-        lambda *a, **k: Arm(records=[record], seconds=1.0, peak_rss_bytes=0, out=tmp_path),
-    )
-    local = [
-        {"accuracy": 0.1, "macro_f1": 0.05, "train_examples": 64},  # 2 steps of 32 per epoch
-        {"accuracy": 0.2, "macro_f1": 0.15, "train_examples": 100},  # 4 steps
-    ]
-    pooled = {"centralized": {"accuracy": 0.6, "macro_f1": 0.3, "train_examples": 164}, "local": local}
-    monkeypatch.setattr(bench_quality, "_pooled_arms", lambda *a: pooled)
-    budget = {"accuracy": 0.55, "macro_f1": 0.25, "steps": 6}
-    monkeypatch.setattr(bench_quality, "_step_budget_arm", lambda *a: budget)
-    bench_quality.run(True)
-    (tmp_path / "results" / "work" / "quality" / "arms" / "iid-seed42-pooled.json").unlink()
-
-    # Execute: assemble from saved arms only; computing anything would fail
-    def must_not_run(*a: object, **k: object) -> None:
-        raise AssertionError("an arm was computed")
-
-    monkeypatch.setattr(bench_quality, "federated_arm", must_not_run)
-    monkeypatch.setattr(bench_quality, "_pooled_arms", must_not_run)
-    monkeypatch.setattr(bench_quality, "_step_budget_arm", must_not_run)
-    monkeypatch.setenv("FEDTUNE_BENCH_SAVED_ONLY", "1")
-    data = json.loads(bench_quality.run(True).read_text())
-
-    # Assert: iid keeps its federated arms only; dirichlet-0.3 has every arm in order, and its notes
-    assert data["missing"] == ["iid-seed42-pooled"]
-    arms = {(r["partition"], r["arm"]): r for r in data["rows"]}
-    target_arms = ("fedavg", "centralized", "centralized-steps", "local-mean", "local-best")
-    assert list(arms) == [("iid", "fedavg"), ("iid", "centralized-steps")] + [
-        ("dirichlet-0.3", a) for a in target_arms
-    ]
-    assert arms["dirichlet-0.3", "local-mean"]["macro_f1_mean"] == pytest.approx(0.1)
-    assert any("centralized - federated = +10.0 points" in n for n in data["notes"])
-    steps = next(n for n in data["notes"] if n.startswith("What limits federated"))
-    assert "a site takes 3.0 AdamW steps per round on average (6 over the run" in steps
-    assert "centralized takes 6 steps per epoch (12 in all, one optimiser): 2.0x as many" in steps
-    assert "by partition: dirichlet-0.3 +10.0 (1 seed)." in data["notes"][-2]
-    budget_note = next(n for n in data["notes"] if n.startswith("Centralized given FedAvg's sequential"))
-    assert "partition: iid 25.0 vs 20.0 (6 steps), dirichlet-0.3 25.0 vs 20.0 (6 steps)." in budget_note
-    assert data["notes"][-1] == "Not run yet (assembled from saved arms only): iid-seed42-pooled."
-    assert "FEDTUNE_BENCH_SAVED_ONLY=1" in data["command"]
-
-
-@pytest.mark.usefixtures("one_torch_thread")
-def test_step_budget_arm_trains_as_many_sequential_steps_as_a_site_in_all(tiny_base_model: Path) -> None:
-    from fedtune.common.config import parse_run_config
-    from fedtune.common.sites import simulated_site
-    from fedtune.simulations.bench_quality import _step_budget_arm
-
-    # Prepare: 3 sites of the Pima table, 2 rounds of 2 local epochs, batch 16
-    run_config = {"task": "diabetes", "base-model": str(tiny_base_model), "batch-size": 16, "local-epochs": 2}
-    cfg = parse_run_config(run_config)
-    sizes = [len(simulated_site(cfg, i, 3).train) for i in range(3)]
-    site_steps = [2 * -(-n // 16) for n in sizes]  # ceil(n / batch) x local epochs, per round
-
-    # Execute
-    arm = _step_budget_arm(run_config, 3, 2)
-
-    # Assert: rounds x the mean site's steps, each a full batch of the pool, scored
-    assert arm["steps"] == round(2 * sum(site_steps) / 3)
-    assert arm["examples_seen"] == arm["steps"] * 16
-    assert 0.0 <= arm["macro_f1"] <= 1.0 and 0.0 <= arm["accuracy"] <= 1.0
-
-
 def test_max_abs_difference_of_adapters() -> None:
     # Prepare
     a = {"x": np.zeros((2, 2), np.float32), "y": np.ones(3, np.float32)}
@@ -486,12 +412,12 @@ def test_tuning_summary_takes_the_best_validation_point_not_the_best_test_point(
     curve = [point(1, 0.20, 0.40), point(2, 0.30, 0.25), point(3, 0.28, 0.30)]
 
     # Execute
-    row = bench_tuning.summary("arm", curve, budget=3)
+    row = bench_curves.summary("arm", curve, budget=3)
 
     # Assert
     assert (row["best"], row["val_f1_best"], row["test_f1_best"]) == (2, 0.30, 0.25)
     assert (row["val_f1_budget"], row["test_f1_budget"], row["test_acc_budget"]) == (0.28, 0.30, 0.80)
-    assert bench_tuning.summary("arm", curve[:2], budget=5)["val_f1_budget"] == 0.30  # short curve: its end
+    assert bench_curves.summary("arm", curve[:2], budget=5)["val_f1_budget"] == 0.30  # short curve: its end
 
 
 @pytest.mark.e2e

@@ -11,7 +11,6 @@ from fedtune.common import instructions
 from fedtune.common.audit import payload_bytes
 from fedtune.common.config import FedConfig
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 # ---- check_secagg_range ----------------------------------------------------------------------------
 
@@ -142,14 +141,6 @@ def test_instruction_missing_key_is_refused(missing: str) -> None:
 
 
 # ---- wire.payload_bytes ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    # flwr 1.42 stamps new messages with the running task's identity; set a fake one.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def _message(content: RecordDict) -> Message:

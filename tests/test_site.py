@@ -20,10 +20,11 @@ from fedtune.common.model import (
 from fedtune.common.train import TrainResult
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.supercore.task_identity import TaskIdentity
 
 CFG = parse_run_config({"max-examples": 300, "partitioning": "iid", "max-length": 16, "seed": 3})
 NODE = {"partition-id": 1, "num-partitions": 3}
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +101,6 @@ def test_site_evaluate_scores_its_local_test_split(start) -> None:
 
     # Assert
     assert n > 0 and loss > 0 and 0 <= metrics["accuracy"] <= 1 and "macro_f1" in metrics
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Flower 1.42 stamps new messages with the running task's identity.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def _train_message(with_secagg: bool) -> Message:

@@ -1,0 +1,54 @@
+"""Site error categories: what the coordinator may learn of a site's failure (no flwr needed).
+
+A site's exception message may name its data file, a line, a row's content or a label value. The
+site (``fedtune.client.errors``) logs it locally and sends only a :class:`SiteError`, whose text is the
+category's description (:data:`CATEGORIES`); the coordinator reads it back with :func:`parse_reason`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .config import ConfigError
+from .data import DataError
+from .model import FingerprintMismatchError
+from .preflight import PreflightError
+
+# category -> (exception types, what the coordinator is told); the first match wins, "internal" last
+CATEGORIES: dict[str, tuple[tuple[type[BaseException], ...], str]] = {
+    "data": ((DataError, PreflightError, UnicodeDecodeError), "its data failed validation"),
+    "base-model": (
+        (FingerprintMismatchError, FileNotFoundError),
+        "its base model is missing or differs from the coordinator's",
+    ),
+    "config": ((ConfigError,), "it refused the run config"),
+    "memory": ((MemoryError,), "it ran out of memory"),
+    "internal": ((Exception,), "an unexpected error"),
+}
+_REASON = re.compile(r"site error \[([a-z-]+)\]: ([^'<>]*?)(?:; the details|$)")
+
+
+class SiteError(RuntimeError):
+    """What the coordinator learns of a site's failure: its category, nothing of its data."""
+
+    def __init__(self, category: str) -> None:
+        self.category = category
+        super().__init__(
+            f"site error [{category}]: {CATEGORIES[category][1]}; the details stay in the site's own log."
+        )
+
+
+def category_of(err: BaseException) -> str:
+    """The :data:`CATEGORIES` entry ``err`` belongs to (CUDA out-of-memory counts as ``memory``)."""
+    if type(err).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+        return "memory"
+    return next(name for name, (types, _) in CATEGORIES.items() if isinstance(err, types))
+
+
+def parse_reason(reason: str) -> str | None:
+    """``"site error [category]: description"`` of a :class:`SiteError` in an error reply's reason.
+
+    ``None`` when the reason holds none (a reply from a site without this module, or Flower's own).
+    """
+    match = _REASON.search(reason)
+    return f"site error [{match.group(1)}]: {match.group(2).strip()}" if match else None

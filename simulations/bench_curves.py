@@ -1,0 +1,119 @@
+"""Validation curves for the quality benchmarks: every arm scored after each round (epoch).
+
+The **validation set** of a simulated federation is the union of the sites' local splits
+(``test-fraction`` of each site's partition): the sites never train on it and the coordinator never
+sees it. The coordinator's held-out test set is scored beside it and never used to choose. Used by
+``fedtune bench tuning`` (choosing the recipe) and ``fedtune bench quality`` (the fair protocol).
+
+A curve is a list of points ``{"step", "val_macro_f1", "val_accuracy", "test_macro_f1",
+"test_accuracy"}``, one per round (federated) or epoch (centralized); :func:`summary` reads its
+best-validation point and its point at the default budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .bench import bench_threads, concat, federated_arm, fresh_model, torch_threads, train_central
+
+if TYPE_CHECKING:
+    from fedtune.common.config import FedConfig
+    from fedtune.common.data import TextDataset
+
+Curve = list[dict[str, float]]
+
+
+def sets(cfg: FedConfig, sites: int) -> tuple[TextDataset, TextDataset, TextDataset]:
+    """``(pooled training splits, validation = pooled local splits, held-out test set)``."""
+    from fedtune.common.sites import coordinator_test_set, simulated_site
+
+    data = [simulated_site(cfg, i, sites) for i in range(sites)]
+    return concat([d.train for d in data]), concat([d.test for d in data]), coordinator_test_set(cfg)
+
+
+def scorer(cfg: FedConfig) -> Callable[[Any, TextDataset], dict[str, float]]:
+    """``score(model, dataset) -> metrics`` with the run config's batch size, length and device."""
+    from fedtune.common.model import load_tokenizer, resolve_model_dir
+    from fedtune.common.train import evaluate, select_device
+
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.base_model))
+    device = select_device(cfg.device)
+
+    def score(model: Any, ds: TextDataset) -> dict[str, float]:
+        with torch_threads(bench_threads()):
+            return evaluate(
+                model, tokenizer, ds, batch_size=cfg.batch_size, max_length=cfg.max_length, device=device
+            ).as_metrics()
+
+    return score
+
+
+def point(step: int, val: Mapping[str, float], test: Mapping[str, Any]) -> dict[str, float]:
+    """One curve point from the validation and held-out metrics after ``step``."""
+    return {
+        "step": step,
+        "val_macro_f1": val["macro_f1"],
+        "val_accuracy": val["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "test_accuracy": test["accuracy"],
+    }
+
+
+def federated_curve(bench: str, arm: str, run_config: Mapping[str, Any], sites: int) -> dict[str, Any]:
+    """Run ``fedtune simulate``; score the shared adapter after every round on the validation set.
+
+    The adapter after round r is the audit's ``global-round-(r+1).npz`` (``global-final.npz`` after
+    the last round), so ``run_config`` needs ``audit=true``; the held-out score per round is the
+    coordinator's own (``metrics.json``).
+    """
+    from fedtune.common.adapters import set_adapter_arrays
+    from fedtune.common.audit import load_arrays
+    from fedtune.common.config import parse_run_config
+
+    result = federated_arm(bench, arm, sites, run_config)
+    cfg = parse_run_config(dict(run_config))
+    _, validation, _ = sets(cfg, sites)
+    score = scorer(cfg)
+    model = fresh_model(cfg, len(validation.label_names))
+    server = result.out / "audit" / "server"
+    curve: Curve = []
+    for record in result.records[1:]:  # record 0 is the initial adapter
+        r = record["round"]
+        name = f"global-round-{r + 1:03d}.npz" if r < cfg.num_server_rounds else "global-final.npz"
+        set_adapter_arrays(model, load_arrays(server / name)[0])
+        curve.append(point(r, score(model, validation), record))
+    return {"curve": curve, "seconds": result.seconds}
+
+
+def centralized_curve(run_config: Mapping[str, Any], sites: int, epochs: int) -> dict[str, Any]:
+    """Centralized PEFT on the pooled training splits, scored on both sets after every epoch."""
+    from fedtune.common.config import parse_run_config
+
+    cfg = parse_run_config(dict(run_config))
+    pool, validation, test = sets(cfg, sites)
+    score = scorer(cfg)
+    model = fresh_model(cfg, len(pool.label_names))
+    curve: Curve = []
+
+    def on_epoch_end(epoch: int) -> None:
+        curve.append(point(epoch, score(model, validation), score(model, test)))
+
+    res = train_central(cfg, model, pool, epochs=epochs, on_epoch_end=on_epoch_end)
+    return {"curve": curve, "seconds": res.seconds}
+
+
+def summary(arm: str, curve: Curve, budget: int) -> dict[str, Any]:
+    """The best-validation point of a curve and its point at the default ``budget`` (else its end)."""
+    best = max(curve, key=lambda p: p["val_macro_f1"])
+    at = next((p for p in curve if p["step"] == budget), curve[-1])
+    return {
+        "arm": arm,
+        "best": int(best["step"]),
+        "val_f1_best": best["val_macro_f1"],
+        "test_f1_best": best["test_macro_f1"],
+        "test_acc_best": best["test_accuracy"],
+        "val_f1_budget": at["val_macro_f1"],
+        "test_f1_budget": at["test_macro_f1"],
+        "test_acc_budget": at["test_accuracy"],
+    }

@@ -1,0 +1,207 @@
+"""``fedtune bench quality``: the fair protocol's choices, targets, saved arms and local-only arm."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fedtune.simulations import bench_quality
+from fedtune.simulations.bench_quality_report import arm_summaries, report
+
+
+def _curve(*points: tuple[float, float]) -> dict[str, Any]:
+    """A saved curve arm: one ``(validation, held-out)`` macro-F1 pair per round, from round 1."""
+    return {
+        "curve": [
+            {"step": i, "val_macro_f1": v, "val_accuracy": v, "test_macro_f1": t, "test_accuracy": t + 0.5}
+            for i, (v, t) in enumerate(points, start=1)
+        ]
+    }
+
+
+def _site(best: int, f1_best: float, f1_budget: float) -> dict[str, Any]:
+    return {
+        "best": best,
+        "test_f1_best": f1_best,
+        "test_acc_best": f1_best + 0.5,
+        "test_f1_budget": f1_budget,
+        "test_acc_budget": f1_budget + 0.5,
+    }
+
+
+def test_centralized_setting_is_chosen_on_validation_separately_at_each_point() -> None:
+    # Prepare: "a" has the best validation peak (epoch 3), "b" the better validation at the budget
+    # (epoch 2); the held-out set would choose the other way round both times
+    arms = {
+        "fedavg": _curve((0.1, 0.2), (0.3, 0.25), (0.2, 0.4)),
+        "centralized-a": _curve((0.1, 0.7), (0.3, 0.35), (0.5, 0.4)),
+        "centralized-b": _curve((0.45, 0.6), (0.4, 0.2), (0.1, 0.9)),
+        "local": {"sites": [_site(1, 0.1, 0.05), _site(3, 0.3, 0.15)]},
+    }
+
+    # Execute
+    judged = arm_summaries(arms, budget=2)
+
+    # Assert: federated at its own validation peak (round 2), not its held-out peak
+    assert (judged["fedavg"]["best"], judged["fedavg"]["test_f1_best"]) == (2, 0.25)
+    central = judged["centralized"]
+    assert (central["setting_best"], central["best"], central["test_f1_best"]) == ("a", 3, 0.4)
+    assert (central["setting_budget"], central["test_f1_budget"]) == ("b", 0.2)
+    assert judged["local-mean"]["test_f1_best"] == pytest.approx(0.2)
+    assert judged["local-mean"]["test_f1_budget"] == pytest.approx(0.1)
+    assert judged["local-best"]["test_f1_best"] == 0.3 and judged["local-best"]["best"] == 3
+
+
+def _settings(**overrides: Any) -> dict[str, Any]:
+    s = bench_quality.settings(quick=False)
+    s.update(max_rounds=3, budget=2, central=["a"], strategies=["fedavg"], seeds=[42, 43])
+    s["protocol"] = {"max_rounds": 50, "max_epochs": 20, "seeds": 3}
+    return {**s, **overrides}
+
+
+def test_report_judges_each_target_on_the_mean_over_seeds(tmp_path: Path, monkeypatch) -> None:
+    # Prepare: two seeds at Dirichlet 0.3; federated peaks at its last round in seed 43
+    monkeypatch.chdir(tmp_path)
+    per_seed = {
+        "dirichlet-0.3": {
+            42: {
+                "fedavg": _curve((0.1, 0.2), (0.3, 0.30), (0.2, 0.1)),
+                "centralized-a": _curve((0.2, 0.3), (0.4, 0.36), (0.5, 0.34)),
+                "local": {"sites": [_site(1, 0.05, 0.05), _site(2, 0.15, 0.10)]},
+            },
+            43: {
+                "fedavg": _curve((0.1, 0.2), (0.3, 0.30), (0.4, 0.32)),
+                "centralized-a": _curve((0.2, 0.3), (0.4, 0.36), (0.5, 0.38)),
+                "local": {"sites": [_site(1, 0.05, 0.05), _site(2, 0.15, 0.10)]},
+            },
+        }
+    }
+
+    # Execute
+    rows, notes = report(per_seed, _settings())
+
+    # Assert: rows are means ± std over both seeds, in the order the arms were saved
+    by_arm = {r["arm"]: r for r in rows}
+    assert list(by_arm) == ["fedavg", "centralized", "local-mean", "local-best"]
+    assert by_arm["fedavg"]["macro_f1_best_mean"] == pytest.approx(0.31)
+    assert by_arm["fedavg"]["best"] == 2.5 and by_arm["fedavg"]["seeds"] == 2
+    assert by_arm["centralized"]["macro_f1_budget_mean"] == pytest.approx(0.36)
+    assert by_arm["centralized"]["settings"] == ["a"]
+    # Assert: gap 36 - 31 = 5 > 3; lift 31 - 10 = 21 >= 10; budget 30 / 36 = 83% >= 80%
+    assert notes[1] == "Protocol cut to fit the machine: federated rounds 3 of 50; 2 seed(s) of 3."
+    target = notes[2]
+    assert "gap +5.0 points (target <= 3: missed)" in target
+    assert "mean local-only site 10.0, lift +21.0 (target >= 10: met)" in target
+    assert "30.0 vs centralized after 2 epochs 36.0 = 83% (target >= 80%: met)" in target
+    assert target.endswith("still rising at round 3.")
+    assert (tmp_path / "results" / "quality_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "results" / "quality_macro_f1.png").is_file()
+
+
+def test_partitions_without_a_gap_target_are_reported_without_a_verdict() -> None:
+    # Prepare
+    per_seed = {"dirichlet-1.0": {42: {"fedavg": _curve((0.3, 0.3)), "centralized-a": _curve((0.3, 0.4))}}}
+
+    # Execute
+    _, notes = report(per_seed, _settings(max_rounds=5, budget=1, seeds=[42, 43, 44]))
+
+    # Assert: no cut (rounds under the protocol's are the only ones named), a gap but no target
+    assert notes[1].startswith("Protocol cut to fit the machine: federated rounds 5 of 50.")
+    assert "gap +10.0 points." in notes[2] and "target <= " not in notes[2].split("At the budget")[0]
+
+
+def test_shortened_protocol_is_checked_against_the_budget(monkeypatch) -> None:
+    # Prepare
+    monkeypatch.setenv("FEDTUNE_BENCH_MAX_ROUNDS", "4")
+
+    # Execute / Assert: fewer rounds than the default budget cannot judge it
+    with pytest.raises(
+        ValueError, match=r"\$FEDTUNE_BENCH_MAX_ROUNDS=4: must be at least the default budget, 5"
+    ):
+        bench_quality.chosen_settings(quick=False)
+    monkeypatch.setenv("FEDTUNE_BENCH_MAX_ROUNDS", "20")
+    monkeypatch.setenv("FEDTUNE_BENCH_CENTRAL", "lr2e-3-la")
+    s = bench_quality.chosen_settings(quick=False)
+    assert (s["max_rounds"], s["max_epochs"], s["central"]) == (20, 20, ["lr2e-3-la"])
+    monkeypatch.setenv("FEDTUNE_BENCH_CENTRAL", "lr1")
+    with pytest.raises(ValueError, match="FEDTUNE_BENCH_CENTRAL: unknown lr1"):
+        bench_quality.chosen_settings(quick=False)
+
+
+def test_saved_only_assembles_the_saved_arms_and_lists_the_rest(tmp_path: Path, monkeypatch) -> None:
+    # Prepare: the quick grid computed once with stand-in arms
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDTUNE_BENCH_RESUME", "1")
+    calls: list[str] = []
+
+    def fed(bench: str, label: str, config: dict, sites: int) -> dict:
+        calls.append(label)
+        assert config["audit"] == "true" and config["num-server-rounds"] == 3 and sites == 3
+        return _curve((0.1, 0.2), (0.2, 0.3), (0.15, 0.35))
+
+    monkeypatch.setattr(bench_quality, "federated_curve", fed)
+    monkeypatch.setattr(
+        bench_quality, "centralized_curve", lambda *a: _curve((0.3, 0.4), (0.4, 0.5), (0.3, 0.6))
+    )
+    monkeypatch.setattr(bench_quality, "local_only", lambda *a: {"sites": [_site(1, 0.1, 0.1)]})
+    bench_quality.run(True)
+    bench_quality.run(True)  # resumed: nothing recomputed
+    assert calls == ["dirichlet-0.3-seed42-fedavg"]
+    (tmp_path / "results" / "arms" / "quality" / "dirichlet-0.3-seed42-local.json").unlink()
+
+    # Execute: assemble from saved arms only; computing anything would fail
+    def must_not_run(*a: object, **k: object) -> None:
+        raise AssertionError("an arm was computed")
+
+    for name in ("federated_curve", "centralized_curve", "local_only"):
+        monkeypatch.setattr(bench_quality, name, must_not_run)
+    monkeypatch.setenv("FEDTUNE_BENCH_SAVED_ONLY", "1")
+    data = json.loads(bench_quality.run(True).read_text())
+
+    # Assert
+    assert data["missing"] == ["dirichlet-0.3-seed42-local"]
+    assert [r["arm"] for r in data["rows"]] == ["fedavg", "centralized"]
+    assert data["rows"][0]["macro_f1_best"] == "0.300 ± 0.000" and data["rows"][0]["best"] == 2
+    assert data["notes"][-1] == "Not run yet (assembled from saved arms only): dirichlet-0.3-seed42-local."
+    assert "FEDTUNE_BENCH_SAVED_ONLY=1" in data["command"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_local_only_site_keeps_its_adapter_across_rounds_and_is_scored_at_its_chosen_rounds(
+    tiny_base_model: Path,
+) -> None:
+    from fedtune.common.config import parse_run_config
+    from fedtune.common.model import load_tokenizer
+    from fedtune.common.sites import coordinator_test_set, simulated_site
+    from fedtune.common.train import evaluate, select_device, train_local
+    from fedtune.simulations.bench import fresh_model
+
+    # Prepare: the Pima table over 2 sites, 3 local steps of batch 16 per round
+    run_config = {"task": "diabetes", "base-model": str(tiny_base_model), "batch-size": 16, "local-steps": 3}
+    cfg = parse_run_config(run_config)
+    tokenizer, device = load_tokenizer(tiny_base_model), select_device("cpu")
+    test = coordinator_test_set(cfg)
+
+    # Execute
+    result = bench_quality.local_only(run_config, sites=2, rounds=2, budget=1)
+
+    # Assert: site 1 replayed by hand: one adapter trained round after round, judged on its own split
+    site = simulated_site(cfg, 1, 2)
+    model = fresh_model(cfg, len(test.label_names))
+    val, held_out = [], []
+    for r in (1, 2):
+        train_local(model, tokenizer, site.train, cfg, device=device, seed=cfg.seed + r, server_round=r)
+        scored = [
+            evaluate(model, tokenizer, ds, batch_size=16, max_length=cfg.max_length, device=device)
+            for ds in (site.test, test)
+        ]
+        val.append(scored[0].macro_f1)
+        held_out.append(scored[1].macro_f1)
+    got = result["sites"][1]
+    assert [p["val_macro_f1"] for p in got["curve"]] == pytest.approx(val)
+    assert got["best"] == 1 + int(val[1] > val[0])
+    assert got["test_f1_budget"] == pytest.approx(held_out[0])
+    assert got["test_f1_best"] == pytest.approx(held_out[got["best"] - 1])
+    assert got["train_examples"] == len(site.train) and len(result["sites"]) == 2
