@@ -100,8 +100,9 @@ def test_report_judges_each_target_on_the_mean_over_seeds(tmp_path: Path, monkey
     assert (tmp_path / "results" / "quality_macro_f1.png").is_file()
 
 
-def test_partitions_without_a_gap_target_are_reported_without_a_verdict() -> None:
+def test_partitions_without_a_gap_target_are_reported_without_a_verdict(tmp_path: Path, monkeypatch) -> None:
     # Prepare
+    monkeypatch.chdir(tmp_path)
     per_seed = {"dirichlet-1.0": {42: {"fedavg": _curve((0.3, 0.3)), "centralized-a": _curve((0.3, 0.4))}}}
 
     # Execute
