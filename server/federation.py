@@ -28,6 +28,7 @@ from fedtune.common.checkpoint import (
     CHECKPOINT,
     RUN_CONFIG,
     ServerState,
+    find_checkpoint,
     read_checkpoint,
     resume_config,
     rng_state,
@@ -249,11 +250,16 @@ class Coordinator:
             )
         else:
             why = "no site update arrived"
+        raise RuntimeError(f"Round {server_round} produced no aggregate: {why}. {self._resume_advice()}")
+
+    def _resume_advice(self) -> str:
+        """Resume from the checkpoint if the run has one; else start again."""
+        if find_checkpoint(self.out_dir) is None:
+            return "No round completed, so there is nothing to resume: fix the cause and start the run again."
         last = self.records[-1]["round"] if self.records else 0
-        raise RuntimeError(
-            f"Round {server_round} produced no aggregate: {why}. The last good adapter (round {last}) is in "
-            f"{self.out_dir / CHECKPOINT}; fix the cause and continue with `resume=true` "
-            "(`fedtune simulate --resume` / `fedtune deploy-local --resume`)."
+        return (
+            f"The last good adapter (round {last}) is in {self.out_dir / CHECKPOINT}; fix the cause and "
+            "continue with `resume=true` (`fedtune simulate --resume` / `fedtune deploy-local --resume`)."
         )
 
     def round_end(self, server_round: int, context: LegacyContext) -> None:

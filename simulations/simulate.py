@@ -6,6 +6,7 @@ no per-run dependency install happens (unlike ``flwr run .`` on a local connecti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import torch
 from fedtune.common.checkpoint import read_checkpoint, resume_config
 from fedtune.common.config import ConfigError, FedConfig, key_of, parse_run_config
 from fedtune.common.preflight import check_simulation
+from fedtune.common.run_folder import fresh_run, holds_run
 from rich.console import Console
 
 from .presets import get_preset
@@ -42,7 +44,7 @@ def resolve(
     elif key_of("out_dir") not in run_config:  # a fresh folder per run: never overwrite earlier results
         run_config[key_of("out_dir")] = str(Path(FedConfig.out_dir) / time.strftime("%Y%m%d-%H%M%S"))
     cfg = parse_run_config(run_config)
-    if (Path(cfg.out_dir) / "metrics.json").exists() and not overwrite:
+    if holds_run(cfg.out_dir) and not overwrite:
         raise ValueError(
             f"`--out` {cfg.out_dir} already holds a run; pass --overwrite or choose another folder."
         )
@@ -100,7 +102,9 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
         Before anything starts or is written, when the run cannot succeed
         (:func:`~fedtune.common.preflight.check_simulation`).
     RuntimeError
-        The simulation ended without a shared adapter.
+        The simulation ended without a shared adapter. A new run that fails before its first
+        checkpoint leaves nothing behind, and a run it replaces (``--overwrite``) is kept until it
+        finishes (:func:`~fedtune.common.run_folder.fresh_run`).
     """
     check_simulation(cfg, num_clients)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -115,26 +119,28 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
         logging.getLogger("flwr").setLevel(logging.WARNING)
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
     start = time.perf_counter()
-    if not cfg.resume:
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out_dir) / SIMULATION).write_text(json.dumps({"num_clients": num_clients}) + "\n")
-    run_simulation(
-        server_app=make_server_app(cfg.to_run_config()),
-        client_app=make_client_app(
-            str(Path(cfg.out_dir).resolve() / "audit") if cfg.audit else None,
-            base_model=cfg.base_model,
-            site_log_dir=str(Path(cfg.out_dir).resolve() / SITE_LOGS),
-        ),
-        num_supernodes=num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.5 if gpu else 0.0},
-            "init_args": {"include_dashboard": False, "log_to_driver": verbose},
-        },
-        verbose_logging=verbose,
-    )
+    with contextlib.nullcontext() if cfg.resume else fresh_run(cfg.out_dir, echo=console.print):
+        if not cfg.resume:
+            (Path(cfg.out_dir) / SIMULATION).write_text(json.dumps({"num_clients": num_clients}) + "\n")
+        run_simulation(
+            server_app=make_server_app(cfg.to_run_config()),
+            client_app=make_client_app(
+                str(Path(cfg.out_dir).resolve() / "audit") if cfg.audit else None,
+                base_model=cfg.base_model,
+                site_log_dir=str(Path(cfg.out_dir).resolve() / SITE_LOGS),
+            ),
+            num_supernodes=num_clients,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.5 if gpu else 0.0},
+                "init_args": {"include_dashboard": False, "log_to_driver": verbose},
+            },
+            verbose_logging=verbose,
+        )
+        if not (Path(cfg.out_dir) / "adapter" / "adapter_model.safetensors").is_file():
+            raise RuntimeError(
+                f"The simulation ended without writing {cfg.out_dir}/adapter; see the log above."
+            )
     metrics_file = Path(cfg.out_dir) / "metrics.json"
-    if not (Path(cfg.out_dir) / "adapter" / "adapter_model.safetensors").is_file():
-        raise RuntimeError(f"The simulation ended without writing {cfg.out_dir}/adapter; see the log above.")
     records = json.loads(metrics_file.read_text())
     console.print(
         results_table(records, f"fedtune · {num_clients} hospitals · {cfg.peft_method} · {cfg.task}")
