@@ -142,16 +142,29 @@ class WireLog:
 
     def read(self) -> Iterator[dict[str, Any]]:
         """The records written so far."""
+        return (record for _, record in self.numbered())
+
+    def numbered(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(line number, record)`` of the records written so far.
+
+        Raises
+        ------
+        ValueError
+            A line that is not a JSON object (names the file and line).
+        """
         if not self.path.exists():
             return
         with self.path.open() as f:
             for line_no, line in enumerate(f, 1):
                 try:
-                    yield json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(
                         f"{self.path}, line {line_no}: not a JSON wire record ({err.msg})."
                     ) from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{self.path}, line {line_no}: not a JSON wire record (no object).")
+                yield line_no, record
 
 
 def save_arrays(path: Path, arrays: list[np.ndarray], **scalars: float | int) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .audit import WireLog, load_arrays
+from .audit_integrity import Numbered, integrity_check, record_problems
 from .audit_stats import attack_auc, one_run_epsilon, tpr_at_fpr
 from .canaries import make_canaries
 from .config import FedConfig, parse_run_config
@@ -52,11 +53,12 @@ def _read_json(path: Path) -> Any:
         raise AuditError(f"{path}: corrupt JSON ({err.msg}, line {err.lineno}).") from None
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
+def _records(path: Path) -> list[Numbered]:
+    """``(file, line, record)`` of every record in a ``wire.jsonl``."""
     if not path.is_file():
         raise AuditError(f"{path} is missing: the run was made with `audit=false` or the folder is partial.")
     try:
-        return list(WireLog(path).read())
+        return [(path, line, record) for line, record in WireLog(path).numbered()]
     except ValueError as err:
         raise AuditError(str(err)) from None
 
@@ -273,9 +275,13 @@ def build_report(out_dir: Path) -> dict[str, Any]:
     cfg = parse_run_config(_read_json(out_dir / "run_config.json"))
     meta = _read_json(out_dir / "adapter" / "fedtune.json")
     audit_dir = out_dir / "audit"
-    server = _records(audit_dir / "server" / "wire.jsonl")
+    rounds = _read_json(out_dir / "metrics.json")
+    server_lines = _records(audit_dir / "server" / "wire.jsonl")
     site_logs = sorted(audit_dir.glob("sites/site-*/wire.jsonl"))
-    site_records = [r for p in site_logs for r in _records(p)]
+    site_lines = [item for p in site_logs for item in _records(p)]
+    mismatches = integrity_check(out_dir / "metrics.json", rounds, server_lines, site_lines)
+    server = [r for f, n, r in server_lines if not record_problems(f, n, r)]  # well-formed records only
+    site_records = [r for f, n, r in site_lines if not record_problems(f, n, r)]
     offending = offending_uploads(server + site_records, meta["adapter_shapes"])
     report: dict[str, Any] = {
         "run": str(out_dir),
@@ -286,7 +292,9 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         "tensors_exchanged": tensors_exchanged(server, meta["base_model_bytes"]),
         "only_adapter_left_sites": not offending,
         "offending_tensors": offending,
-        "site_and_server_records_agree": _records_agree(server, site_records),
+        # every record well formed and each site's record equal to the coordinator's
+        "site_and_server_records_agree": not any(m.node for m in mismatches) if site_logs else None,
+        "integrity": {"consistent": not mismatches, "mismatches": [str(m) for m in mismatches]},
         "secagg": secagg_check(audit_dir, cfg, meta["secagg_max_weight"]),
     }
     privacy_file = out_dir / "privacy.json"
@@ -299,21 +307,6 @@ def build_report(out_dir: Path) -> dict[str, Any]:
             "accountant_epsilon": accountant_eps,
         }
     return report
-
-
-def _records_agree(server: list[dict], sites: list[dict]) -> bool | None:
-    """Every upload a site recorded reached the coordinator byte for byte (same SHA-256s)."""
-    if not sites:
-        return None
-    seen = defaultdict(list)
-    for r in server:
-        if r["direction"] == "up":
-            seen[(r["node"], r["round"], r["stage"])].append(sorted(t["sha256"] for t in r["tensors"]))
-    return all(
-        sorted(t["sha256"] for t in r["tensors"]) in seen[(r["node"], r["round"], r["stage"])]
-        for r in sites
-        if r["direction"] == "up"
-    )
 
 
 def _plots(report: dict[str, Any], plot_dir: Path) -> list[str]:
@@ -394,9 +387,16 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
             f"| {o['node']} | {o['round']} | {o['stage']} | {o['name']} | {o['shape']} | {o['dtype']} |"
             for o in report["offending_tensors"]
         ]
+    integrity = report["integrity"]
     lines += [
-        "Site records match what the coordinator received (SHA-256): "
+        "Site records match what the coordinator received (SHA-256 and bytes): "
         f"{report['site_and_server_records_agree']}.",
+        "",
+        "## Audit trail consistency",
+        "",
+        "Every record, each site's record against the coordinator's, `metrics.json` totals against the "
+        f"wire records: {'consistent' if integrity['consistent'] else '**INCONSISTENT**'}.",
+        *(f"- {m}" for m in integrity["mismatches"]),
         "",
         "| direction | messages | tensors | bytes | per site per round | vs full model |",
         "|---|---|---|---|---|---|",

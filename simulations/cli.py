@@ -14,6 +14,8 @@ from .presets import PRESETS
 EXIT_FAILED = 1  # the run failed (the message says where)
 EXIT_BAD_INPUT = 2  # refused before starting: bad config, data, model or output folder
 EXIT_SITES_LOST = 3  # finished, but some site was left out of some round (listed, with the category)
+EXIT_AUDIT_FAILED = 4  # `fedtune audit`: a record mismatch, or more than the adapter left the sites
+MAX_SHOWN = 20  # mismatches printed; the report lists all
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,8 +178,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(
             f"Audit written to {args.out}/audit/report.md (only adapter left sites: "
-            f"{report['only_adapter_left_sites']}; SecAgg+ masked: {report['secagg']['masked']})."
+            f"{report['only_adapter_left_sites']}; site and coordinator records agree: "
+            f"{report['site_and_server_records_agree']}; SecAgg+ masked: {report['secagg']['masked']})."
         )
+        problems = list(report["integrity"]["mismatches"])
+        if not report["only_adapter_left_sites"]:
+            problems.insert(0, "more than the adapter left the sites (the report lists the tensors)")
+        if problems:
+            more = len(problems) - MAX_SHOWN
+            shown = problems[:MAX_SHOWN] + ([f"... {more} more in the report"] if more > 0 else [])
+            print(f"fedtune audit: {len(problems)} problem(s):\n  " + "\n  ".join(shown), file=sys.stderr)
+            return EXIT_AUDIT_FAILED
     elif args.command == "bench":
         from .bench import collect, get_benchmark
 

@@ -147,6 +147,8 @@ def test_secagg_check_turns_red_for_clear_uploads(tmp_path: Path) -> None:
         (lambda d: (d / "adapter" / "fedtune.json").write_text("{oops"), "fedtune.json: corrupt JSON"),
         (lambda d: (d / "audit" / "server" / "wire.jsonl").unlink(), "audit=false"),
         (lambda d: (d / "audit" / "server" / "wire.jsonl").write_text("not json\n"), "line 1"),
+        (lambda d: (d / "metrics.json").write_text('[{"round": 0}, {"rou'), "metrics.json: corrupt JSON"),
+        (lambda d: (d / "metrics.json").unlink(), "metrics.json is missing"),
     ],
 )
 def test_a_partial_or_corrupt_run_folder_is_a_clear_error(tmp_path: Path, break_it, message: str) -> None:
@@ -154,6 +156,7 @@ def test_a_partial_or_corrupt_run_folder_is_a_clear_error(tmp_path: Path, break_
     (tmp_path / "adapter").mkdir()
     (tmp_path / "run_config.json").write_text(json.dumps(FedConfig().to_run_config()))
     (tmp_path / "adapter" / "fedtune.json").write_text(json.dumps({"adapter_shapes": SHAPES}))
+    (tmp_path / "metrics.json").write_text(json.dumps([{"round": 0}]))
     WireLog(tmp_path / "audit" / "server" / "wire.jsonl").append(PLAIN)
     break_it(tmp_path)
 

@@ -174,6 +174,27 @@ def test_audit_of_masked_and_clear_runs(tmp_path: Path) -> None:
     assert masked["secagg"]["masked"] and masked["secagg"]["aggregate_within_bound"]
     assert not clear["secagg"]["masked"] and clear["secagg"]["max_abs_correlation"] > 0.99
     assert clear["secagg"]["aggregate_within_bound"]
+    assert masked["integrity"] == clear["integrity"] == {"consistent": True, "mismatches": []}
+
+    # Execute: tamper with the coordinator's record of one upload (its size)
+    wire = tmp_path / "clear" / "audit" / "server" / "wire.jsonl"
+    lines = wire.read_text().splitlines()
+    n, edited = next((i, json.loads(x)) for i, x in enumerate(lines) if json.loads(x)["direction"] == "up")
+    edited["payload_bytes"] += 64
+    lines[n] = json.dumps(edited, sort_keys=True)
+    wire.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune.simulations.cli", "audit", str(tmp_path / "clear")],
+        capture_output=True,
+        text=True,
+    )
+
+    # Assert: exit 4, the site, round and both records named, the totals too
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "site and coordinator records agree: False" in proc.stdout
+    assert f"(site node {edited['node']}, round {edited['round']}" in proc.stderr
+    assert f"({wire}, line {n + 1}) in its payload_bytes" in proc.stderr
+    assert "metrics.json, record 1 (round 1): bytes_up" in proc.stderr
 
 
 def test_distributed_dp_run_is_accounted_and_its_empirical_epsilon_stays_below(tmp_path: Path) -> None:
