@@ -179,7 +179,10 @@ def test_audit_of_masked_and_clear_runs(tmp_path: Path) -> None:
     # Execute: tamper with the coordinator's record of one upload (its size)
     wire = tmp_path / "clear" / "audit" / "server" / "wire.jsonl"
     lines = wire.read_text().splitlines()
-    n, edited = next((i, json.loads(x)) for i, x in enumerate(lines) if json.loads(x)["direction"] == "up")
+    ups = [
+        (i, r) for i, r in enumerate(map(json.loads, lines)) if (r["direction"], r["kind"]) == ("up", "train")
+    ]
+    n, edited = ups[0]
     edited["payload_bytes"] += 64
     lines[n] = json.dumps(edited, sort_keys=True)
     wire.write_text("\n".join(lines) + "\n")
