@@ -158,6 +158,7 @@ def _plot_curves(per_seed: Mapping[str, Mapping[int, Mapping[str, Any]]], s: Map
             style = "--" if name.startswith("centralized-") else "-"
             ax.plot(np.arange(1, length + 1), mean, style, label=name)
         ax.axvline(s["budget"], color="grey", linewidth=0.8, linestyle=":")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("round (federated) / epoch (centralized)")
         ax.set_ylabel("validation macro-F1")
         ax.set_title(part)

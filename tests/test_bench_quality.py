@@ -206,3 +206,34 @@ def test_local_only_site_keeps_its_adapter_across_rounds_and_is_scored_at_its_ch
     assert got["test_f1_budget"] == pytest.approx(held_out[0])
     assert got["test_f1_best"] == pytest.approx(held_out[got["best"] - 1])
     assert got["train_examples"] == len(site.train) and len(result["sites"]) == 2
+
+
+@pytest.mark.e2e
+def test_bench_quality_quick_runs_every_arm_on_real_data(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # Execute
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune.simulations.cli", "bench", "quality", "--quick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+
+    # Assert: a point per round (epoch) for every arm, each local site judged, the curves plotted
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "results" / "quality.json").read_text())
+    arms = data["per_seed"]["dirichlet-0.3"]["42"]
+    assert [p["step"] for p in arms["fedavg"]["curve"]] == [1, 2, 3]
+    assert [p["step"] for p in arms["centralized-lr5e-3"]["curve"]] == [1, 2, 3]
+    assert len(arms["local"]["sites"]) == 3 and all(len(x["curve"]) == 3 for x in arms["local"]["sites"])
+    assert [r["arm"] for r in data["rows"]] == ["fedavg", "centralized", "local-mean", "local-best"]
+    records = json.loads(
+        (
+            tmp_path / "results" / "work" / "quality" / "dirichlet-0.3-seed42-fedavg" / "metrics.json"
+        ).read_text()
+    )
+    assert [p["test_macro_f1"] for p in arms["fedavg"]["curve"]] == [r["macro_f1"] for r in records[1:]]
+    assert (tmp_path / "results" / "quality_curves.png").read_bytes()[:4] == b"\x89PNG"
