@@ -22,6 +22,7 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .config import FedConfig
 
@@ -182,9 +183,16 @@ def load_base_model(model_dir: Path, num_labels: int) -> torch.nn.Module:
         When base weights other than the classifier head are missing from the checkpoint
         (they would be randomly initialised and differ between sites).
     """
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=num_labels, output_loading_info=True
-    )
+    # transformers warns that the head is "newly initialized": it is meant to be, and any other
+    # missing weight is refused below, so the notice is silenced
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=num_labels, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = [k for k in info["missing_keys"] if not k.startswith("classifier")]
     if missing:
         raise ValueError(

@@ -13,7 +13,9 @@ from typing import Any
 
 import flwr
 import numpy as np
+import peft
 import torch
+import transformers
 from fedtune.common import instructions
 from fedtune.common.adapters import (
     adapter_names,
@@ -374,6 +376,8 @@ class Coordinator:
             "versions": {
                 "flwr": flwr.__version__,
                 "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
                 "python": platform.python_version(),
             },
         }
