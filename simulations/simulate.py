@@ -29,6 +29,14 @@ SIMULATION = "simulation.json"  # what the run config does not hold: the number 
 SITE_LOGS = "site-logs"  # simulated site i logs the details of its errors in site-logs/site-i.log
 
 
+def _not_run_simulation_notice(record: logging.LogRecord) -> bool:
+    """Drop Flower's notice that ``run_simulation`` is deprecated.
+
+    fedtune calls it on purpose: ``flwr run`` would install a fresh environment for every run.
+    """
+    return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def resolve(
     preset: str = "default",
     num_clients: int | None = None,
@@ -117,6 +125,8 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    if _not_run_simulation_notice not in logging.getLogger("flwr").filters:
+        logging.getLogger("flwr").addFilter(_not_run_simulation_notice)
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
     start = time.perf_counter()
     with contextlib.nullcontext() if cfg.resume else fresh_run(cfg.out_dir, echo=console.print):

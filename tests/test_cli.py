@@ -159,3 +159,18 @@ def test_resume_of_a_folder_that_holds_no_run_says_so(tmp_path: Path, capsys) ->
 
     # Assert
     assert rc == 2 and "has no run_config.json" in capsys.readouterr().err
+
+
+def test_flowers_run_simulation_notice_is_dropped_and_other_flower_logs_kept() -> None:
+    import logging
+
+    from fedtune.simulations.simulate import _not_run_simulation_notice
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("flwr", logging.WARNING, "", 0, msg, ("x",), None)
+
+    # Execute / Assert
+    assert not _not_run_simulation_notice(
+        record("DEPRECATED FEATURE: The `run_simulation` function is deprecated and will be removed %s")
+    )
+    assert _not_run_simulation_notice(record("Round %s failed"))

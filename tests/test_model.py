@@ -347,3 +347,20 @@ def test_frozen_state_fingerprint_ignores_trainables_and_sees_frozen() -> None:
     # Assert
     assert after_trainable == before
     assert after_frozen != before
+
+
+def test_the_new_head_loads_without_transformers_notice_and_the_verbosity_is_restored(
+    base_dir: Path, capfd
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    # Prepare
+    before = hf_logging.get_verbosity()
+
+    # Execute
+    model = load_base_model(base_dir, num_labels=3)  # the packaged encoder has no head
+
+    # Assert: the head is new (3 outputs), nothing said about it, the caller's verbosity kept
+    assert model.classifier.out_features == 3
+    assert "newly initialized" not in capfd.readouterr().err
+    assert hf_logging.get_verbosity() == before
