@@ -19,7 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+from peft import (
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
@@ -202,14 +211,21 @@ def load_base_model(model_dir: Path, num_labels: int) -> torch.nn.Module:
     return model
 
 
-@functools.cache
 def build_peft_model(spec: PeftSpec) -> PeftModel:
-    """Base model + PEFT wrapper for ``spec``; built once per process and spec.
+    """Base model + PEFT wrapper for ``spec``, at its seeded initial PEFT state.
 
-    The head and adapter start from a ``spec.seed``-seeded initialisation, so the coordinator's
-    initial adapter is reproducible. Every trainable value is overwritten from the coordinator's
-    parameters before a site trains, so reusing the cached model across sites is safe.
+    Built once per process and spec (:func:`_built`); every call resets the head and adapter to the
+    ``spec.seed``-seeded initialisation, so the coordinator's initial adapter is reproducible even in
+    a process that ran another federation, and a site never starts from what the process trained last.
     """
+    model, initial = _built(spec)
+    set_peft_model_state_dict(model, initial)
+    return model
+
+
+@functools.cache
+def _built(spec: PeftSpec) -> tuple[PeftModel, dict[str, torch.Tensor]]:
+    """The model of ``spec`` and a copy of its seeded initial PEFT state."""
     if spec.method not in PEFT_METHODS:
         raise ValueError(
             f"`peft-method` {spec.method!r} is not supported; supported: {', '.join(PEFT_METHODS)}."
@@ -226,7 +242,7 @@ def build_peft_model(spec: PeftSpec) -> PeftModel:
             p.requires_grad_(False)  # FFA-LoRA: A stays at the seeded init every site shares
         # Only PEFT parameters and the peft-managed copy of the head may train.
         assert p.requires_grad == (_is_peft_param(name) and not (frozen_a and "lora_A" in name)), name
-    return model
+    return model, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def _is_peft_param(name: str) -> bool:

@@ -288,9 +288,6 @@ def feature_value(text: str, name: str) -> float:
 
 # --- in-process PEFT training (centralized and single-site arms) --------------------------------------
 
-_INITIAL: dict[Any, list[np.ndarray]] = {}
-
-
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run the block with ``threads`` torch CPU threads (``None``: leave torch's setting)."""
@@ -316,15 +313,9 @@ def bench_threads() -> int:
 
 def fresh_model(cfg: FedConfig, num_labels: int):  # noqa: ANN201 - a PeftModel
     """The PEFT model of ``cfg`` at the seeded initialisation the coordinator starts from."""
-    from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
     from fedtune.common.model import PeftSpec, build_peft_model, resolve_model_dir
 
-    spec = PeftSpec.from_config(cfg, resolve_model_dir(cfg.base_model), num_labels)
-    model = build_peft_model(spec)  # cached per process: reset it to its first (seeded) state
-    if spec not in _INITIAL:
-        _INITIAL[spec] = get_adapter_arrays(model)
-    set_adapter_arrays(model, _INITIAL[spec])
-    return model
+    return build_peft_model(PeftSpec.from_config(cfg, resolve_model_dir(cfg.base_model), num_labels))
 
 
 def concat(parts: Sequence[TextDataset]) -> TextDataset:

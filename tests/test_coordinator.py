@@ -1,0 +1,225 @@
+"""The coordinator (``server/federation.py``) run in process against real sites on a tiny model.
+
+Each federation takes seconds (:mod:`local_grid`: real ServerApp logic, real ClientApps, no Ray).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedtune.common import instructions
+from fedtune.common.adapters import set_adapter_arrays
+from fedtune.common.audit import load_arrays
+from fedtune.common.checkpoint import read_checkpoint
+from fedtune.common.model import PeftSpec, _built, build_peft_model, fingerprint, load_tokenizer
+from fedtune.common.sites import coordinator_test_set
+from fedtune.common.train import evaluate, select_device
+from fedtune.server.federation import Coordinator
+from flwr.app import Message
+from flwr.supercore.task_identity import TaskIdentity
+from local_grid import fast_config, local_grid, run_federation
+from safetensors.numpy import load_file
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _task() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+            mp.setattr(TaskIdentity, name, value)
+        yield
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Path) -> Coordinator:
+    """3 sites, 2 rounds of FedAvg without SecAgg+, audited."""
+    return run_federation(
+        fast_config(tmp_path_factory.mktemp("plain"), tiny_base_model, secure_aggregation=False)
+    )
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Path) -> Coordinator:
+    """The same federation under SecAgg+."""
+    return run_federation(
+        fast_config(tmp_path_factory.mktemp("masked"), tiny_base_model, secure_aggregation=True)
+    )
+
+
+def _saved_adapter(out: Path) -> list[np.ndarray]:
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    return [tensors[k] for k in sorted(tensors)]
+
+
+def test_the_shared_adapter_is_the_last_global_and_the_checkpoints(plain: Coordinator) -> None:
+    # Execute
+    saved = _saved_adapter(plain.out_dir)
+    final = load_arrays(plain.out_dir / "audit" / "server" / "global-final.npz")[0]
+    state = read_checkpoint(plain.out_dir)
+
+    # Assert: the file written is what round 2 produced, as the checkpoint has it
+    assert state.server_round == 2 and [r["round"] for r in plain.records] == [0, 1, 2]
+    assert len(saved) == len(final) == len(state.global_arrays)
+    for a, b, c in zip(saved, final, state.global_arrays, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    first = load_arrays(plain.out_dir / "audit" / "server" / "global-round-001.npz")[0]
+    assert any(not np.array_equal(a, b) for a, b in zip(first, final, strict=True))  # training moved it
+
+
+def test_each_rounds_score_is_the_shared_adapter_on_the_held_out_set(plain: Coordinator) -> None:
+    # Prepare: a fresh model holding the final shared adapter
+    cfg = plain.cfg
+    test = coordinator_test_set(cfg)
+    model = build_peft_model(PeftSpec.from_config(cfg, Path(cfg.base_model), len(test.label_names)))
+    set_adapter_arrays(model, load_arrays(plain.out_dir / "audit" / "server" / "global-final.npz")[0])
+
+    # Execute
+    res = evaluate(
+        model,
+        load_tokenizer(Path(cfg.base_model)),
+        test,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        device=select_device("cpu"),
+    )
+
+    # Assert: the round-2 record is that score, on every example of the held-out set
+    last = plain.records[-1]
+    assert (last["accuracy"], last["macro_f1"], last["loss"]) == pytest.approx(
+        (res.accuracy, res.macro_f1, res.loss)
+    )
+    assert res.examples == len(test)
+    metrics = json.loads((plain.out_dir / "metrics.json").read_text())
+    assert metrics[-1]["accuracy"] == last["accuracy"]
+
+
+def _upload_tensor_names(out: Path) -> set[str]:
+    names = set()
+    for line in (out / "audit" / "server" / "wire.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if (record["direction"], record["kind"]) == ("up", "train"):
+            names.update(t["name"].split("[")[0] for t in record["tensors"])
+    return names
+
+
+def test_secure_aggregation_masks_every_upload_and_sums_to_the_plain_average(
+    plain: Coordinator, masked: Coordinator
+) -> None:
+    # Execute
+    plain_names, masked_names = _upload_tensor_names(plain.out_dir), _upload_tensor_names(masked.out_dir)
+
+    # Assert: SecAgg+ on: masked vectors only; off: the adapter in the clear
+    assert any(n.startswith("fitres.parameters") for n in plain_names)
+    assert "secaggplus_configs.masked_params" in masked_names
+    assert not any(n.startswith("fitres.parameters") for n in masked_names)
+    # the unmasked sum gives the same shared adapter, within SecAgg+'s quantisation
+    for a, b in zip(_saved_adapter(plain.out_dir), _saved_adapter(masked.out_dir), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+def test_the_adapter_metadata_records_the_library_versions(plain: Coordinator) -> None:
+    # Execute
+    meta = json.loads((plain.out_dir / "adapter" / "fedtune.json").read_text())
+
+    # Assert
+    import peft
+    import transformers
+
+    assert meta["versions"]["transformers"] == transformers.__version__
+    assert meta["versions"]["peft"] == peft.__version__
+    assert meta["rounds"] == 2 and meta["base_model_fingerprint"] == plain.base_fingerprint
+
+
+def _instructions(grid_delivered: list[Message]) -> list[instructions.Instruction]:
+    out = []
+    for msg in grid_delivered:
+        if msg.metadata.message_type == "train" and "fitins.config" in msg.content.config_records:
+            out.append(instructions.decode(dict(msg.content.config_records["fitins.config"])))
+    return out
+
+
+def test_distributed_dp_sizes_each_sites_noise_and_accounts_one_step_per_round(
+    tmp_path: Path, tiny_base_model: Path
+) -> None:
+    # Prepare: 2 of the 3 sites sampled each round (fraction-train 0.67), noise multiplier 1.5
+    cfg = fast_config(
+        tmp_path,
+        tiny_base_model,
+        dp_mode="distributed",
+        dp_noise_multiplier=1.5,
+        dp_clipping_norm=0.4,
+        fraction_train=0.67,
+        min_clients=2,
+        secure_aggregation=False,
+    )
+    grid = local_grid(cfg)
+
+    # Execute
+    run_federation(cfg, grid=grid)
+
+    # Assert: each sampled site adds sigma C / sqrt(n); the accountant saw rate 2/3 in each of 2 rounds
+    sent = _instructions(grid.delivered)
+    assert len(sent) == 4
+    assert [ins.dp_noise_std for ins in sent] == pytest.approx([1.5 * 0.4 / 2**0.5] * 4)
+    privacy = json.loads((tmp_path / "privacy.json").read_text())
+    history = privacy["accountant"]["history"]
+    assert len(history) == 2 and all(h == pytest.approx([1.5, 2 / 3]) for h in history)
+    assert privacy["stopped_early"] == ""
+
+
+def test_the_privacy_budget_stops_the_run_before_the_round_that_would_exceed_it(
+    tmp_path: Path, tiny_base_model: Path
+) -> None:
+    from fedtune.common.privacy import compute_epsilon
+
+    # Prepare: a budget between the epsilon after 1 round and after 2
+    one = compute_epsilon(noise_multiplier=2.0, sampling_rate=1.0, rounds=1, delta=1e-5)
+    two = compute_epsilon(noise_multiplier=2.0, sampling_rate=1.0, rounds=2, delta=1e-5)
+    cfg = fast_config(
+        tmp_path,
+        tiny_base_model,
+        dp_mode="central",
+        dp_noise_multiplier=2.0,
+        dp_target_epsilon=(one + two) / 2,
+        secure_aggregation=False,
+    )
+
+    # Execute
+    coord = run_federation(cfg)
+
+    # Assert: round 1 ran, round 2 did not; the adapter is round 1's; the stop is recorded
+    assert [r["round"] for r in coord.records] == [0, 1]
+    privacy = json.loads((tmp_path / "privacy.json").read_text())
+    assert privacy["stopped_early"].startswith("stopped before round 2")
+    assert privacy["epsilon"] == pytest.approx(one) and privacy["epsilon"] <= cfg.dp_target_epsilon
+    assert json.loads((tmp_path / "adapter" / "fedtune.json").read_text())["rounds"] == 1
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_base_weights(
+    tmp_path: Path, tiny_base_model: Path
+) -> None:
+    import shutil
+
+    from conftest import save_tiny_bert
+
+    # Prepare: a finished run on a copy of the base model, whose weights are then replaced
+    model = tmp_path / "model"
+    shutil.copytree(tiny_base_model, model)
+    run_federation(fast_config(tmp_path / "run", model, secure_aggregation=False))
+    shutil.rmtree(model)
+    save_tiny_bert(model, seed=2)
+    fingerprint.cache_clear()  # per-process caches keyed on the folder (a new process in real use)
+    _built.cache_clear()
+
+    # Execute / Assert
+    cfg = fast_config(tmp_path / "run", model, secure_aggregation=False, resume=True)
+    with pytest.raises(
+        ValueError, match="was made with base model fingerprint .* resume with the base model"
+    ):
+        run_federation(cfg)
