@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from fedtune.common import instructions
 from fedtune.common.adapters import update_defect
+from fedtune.common.site_errors import SecAggRequiredError, UpdateRefusedError
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
@@ -30,17 +31,17 @@ def check_secagg_range(arrays: list[np.ndarray], num_examples: int, max_weight: 
 
     Raises
     ------
-    ValueError
+    UpdateRefusedError
         Naming the setting to raise.
     """
     if num_examples > max_weight:
-        raise ValueError(
+        raise UpdateRefusedError(
             f"Site has {num_examples} training examples > SecAgg+ `secagg-max-weight` {max_weight:g}: "
             "its weight would be clipped. Raise `secagg-max-weight` to at least the largest site's count."
         )
     peak = max(float(np.abs(a).max()) for a in arrays if a.size) * num_examples / max_weight
     if peak > clip:
-        raise ValueError(
+        raise UpdateRefusedError(
             f"Weighted adapter value {peak:.3g} exceeds SecAgg+ `secagg-clipping-range` {clip:g} "
             "and would be clipped; raise `secagg-clipping-range`."
         )
@@ -66,16 +67,16 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
 
     Raises
     ------
-    PermissionError
+    SecAggRequiredError
         On an unmasked train request to a site that requires SecAgg+.
-    ValueError
+    UpdateRefusedError
         When the update is not a finite adapter of the received shapes, or does not fit SecAgg+.
     """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         if str(ctxt.node_config.get(REQUIRE_SECAGG, "false")).lower() == "true":
-            raise PermissionError(
+            raise SecAggRequiredError(
                 f"Node {ctxt.node_id} requires secure aggregation (`{REQUIRE_SECAGG}`) but the server "
                 "asked for an unmasked update; set `secure-aggregation=true` on the server."
             )
@@ -90,7 +91,7 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
             arrays = parameters_to_ndarrays(fitres.parameters)
             defect = update_defect(arrays, shapes)
             if defect:
-                raise ValueError(
+                raise UpdateRefusedError(
                     f"Node {context.node_id} refuses to mask its update: {defect}. It drops out of this "
                     "SecAgg+ round; check its data and `learning-rate`."
                 )

@@ -14,8 +14,27 @@ from .data import DataError
 from .model import FingerprintMismatchError
 from .preflight import PreflightError
 
+
+class UpdateRefusedError(ValueError):
+    """A site refuses to send its update: not finite, or outside what SecAgg+ can carry unchanged."""
+
+
+class SecAggRequiredError(PermissionError):
+    """A site that requires secure aggregation was asked for an unmasked update."""
+
+
 # category -> (exception types, what the coordinator is told); the first match wins, "internal" last
 CATEGORIES: dict[str, tuple[tuple[type[BaseException], ...], str]] = {
+    "update": (
+        (UpdateRefusedError,),
+        "it refused to send an update that is not finite or does not fit SecAgg+ (see "
+        "`secagg-max-weight`, `secagg-clipping-range`, `learning-rate`)",
+    ),
+    "policy": (
+        (SecAggRequiredError,),
+        "it requires secure aggregation and refused to send its update unmasked "
+        "(set `secure-aggregation=true`)",
+    ),
     "data": ((DataError, PreflightError, UnicodeDecodeError), "its data failed validation"),
     "base-model": (
         (FingerprintMismatchError, FileNotFoundError),

@@ -223,3 +223,34 @@ def test_resume_refuses_a_checkpoint_made_with_other_base_weights(
         ValueError, match="was made with base model fingerprint .* resume with the base model"
     ):
         run_federation(cfg)
+
+
+def test_a_site_whose_update_is_refused_drops_out_and_the_others_aggregate(
+    tmp_path: Path, tiny_base_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedtune.client.site import SiteClient
+
+    # Prepare: site 2 produces a non-finite update in every round, under SecAgg+
+    fit = SiteClient.fit
+
+    def fit_nan_at_site_2(self: SiteClient, parameters: list, config: dict) -> tuple:
+        arrays, n, metrics = fit(self, parameters, config)
+        if self.node_config["partition-id"] == 2:
+            arrays = [np.full_like(a, np.nan) for a in arrays]
+        return arrays, n, metrics
+
+    monkeypatch.setattr(SiteClient, "fit", fit_nan_at_site_2)
+    cfg = fast_config(tmp_path, tiny_base_model, secure_aggregation=True)
+
+    # Execute
+    coord = run_federation(cfg)
+
+    # Assert: both rounds aggregated without node 103, which the coordinator knows only by category
+    assert [r["round"] for r in coord.records] == [0, 1, 2]
+    for record in coord.records[1:]:
+        assert list(record["excluded_sites"]) == ["103"]
+        reason = record["excluded_sites"]["103"]
+        assert "site error [update]" in reason and "Node" not in reason and "nan" not in reason.lower()
+    assert all(np.isfinite(a).all() for a in _saved_adapter(tmp_path))
+    log = (tmp_path / "site-logs" / "site-2.log").read_text()
+    assert "[update] round 1 train: UpdateRefusedError: Node 103 refuses to mask its update" in log

@@ -28,7 +28,6 @@ from fedtune.common.model_store import (
 )
 from fedtune.server.distribution import Distributor
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification
 
@@ -45,12 +44,7 @@ def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("other") / "model", seed=2)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Flower 1.42 stamps new messages with the running task's identity.
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 # --- plan ------------------------------------------------------------------------------------------
@@ -359,3 +353,16 @@ def test_messages_stay_within_the_chunk_size(coordinator_model, tmp_path) -> Non
         max(sum(a.nbytes for a in out.chunk_arrays(i).values()) for i in range(len(out.plan.chunks))) <= CHUNK
     )
     assert np.isclose(grid.sent[11], out.plan.total_bytes + sum(map(len, out.files.values())), rtol=0.05)
+
+
+def test_a_tampered_copy_in_the_model_cache_is_refused(coordinator_model, other_model, tmp_path) -> None:
+    import shutil
+
+    # Prepare: the cache holds a folder under the pinned fingerprint whose weights were then replaced
+    expected = fingerprint(coordinator_model)
+    cached = tmp_path / "cache" / expected
+    shutil.copytree(other_model, cached)
+
+    # Execute / Assert
+    with pytest.raises(FingerprintMismatchError, match=expected):
+        find_base_model(expected, None, tmp_path / "cache")

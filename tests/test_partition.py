@@ -262,3 +262,20 @@ def test_bad_parameters_are_errors(build: object, match: str) -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match=match):
         build(labels)  # type: ignore[operator]
+
+
+def test_the_run_configs_dirichlet_alpha_reaches_the_simulated_sites() -> None:
+    from fedtune.common.config import parse_run_config
+    from fedtune.common.sites import simulated_site
+
+    def skew(alpha: float) -> float:
+        """Mean total-variation distance of 5 sites' label mixes from the pooled mix."""
+        cfg = parse_run_config({"max-examples": 600, "dirichlet-alpha": alpha})
+        sites = [simulated_site(cfg, i, 5).train for i in range(5)]
+        k = len(sites[0].label_names)
+        counts = np.array([np.bincount(s.labels, minlength=k) for s in sites], dtype=float)
+        pooled = counts.sum(0) / counts.sum()
+        return float(np.mean(0.5 * np.abs(counts / counts.sum(1, keepdims=True) - pooled).sum(1)))
+
+    # Execute / Assert: a small alpha skews the sites far more than a large one
+    assert skew(0.05) > 0.5 > 0.2 > skew(100.0)

@@ -17,6 +17,7 @@ from fedtune.common.model import (
     fingerprint,
     resolve_model_dir,
 )
+from fedtune.common.sites import simulated_site
 from fedtune.common.train import TrainResult
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
@@ -99,8 +100,46 @@ def test_site_evaluate_scores_its_local_test_split(start) -> None:
     # Execute
     loss, n, metrics = SiteClient(NODE).evaluate(arrays, config)
 
-    # Assert
-    assert n > 0 and loss > 0 and 0 <= metrics["accuracy"] <= 1 and "macro_f1" in metrics
+    # Assert: every example of this site's local split, none of its training data
+    split = simulated_site(CFG, 1, 3).test
+    assert n == len(split) > 0 and loss > 0 and 0 <= metrics["accuracy"] <= 1 and "macro_f1" in metrics
+
+
+@pytest.mark.parametrize(
+    ("overrides", "weight", "mu"),
+    [
+        ({}, "examples", 0.0),
+        ({"strategy": "fedprox", "fedprox-mu": 0.3}, "examples", 0.3),
+        ({"dp-mode": "central"}, 1, 0.0),
+    ],
+)
+def test_site_trains_from_the_coordinators_adapter_with_its_settings(
+    start, monkeypatch: pytest.MonkeyPatch, overrides: dict, weight: object, mu: float
+) -> None:
+    # Prepare: the coordinator's adapter differs from the site's cached model; record what training gets
+    arrays, _ = start
+    sent = [a + 0.25 for a in arrays]
+    cfg = parse_run_config({**CFG.to_run_config(), **overrides})
+    seen: list[tuple[list[np.ndarray], dict]] = []
+
+    def fake_train_local(model, tokenizer, ds, cfg, **kwargs):  # noqa: ANN001, ANN202
+        seen.append((get_adapter_arrays(model), kwargs))
+        return TrainResult(loss=1.0, examples=len(ds), steps=1, seconds=1.0)
+
+    monkeypatch.setattr(site_module, "train_local", fake_train_local)
+    config = instructions.encode(cfg, 1, fingerprint(resolve_model_dir("")))
+    if "fedprox-mu" in overrides:  # Flower's FedProx puts its proximal_mu into the fit config
+        config = {**config, instructions.PROXIMAL_MU: cfg.fedprox_mu}
+
+    # Execute
+    _, num_examples, _ = SiteClient(NODE).fit(sent, config)
+
+    # Assert: training starts from the adapter sent; FedProx's mu reaches it; DP weighs every site 1
+    start_arrays, kwargs = seen[0]
+    assert all(np.array_equal(a, b) for a, b in zip(start_arrays, sent, strict=True))
+    assert kwargs["proximal_mu"] == mu
+    expected = len(simulated_site(cfg, 1, 3).train) if weight == "examples" else weight
+    assert num_examples == expected
 
 
 def _train_message(with_secagg: bool) -> Message:

@@ -485,3 +485,24 @@ def test_train_local_corrects_the_training_logits_with_the_sites_labels(
 
     # Assert
     assert plain.loss > 0.1 and adjusted.loss < 1e-3
+
+
+def test_a_frozen_base_weight_changed_during_training_is_refused(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset
+) -> None:
+    # Prepare: something other than the optimiser touches a frozen base weight mid-training
+    name, weight = next((n, p) for n, p in model.named_parameters() if not p.requires_grad)
+    before = weight.detach().clone()
+
+    def tamper(epoch: int) -> None:
+        with torch.no_grad():
+            weight.add_(1.0)
+
+    # Execute / Assert
+    try:
+        with pytest.raises(RuntimeError, match="A frozen base-model parameter changed"):
+            _train(model, tokenizer, dataset, on_epoch_end=tamper)
+    finally:
+        with torch.no_grad():
+            weight.copy_(before)
+    assert name and torch.equal(weight, before)
