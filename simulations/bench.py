@@ -288,6 +288,7 @@ def feature_value(text: str, name: str) -> float:
 
 # --- in-process PEFT training (centralized and single-site arms) --------------------------------------
 
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run the block with ``threads`` torch CPU threads (``None``: leave torch's setting)."""

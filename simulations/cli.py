@@ -88,17 +88,17 @@ def _deploy_command(args: argparse.Namespace) -> int:
             files = make_certs(args.dir, parse_hosts(args.hosts), args.sites, force=args.force)
         except (FileExistsError, ValueError) as err:
             print(f"fedtune certs: {err}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         print(f"Wrote {', '.join(p.name for p in files.all_files())} to {files.root}.")
         return 0
-    from .deploy_local import DeployError, deploy_local, read_rounds
+    from .deploy_local import DeployError, DeployInputError, deploy_local, read_rounds
 
     if args.sites is not None and args.sites != len(args.site_data):
         print(
             f"fedtune deploy-local: --sites {args.sites} but {len(args.site_data)} --site-data files.",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_BAD_INPUT
     try:
         deploy_local(
             args.site_data,
@@ -108,9 +108,12 @@ def _deploy_command(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             resume=args.resume,
         )
-    except (DeployError, ConfigError) as err:
+    except (DeployInputError, ConfigError) as err:
         print(f"fedtune deploy-local: {err}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
+    except DeployError as err:
+        print(f"fedtune deploy-local: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(
             f"fedtune deploy-local: interrupted; every process stopped (logs in {args.out}/logs).",
@@ -158,15 +161,15 @@ def main(argv: list[str] | None = None) -> int:
                 cfg, num_clients = resume(args.resume, args.num_clients, overrides)
         except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
             print(f"fedtune simulate: {err}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         try:
             records = simulate(cfg, num_clients, verbose=args.verbose)
         except PreflightError as err:
             print(f"fedtune simulate: {err}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         except RuntimeError as err:
             print(f"fedtune simulate: {err}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
         return _report_dropped("simulate", records, f"{cfg.out_dir}/site-logs/")
     elif args.command == "audit":
         from fedtune.common.audit_report import AuditError, write_report
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             report = write_report(args.out)
         except AuditError as err:
             print(f"fedtune audit: {err}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         print(
             f"Audit written to {args.out}/audit/report.md (only adapter left sites: "
             f"{report['only_adapter_left_sites']}; site and coordinator records agree: "
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             run = get_benchmark(args.name)
         except KeyError as err:
             print(f"fedtune bench: {err.args[0]}", file=sys.stderr)
-            return 2
+            return EXIT_BAD_INPUT
         print(f"Wrote {run(args.quick)}.")
     elif args.command in ("certs", "deploy-local"):
         return _deploy_command(args)

@@ -54,6 +54,10 @@ class DeployError(RuntimeError):
     """A deployment step failed; the message names the step, the log to read and the fix."""
 
 
+class DeployInputError(DeployError):
+    """The deployment was refused before anything started: bad sites' files, config or folders."""
+
+
 def tool(name: str) -> str:
     """Path of a Flower console script of this environment (``flwr``, ``flower-superlink`` ...)."""
     beside = Path(sys.executable).parent / name
@@ -175,13 +179,13 @@ def summarise_sites(paths: Sequence[Path], label_column: str) -> SiteSummary:
     try:
         for path in paths:
             if not path.is_file():
-                raise DeployError(f"Site file {path} not found; check `--site-data`.")
+                raise DeployInputError(f"Site file {path} not found; check `--site-data`.")
             n, names = file_labels(path, label_column)
             rows += n
             labels.update(names)
         check_label_values("the --site-data files", label_column, sorted(labels))
     except DataError as err:
-        raise DeployError(str(err)) from None
+        raise DeployInputError(str(err)) from None
     return SiteSummary(rows=rows, labels=tuple(sorted(labels)))
 
 
@@ -204,30 +208,30 @@ def deployment_run_config(
         config error (unknown key, bad value).
     """
     if key_of("data_path") in overrides:
-        raise DeployError(
+        raise DeployInputError(
             "`data-path` is a site's own file and never goes to the coordinator: give the sites' files "
             "with --site-data."
         )
     config: dict[str, Any] = {"task": "csv", **overrides, key_of("out_dir"): str(out_dir)}
     if test_data is not None:
         if not test_data.is_file():
-            raise DeployError(f"--test-data {test_data} not found.")
+            raise DeployInputError(f"--test-data {test_data} not found.")
         config[key_of("test_data_path")] = str(test_data.resolve())
     base_model = str(config.get(key_of("base_model"), "")).strip()
     if base_model:  # the ServerApp runs in another folder: a path relative to here must stay valid
         config[key_of("base_model")] = str(Path(base_model).expanduser().resolve())
     if not str(config.get(key_of("test_data_path"), "")).strip():
-        raise DeployError(
+        raise DeployInputError(
             "The coordinator needs a held-out file to score the shared adapter: give --test-data FILE."
         )
     if str(config["task"]).strip() != "csv":
-        raise DeployError(
+        raise DeployInputError(
             f"deploy-local trains on the sites' files: `task` must be csv, got {config['task']!r}."
         )
     try:
         cfg = parse_run_config(config)
     except ConfigError as err:
-        raise DeployError(f"--run-config: {err}") from None
+        raise DeployInputError(f"--run-config: {err}") from None
     summary = summarise_sites(site_files, cfg.label_column)
     if cfg.secagg_max_weight <= 0:
         config[key_of("secagg_max_weight")] = float(summary.rows)
@@ -253,7 +257,7 @@ def _preflight(cfg: FedConfig, site_files: Sequence[Path]) -> None:
             check_site_file(cfg, path)
         coordinator_test_set(cfg)
     except (PreflightError, DataError) as err:
-        raise DeployError(str(err)) from None
+        raise DeployInputError(str(err)) from None
 
 
 # --- the deployment -------------------------------------------------------------------------------------
@@ -466,7 +470,7 @@ def deploy_local(
     out_dir = Path(out).resolve()
     files = [Path(p).resolve() for p in site_data]
     if len(files) < 2:
-        raise DeployError(
+        raise DeployInputError(
             "deploy-local needs at least 2 sites (SecAgg+ needs 2): give 2+ files to --site-data."
         )
     resumed_after = 0
@@ -478,16 +482,18 @@ def deploy_local(
             config = dict(resume_config(out_dir, given).to_run_config())
             resumed_after = read_checkpoint(out_dir).server_round
         except (ConfigError, FileNotFoundError, ValueError) as err:
-            raise DeployError(f"--resume: {err}") from None
+            raise DeployInputError(f"--resume: {err}") from None
     elif (out_dir / "metrics.json").exists():
-        raise DeployError(f"--out {out_dir} already holds a run; choose another folder, or add --resume.")
+        raise DeployInputError(
+            f"--out {out_dir} already holds a run; choose another folder, or add --resume."
+        )
     else:
         config = deployment_run_config(
             run_config or {}, files, out_dir, Path(test_data) if test_data else None
         )
     min_clients = int(config.get(key_of("min_clients"), FedConfig.min_clients))
     if min_clients > len(files):
-        raise DeployError(
+        raise DeployInputError(
             f"`min-clients` {min_clients} exceeds the {len(files)} sites given with --site-data."
         )
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)

@@ -449,3 +449,35 @@ def test_subset_selects_texts_and_read_only_labels() -> None:
     assert sub.label_names == ds.label_names
     with pytest.raises(ValueError):
         sub.labels[0] = 2
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ([(f"note {i}", f"class {i}") for i in range(101)], "101 distinct labels, the longest 9 characters"),
+        (
+            [("a", "x"), ("b", "Patient Jane Roe, 54, admitted with chest pain radiating to the left arm")],
+            "2 distinct labels, the longest 72",
+        ),
+    ],
+)
+def test_a_label_column_that_looks_like_free_text_is_refused_without_naming_a_value(
+    tmp_path: Path, rows: list[tuple[str, str]], expected: str
+) -> None:
+    import csv
+
+    from fedtune.common.data import MAX_INFERRED_CLASSES, load_task
+
+    # Prepare
+    path = tmp_path / "swapped.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+
+    # Execute / Assert: refused, naming the file, column and limits, never a label value
+    with pytest.raises(DataError, match=f"swapped.csv, column `label`: {expected}") as info:
+        load_task("csv", data_path=str(path))
+    assert f"{MAX_INFERRED_CLASSES} classes" in str(info.value) and "Jane" not in str(info.value)
+    assert "class 7" not in str(info.value)
+    # naming the classes with `labels` says they are meant
+    names = tuple(sorted({label for _, label in rows}))
+    assert load_task("csv", data_path=str(path), labels=names).label_names == names

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,7 +264,7 @@ def test_sites_summary_counts_rows_and_unites_labels_without_rows(tmp_path: Path
     # Assert
     assert summary.rows == 672 + 2
     assert summary.labels == ("0", "1", "2")
-    with pytest.raises(DeployError, match=r"hospital-a\.csv: no label column `label`"):
+    with pytest.raises(DeployError, match=r"hospital-a\.csv, line 1 \(header\): no label column `label`"):
         summarise_sites(sites, "label")
     with pytest.raises(DeployError, match="missing.csv not found"):
         summarise_sites([tmp_path / "missing.csv"], "Outcome")
@@ -298,10 +299,11 @@ def test_deployment_run_config_sends_counts_labels_and_the_test_file_never_a_sit
 
 
 def test_deployment_run_config_makes_a_relative_base_model_absolute(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_base_model: Path
 ) -> None:
     # Prepare: the operator names the model relative to the folder they are in
     sites, test = write_pima_sites(tmp_path)
+    shutil.copytree(tiny_base_model, tmp_path / "models" / "mine")
     monkeypatch.chdir(tmp_path)
 
     # Execute
@@ -321,6 +323,12 @@ def test_deployment_run_config_makes_a_relative_base_model_absolute(
         ({"label-column": "Outcome"}, False, "--test-data FILE"),
         ({"label-column": "Outcome", "bogus": "1"}, True, "Unknown run-config key"),
         ({"label-column": "Outcome", "num-server-rounds": "x"}, True, "num-server-rounds"),
+        (
+            {"label-column": "Outcome", "max-length": "4096"},
+            True,
+            "`max-length` 4096 exceeds the 512 positions",
+        ),
+        ({"label-column": "Glucose"}, True, r"the --site-data files, column `Glucose`: \d+ distinct labels"),
     ],
 )
 def test_deployment_run_config_errors_name_the_flag(
@@ -645,3 +653,57 @@ def test_a_supernode_killed_mid_training_drops_out_and_the_round_completes(
     assert records[1]["excluded_sites"][victim["node_id"]].startswith("dropped out")
     assert json.loads((out / "adapter" / "fedtune.json").read_text())["rounds"] == 1
     print(f"round 1: {records[1]['seconds']:.0f} s; run ended {seconds_after_kill:.0f} s after the kill")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"Glucose,Outcome\n\xff\xfe,1\n", r"hospital-c\.csv: not UTF-8 text"),
+        (b"Glucose,Outcome\n120,1\n130\n", r"hospital-c\.csv, line 3, column `Outcome`: row has 1 fields"),
+        (b"Glucose,Outcome\n120,1\n130,\n", r"hospital-c\.csv, line 3, column `Outcome`: empty label"),
+    ],
+)
+def test_every_site_file_is_read_as_its_site_will_before_anything_starts(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    # Prepare: a third site whose file its own site would refuse
+    sites, test = write_pima_sites(tmp_path)
+    (tmp_path / "hospital-c.csv").write_bytes(content)
+
+    # Execute / Assert: one error naming the file and line, before any process or folder exists
+    with pytest.raises(DeployError, match=message):
+        deploy_local(
+            [*sites, tmp_path / "hospital-c.csv"],
+            tmp_path / "out",
+            {"label-column": "Outcome"},
+            test_data=test,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_deploy_local_cli_exits_2_with_one_line_on_a_bad_site_file(tmp_path: Path, capsys) -> None:
+    from fedtune.simulations.cli import main
+
+    # Prepare
+    sites, test = write_pima_sites(tmp_path)
+    (tmp_path / "broken.jsonl").write_text('{"Glucose": 1, "Outcome": "1"}\n{"Glucose": \n')
+
+    # Execute
+    rc = main(
+        [
+            "deploy-local",
+            "--site-data",
+            *map(str, sites),
+            str(tmp_path / "broken.jsonl"),
+            "--test-data",
+            str(test),
+            "--out",
+            str(tmp_path / "out"),
+            "--run-config",
+            "label-column=Outcome",
+        ]
+    )
+
+    # Assert
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "broken.jsonl, line 2, column" in err
