@@ -22,12 +22,23 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 FEDTUNE_METADATA = "fedtune.json"
 
 
+def _projected_prefix(model: PeftModel) -> bool:
+    """Prefix tuning with peft's MLP reparametrisation (``prefix-projection``), while it trains."""
+    config = model.peft_config[model.active_adapter]
+    return bool(getattr(config, "prefix_projection", False)) and not config.inference_mode
+
+
 def _exchanged_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """The PEFT state that travels: all of it, less LoRA's A matrices when they are frozen (FFA-LoRA).
 
     A frozen A stays at the seeded initialisation every site and the coordinator share, so sending it
-    would only double the upload; the shared adapter written at the end still holds it.
+    would only double the upload; the shared adapter written at the end still holds it. Under
+    ``prefix-projection`` peft's state dict holds the prefix the MLP computes, not the MLP, so the
+    trainable parameters themselves (prefix embedding, MLP, head) travel; the adapter written at
+    the end holds the computed prefix, as peft saves it.
     """
+    if _projected_prefix(model):
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
     state = get_peft_model_state_dict(model)
     a_frozen = any("lora_A" in n for n, _ in model.named_parameters()) and not any(
         p.requires_grad for n, p in model.named_parameters() if "lora_A" in n
@@ -80,6 +91,11 @@ def set_adapter_arrays(model: PeftModel, arrays: list[np.ndarray]) -> None:
         if not np.isfinite(arr).all():
             raise ValueError(f"Adapter tensor `{name}` received non-finite values (NaN/Inf).")
         new_state[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32)).to(ref.dtype)
+    if _projected_prefix(model):
+        with torch.no_grad():
+            for name, value in new_state.items():
+                state[name].copy_(value)
+        return
     set_peft_model_state_dict(model, new_state)
 
 

@@ -26,8 +26,6 @@ from peft import (
     PrefixTuningConfig,
     TaskType,
     get_peft_model,
-    get_peft_model_state_dict,
-    set_peft_model_state_dict,
 )
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
@@ -219,13 +217,16 @@ def build_peft_model(spec: PeftSpec) -> PeftModel:
     a process that ran another federation, and a site never starts from what the process trained last.
     """
     model, initial = _built(spec)
-    set_peft_model_state_dict(model, initial)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in initial:
+                param.copy_(initial[name])
     return model
 
 
 @functools.cache
 def _built(spec: PeftSpec) -> tuple[PeftModel, dict[str, torch.Tensor]]:
-    """The model of ``spec`` and a copy of its seeded initial PEFT state."""
+    """The model of ``spec`` and a copy of its seeded initial trainable parameters."""
     if spec.method not in PEFT_METHODS:
         raise ValueError(
             f"`peft-method` {spec.method!r} is not supported; supported: {', '.join(PEFT_METHODS)}."
@@ -242,7 +243,7 @@ def _built(spec: PeftSpec) -> tuple[PeftModel, dict[str, torch.Tensor]]:
             p.requires_grad_(False)  # FFA-LoRA: A stays at the seeded init every site shares
         # Only PEFT parameters and the peft-managed copy of the head may train.
         assert p.requires_grad == (_is_peft_param(name) and not (frozen_a and "lora_A" in name)), name
-    return model, {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _is_peft_param(name: str) -> bool:

@@ -254,3 +254,35 @@ def test_a_site_whose_update_is_refused_drops_out_and_the_others_aggregate(
     assert all(np.isfinite(a).all() for a in _saved_adapter(tmp_path))
     log = (tmp_path / "site-logs" / "site-2.log").read_text()
     assert "[update] round 1 train: UpdateRefusedError: Node 103 refuses to mask its update" in log
+
+
+def test_prefix_projection_federates_and_its_adapter_scores_as_recorded_with_plain_peft(
+    tmp_path: Path, tiny_base_model: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    # Prepare / Execute: peft's MLP reparametrisation trains at the sites and is averaged
+    cfg = fast_config(
+        tmp_path, tiny_base_model, peft_method="prefix", prefix_projection=True, secure_aggregation=False
+    )
+    coord = run_federation(cfg)
+
+    # Assert: the adapter written (the prefix the MLP computes) loads with plain peft and scores as recorded
+    test = coordinator_test_set(cfg)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_base_model, num_labels=len(test.label_names)
+    )
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    res = evaluate(
+        model,
+        load_tokenizer(tiny_base_model),
+        test,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        device=select_device("cpu"),
+    )
+    assert [r["round"] for r in coord.records] == [0, 1, 2]
+    assert (res.accuracy, res.loss) == pytest.approx(
+        (coord.records[-1]["accuracy"], coord.records[-1]["loss"]), abs=1e-5
+    )
