@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,24 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - backend first
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-# plot file -> (title, y label, [(record key, legend label), ...])
-PANELS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
-    "quality.png": (
+
+@dataclass(frozen=True)
+class Panel:
+    """One plot: its title, y axis (label, scale of the values, whether it starts at 0) and series."""
+
+    title: str
+    ylabel: str
+    series: list[tuple[str, str]]  # (record key, legend label)
+    scale: float = 1.0
+    from_zero: bool = False
+
+
+MAX_ROUND_TICKS = 15  # up to this many rounds each gets a tick; beyond, whole numbers chosen by matplotlib
+# plot file -> its panel
+PANELS: dict[str, Panel] = {
+    "quality.png": Panel(
         "Shared adapter quality per round",
         "score",
         [
@@ -24,7 +39,7 @@ PANELS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
             ("sites_macro_f1", "sites' local macro-F1 (mean)"),
         ],
     ),
-    "loss.png": (
+    "loss.png": Panel(
         "Loss per round",
         "cross-entropy",
         [
@@ -33,16 +48,20 @@ PANELS: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
             ("sites_loss", "sites' local loss"),
         ],
     ),
-    "bytes.png": (
+    "bytes.png": Panel(
         "Bytes on the wire per round (all sites)",
-        "bytes",
+        "MB",
         [("bytes_up", "sites -> server"), ("bytes_down", "server -> sites")],
+        scale=1e-6,
+        from_zero=True,
     ),
 }
 
 
 def plot_records(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Write one PNG per panel in :data:`PANELS` with the series present in ``records``.
+
+    Rounds are whole-number ticks, values carry no axis offset, and the legend sits below the axes.
 
     Returns
     -------
@@ -51,19 +70,26 @@ def plot_records(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for filename, (title, ylabel, series) in PANELS.items():
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        drawn = 0
-        for key, label in series:
-            points = [(r["round"], r[key]) for r in records if r.get(key) is not None]
+    for filename, panel in PANELS.items():
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        drawn, rounds = 0, set()
+        for key, label in panel.series:
+            points = [(r["round"], r[key] * panel.scale) for r in records if r.get(key) is not None]
             if points:
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker="o", label=label)
-                drawn += 1
+                drawn, rounds = drawn + 1, rounds | set(xs)
         if drawn:
-            ax.set(title=title, xlabel="round", ylabel=ylabel)
+            ax.set(title=panel.title, xlabel="round", ylabel=panel.ylabel)
+            if len(rounds) <= MAX_ROUND_TICKS:
+                ax.set_xticks(sorted(rounds))
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+            if panel.from_zero:
+                ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.05)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(drawn, 3))
             fig.tight_layout()
             fig.savefig(out_dir / filename, dpi=110)
             written.append(out_dir / filename)
