@@ -8,6 +8,9 @@
 - a run that fails before writing its first checkpoint leaves nothing behind: the folder it created
   is removed, or, in a folder that held other files, the entries the run added;
 - a run that fails after a checkpoint stays (it can be resumed), and so does ``OUT.previous``.
+
+:func:`outputs_discarded_on_failure` is the deployment's variant: its logs, certificates and app
+copy stay for diagnosis, and only the files that make a folder look like a run go.
 """
 
 from __future__ import annotations
@@ -20,6 +23,17 @@ from pathlib import Path
 from .checkpoint import find_checkpoint
 
 METRICS = "metrics.json"  # its presence marks a folder that holds a run
+# what a run writes under OUT (its checkpoint aside): removed when it fails before a checkpoint
+RUN_OUTPUTS = (
+    METRICS,
+    "run_config.json",
+    "adapter",
+    "plots",
+    "audit",
+    "privacy.json",
+    "base_model_distribution.json",
+    "site-logs",
+)
 
 
 def holds_run(out_dir: str | Path) -> bool:
@@ -69,3 +83,20 @@ def _undo(out: Path, before: set[Path] | None) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def outputs_discarded_on_failure(out_dir: str | Path) -> Iterator[None]:
+    """On a failure before the first checkpoint, remove the run's outputs (:data:`RUN_OUTPUTS`) only."""
+    try:
+        yield
+    except BaseException:
+        out = Path(out_dir)
+        if find_checkpoint(out) is None:
+            for name in RUN_OUTPUTS:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise

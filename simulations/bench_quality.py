@@ -241,6 +241,7 @@ def local_only(run_config: Mapping[str, Any], sites: int, rounds: int, budget: i
             held_out = score(model, test)
             site_result[f"test_f1_{point}"] = held_out["macro_f1"]
             site_result[f"test_acc_{point}"] = held_out["accuracy"]
+            site_result[f"test_loss_{point}"] = held_out["loss"]
         results.append(site_result)
         print(f"local-only site {i}: best round {best}, held-out macro-F1 {site_result['test_f1_best']:.3f}")
     return {"sites": results}

@@ -35,6 +35,7 @@ from fedtune.common.checkpoint import read_checkpoint, resume_config
 from fedtune.common.config import ConfigError, FedConfig, key_of, parse_run_config
 from fedtune.common.data import DataError, check_label_values, file_labels
 from fedtune.common.preflight import PreflightError, check_base_model, check_site_file
+from fedtune.common.run_folder import outputs_discarded_on_failure
 from fedtune.common.sites import coordinator_test_set
 from fedtune.server.certs import CertFiles, make_certs
 
@@ -512,66 +513,72 @@ def deploy_local(
     def write_summary() -> None:
         (out_dir / "deployment.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    with ProcessGroup(out_dir / "logs") as procs:
-        # one machine hosts every site: share its cores instead of oversubscribing them
-        dep = LocalDeployment(out_dir, certs, procs, threads=max(1, (os.cpu_count() or 1) // len(files)))
-        summary["superlink"] = dep.address
-        dep.start_superlink(timeout=max(1.0, min(60.0, deadline - time.monotonic())))
-        echo(
-            f"SuperLink on https://{dep.address} (TLS, SuperNode authentication on); "
-            f"logs in {out_dir / 'logs'}"
-        )
-        write_summary()
-        names, node_ids = [], []
-        for i, path in enumerate(files):
-            node_id = dep.register(certs.site_pub(i))
-            name = f"site-{i}"
-            pid = dep.start_supernode(
-                name,
-                certs.site_key(i),
-                # each site keeps a model cache of its own, as on its own machine
-                node_config(
-                    data_path=path, audit_dir=out_dir / "audit", model_cache_dir=out_dir / "models" / name
-                ),
+    # a failure before the first checkpoint leaves the logs, never a folder that looks like a run
+    with outputs_discarded_on_failure(out_dir):
+        with ProcessGroup(out_dir / "logs") as procs:
+            # one machine hosts every site: share its cores instead of oversubscribing them
+            dep = LocalDeployment(out_dir, certs, procs, threads=max(1, (os.cpu_count() or 1) // len(files)))
+            summary["superlink"] = dep.address
+            dep.start_superlink(timeout=max(1.0, min(60.0, deadline - time.monotonic())))
+            echo(
+                f"SuperLink on https://{dep.address} (TLS, SuperNode authentication on); "
+                f"logs in {out_dir / 'logs'}"
             )
-            names.append(name)
-            node_ids.append(node_id)
-            summary["sites"].append(
-                {"site": i, "node_id": str(node_id), "pid": pid, "log": str(procs.log_path(name))}
+            write_summary()
+            names, node_ids = [], []
+            for i, path in enumerate(files):
+                node_id = dep.register(certs.site_pub(i))
+                name = f"site-{i}"
+                pid = dep.start_supernode(
+                    name,
+                    certs.site_key(i),
+                    # each site keeps a model cache of its own, as on its own machine
+                    node_config(
+                        data_path=path, audit_dir=out_dir / "audit", model_cache_dir=out_dir / "models" / name
+                    ),
+                )
+                names.append(name)
+                node_ids.append(node_id)
+                summary["sites"].append(
+                    {"site": i, "node_id": str(node_id), "pid": pid, "log": str(procs.log_path(name))}
+                )
+            write_summary()
+            dep.wait_online(names, node_ids, timeout=max(1.0, min(120.0, deadline - time.monotonic())))
+            echo(f"{len(files)} SuperNodes registered and online: {', '.join(map(str, node_ids))}")
+            run_id = dep.run(app_dir, config_file)
+            summary["run_id"] = str(run_id)
+            write_summary()
+            echo(f"Run {run_id} started; ServerApp log: {procs.log_path('run')}")
+            rounds_seen = [resumed_after]
+
+            def progress() -> None:
+                records = read_rounds(out_dir / "metrics.json")
+                for r in records[1:]:
+                    if r["round"] > rounds_seen[0]:
+                        rounds_seen[0] = r["round"]
+                        accuracy = r.get("accuracy") or float("nan")
+                        loss = r.get("train_loss") or float("nan")
+                        echo(
+                            f"round {r['round']}: accuracy {accuracy:.4f}  train loss {loss:.4f}  "
+                            f"{r.get('seconds', 0):.0f} s"
+                        )
+
+            record = dep.wait_run(run_id, deadline, progress)
+            progress()
+            summary.update(
+                status=record.get("status"), details=record.get("status-details"), nodes=dep.nodes()
             )
-        write_summary()
-        dep.wait_online(names, node_ids, timeout=max(1.0, min(120.0, deadline - time.monotonic())))
-        echo(f"{len(files)} SuperNodes registered and online: {', '.join(map(str, node_ids))}")
-        run_id = dep.run(app_dir, config_file)
-        summary["run_id"] = str(run_id)
-        write_summary()
-        echo(f"Run {run_id} started; ServerApp log: {procs.log_path('run')}")
-        rounds_seen = [resumed_after]
-
-        def progress() -> None:
-            records = read_rounds(out_dir / "metrics.json")
-            for r in records[1:]:
-                if r["round"] > rounds_seen[0]:
-                    rounds_seen[0] = r["round"]
-                    echo(
-                        f"round {r['round']}: accuracy {r.get('accuracy') or float('nan'):.4f}  "
-                        f"train loss {r.get('train_loss') or float('nan'):.4f}  {r.get('seconds', 0):.0f} s"
-                    )
-
-        record = dep.wait_run(run_id, deadline, progress)
-        progress()
-        summary.update(status=record.get("status"), details=record.get("status-details"), nodes=dep.nodes())
-        summary["seconds"] = time.monotonic() - start
-        write_summary()
-    if summary["status"] != "finished:completed":
-        raise DeployError(
-            f"Run {run_id} ended {summary['status']}: {summary['details']}; "
-            f"see {out_dir / 'logs' / 'run.log'}."
-        )
-    if not (out_dir / "adapter" / "adapter_model.safetensors").is_file():
-        raise DeployError(
-            f"Run {run_id} completed without writing {out_dir / 'adapter'}; see {out_dir / 'logs'}."
-        )
+            summary["seconds"] = time.monotonic() - start
+            write_summary()
+        if summary["status"] != "finished:completed":
+            raise DeployError(
+                f"Run {run_id} ended {summary['status']}: {summary['details']}; "
+                f"see {out_dir / 'logs' / 'run.log'}."
+            )
+        if not (out_dir / "adapter" / "adapter_model.safetensors").is_file():
+            raise DeployError(
+                f"Run {run_id} completed without writing {out_dir / 'adapter'}; see {out_dir / 'logs'}."
+            )
     echo(
         f"Finished in {summary['seconds']:.0f} s. Shared adapter: {out_dir / 'adapter'}  "
         f"metrics: {out_dir / 'metrics.json'}  audit: {out_dir / 'audit'}"

@@ -1,20 +1,23 @@
 """Run the real coordinator against real ClientApps in this process: a Flower ``Grid`` without Ray.
 
 :class:`LocalGrid` hands every message to the fedtune ClientApp of its node, synchronously, with a
-per-node ``Context`` that lives across messages (as a SuperNode's does), and turns an exception
-into an error reply the way Flower does. :func:`run_federation` runs :func:`run_coordinator` on it.
-It tests the coordinator's logic in seconds on a tiny model; Ray, processes and timing are the
-end-to-end tests' business.
+per-node ``Context`` that lives across messages (as a SuperNode's does) and a per-node model cache
+(as a site's own process has: the coordinator never shares a model object with a site), and turns
+an exception into an error reply the way Flower does. :func:`run_federation` runs
+:func:`run_coordinator` on it. It tests the coordinator's logic in seconds on a tiny model;
+Ray, processes and timing are the end-to-end tests' business.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import fedtune.common.model as model_module
 from fedtune.client.app import make_client_app
 from fedtune.common.config import FedConfig, parse_run_config
 from fedtune.server.federation import Coordinator, run_coordinator
@@ -44,6 +47,8 @@ class LocalGrid(Grid):
             101 + i: Context(run_id=1, node_id=101 + i, node_config=nc, state=RecordDict(), run_config={})
             for i, nc in enumerate(node_configs)
         }
+        # each node's own process-level model cache (fedtune.common.model._built in its process)
+        self._builders = {node: functools.cache(model_module._built.__wrapped__) for node in self.contexts}
         self.silent: set[int] = set()  # nodes that never reply (dropped out)
         self.delivered: list[Message] = []  # every message a node received
         self._replies: dict[str, Message] = {}
@@ -78,10 +83,13 @@ class LocalGrid(Grid):
             if node in self.silent:
                 continue
             self.delivered.append(msg)
+            shared, model_module._built = model_module._built, self._builders[node]
             try:  # a copy, as if it had crossed the wire: neither side sees the other's later edits
                 reply = self.app(message=copy.deepcopy(msg), context=self.contexts[node])
             except Exception as ex:  # noqa: BLE001 - Flower's own format for a ClientApp's exception
                 reply = Message(Error(code=2, reason=str(type(ex)) + ":<'" + str(ex) + "'>"), reply_to=msg)
+            finally:
+                model_module._built = shared
             self._replies[msg.metadata.message_id] = reply
         return ids
 

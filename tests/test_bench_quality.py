@@ -180,19 +180,25 @@ def test_local_only_site_keeps_its_adapter_across_rounds_and_is_scored_at_its_ch
     from fedtune.simulations.bench import fresh_model
 
     # Prepare: the Pima table over 2 sites, 3 local steps of batch 16 per round
-    run_config = {"task": "diabetes", "base-model": str(tiny_base_model), "batch-size": 16, "local-steps": 3}
+    run_config = {
+        "task": "diabetes",
+        "base-model": str(tiny_base_model),
+        "batch-size": 16,
+        "local-steps": 6,
+        "learning-rate": 0.05,
+    }
     cfg = parse_run_config(run_config)
     tokenizer, device = load_tokenizer(tiny_base_model), select_device("cpu")
     test = coordinator_test_set(cfg)
 
-    # Execute
-    result = bench_quality.local_only(run_config, sites=2, rounds=2, budget=1)
+    # Execute: 3 rounds, judged at round 2 (a snapshot the site has trained past) and at its best
+    result = bench_quality.local_only(run_config, sites=2, rounds=3, budget=2)
 
     # Assert: site 1 replayed by hand: one adapter trained round after round, judged on its own split
     site = simulated_site(cfg, 1, 2)
     model = fresh_model(cfg, len(test.label_names))
-    val, held_out = [], []
-    for r in (1, 2):
+    val, held_out, losses = [], [], []
+    for r in (1, 2, 3):
         train_local(model, tokenizer, site.train, cfg, device=device, seed=cfg.seed + r, server_round=r)
         scored = [
             evaluate(model, tokenizer, ds, batch_size=16, max_length=cfg.max_length, device=device)
@@ -200,12 +206,16 @@ def test_local_only_site_keeps_its_adapter_across_rounds_and_is_scored_at_its_ch
         ]
         val.append(scored[0].macro_f1)
         held_out.append(scored[1].macro_f1)
+        losses.append(scored[1].loss)
     got = result["sites"][1]
     assert [p["val_macro_f1"] for p in got["curve"]] == pytest.approx(val)
-    assert got["best"] == 1 + int(val[1] > val[0])
-    assert got["test_f1_budget"] == pytest.approx(held_out[0])
-    assert got["test_f1_best"] == pytest.approx(held_out[got["best"] - 1])
+    assert got["best"] == 1 + max(range(3), key=lambda i: val[i])
+    assert (got["test_f1_budget"], got["test_loss_budget"]) == pytest.approx((held_out[1], losses[1]))
+    assert (got["test_f1_best"], got["test_loss_best"]) == pytest.approx(
+        (held_out[got["best"] - 1], losses[got["best"] - 1])
+    )
     assert got["train_examples"] == len(site.train) and len(result["sites"]) == 2
+    assert len(set(losses)) == 3  # every round differs, so a wrong snapshot would show
 
 
 @pytest.mark.e2e

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedtune.common import instructions
-from fedtune.common.adapters import set_adapter_arrays
+from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
 from fedtune.common.audit import load_arrays
 from fedtune.common.checkpoint import read_checkpoint
 from fedtune.common.model import PeftSpec, _built, build_peft_model, fingerprint, load_tokenizer
@@ -283,6 +283,10 @@ def test_prefix_projection_federates_and_its_adapter_scores_as_recorded_with_pla
         device=select_device("cpu"),
     )
     assert [r["round"] for r in coord.records] == [0, 1, 2]
+    first = load_arrays(tmp_path / "audit" / "server" / "global-round-001.npz")[0]
+    final = load_arrays(tmp_path / "audit" / "server" / "global-final.npz")[0]
+    assert all(not np.array_equal(a, b) for a, b in zip(first, final, strict=True))  # prefix, MLP, head moved
+    assert all(np.array_equal(a, b) for a, b in zip(get_adapter_arrays(coord.model), final, strict=True))
     assert (res.accuracy, res.loss) == pytest.approx(
         (coord.records[-1]["accuracy"], coord.records[-1]["loss"]), abs=1e-5
     )

@@ -121,3 +121,33 @@ def test_simulate_overwrite_that_fails_keeps_the_finished_run(tmp_path: Path, mo
     # Assert
     assert rc == 1 and "ended without writing" in capsys.readouterr().err
     assert _tree(out) == old and not previous_run_dir(out).exists()
+
+
+def test_a_failed_deployment_keeps_its_logs_and_nothing_that_looks_like_a_run(tmp_path: Path) -> None:
+    from fedtune.common.run_folder import outputs_discarded_on_failure
+
+    # Prepare: what a deployment writes before its first round completes
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "superlink.log").write_text("why it failed")
+
+    # Execute
+    with pytest.raises(BoomError), outputs_discarded_on_failure(tmp_path):
+        _finished_run(tmp_path, "half")
+        (tmp_path / "audit" / "server").mkdir(parents=True)
+        raise BoomError
+
+    # Assert: the logs stay for diagnosis; the run's files are gone, so the folder can be reused
+    assert _tree(tmp_path) == {"logs/superlink.log": "why it failed"}
+
+
+def test_a_failed_deployment_after_a_checkpoint_keeps_everything(tmp_path: Path) -> None:
+    from fedtune.common.run_folder import outputs_discarded_on_failure
+
+    # Execute
+    with pytest.raises(BoomError), outputs_discarded_on_failure(tmp_path):
+        run = _finished_run(tmp_path, "half")
+        _checkpoint(tmp_path)
+        raise BoomError
+
+    # Assert
+    assert all((tmp_path / name).is_file() for name in run)
