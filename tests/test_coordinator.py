@@ -290,3 +290,18 @@ def test_prefix_projection_federates_and_its_adapter_scores_as_recorded_with_pla
     assert (res.accuracy, res.loss) == pytest.approx(
         (coord.records[-1]["accuracy"], coord.records[-1]["loss"]), abs=1e-5
     )
+
+
+def test_sites_refuse_to_mask_values_secagg_would_clip_and_the_round_fails_naming_why(
+    tmp_path: Path, tiny_base_model: Path
+) -> None:
+    # Prepare: a clipping range far below the adapter's values
+    cfg = fast_config(tmp_path, tiny_base_model, secure_aggregation=True, secagg_clipping_range=1e-4)
+
+    # Execute / Assert: every site refuses before masking; the coordinator learns only the category
+    with pytest.raises(RuntimeError, match="Round 1 produced no aggregate") as info:
+        run_federation(cfg)
+    assert str(info.value).count("site error [update]") == 3
+    assert "Weighted adapter value" not in str(info.value)
+    assert "nothing to resume" in str(info.value) and not (tmp_path / "adapter").exists()
+    assert "exceeds SecAgg+ `secagg-clipping-range`" in (tmp_path / "site-logs" / "site-0.log").read_text()
