@@ -644,8 +644,10 @@ def test_a_supernode_killed_mid_training_drops_out_and_the_round_completes(
             proc.send_signal(signal.SIGINT)
             finish(proc, timeout=60)
 
-    # Assert: the run completed; round 1 aggregated the two survivors and names the dropped site
-    assert proc.returncode == 0, output[-4000:]
+    # Assert: the run completed without a site (exit 3, the site named on the console); round 1
+    # aggregated the two survivors and names the dropped site
+    assert proc.returncode == 3, output[-4000:]
+    assert f"round 1: site node {victim['node_id']} left out: dropped out" in output
     records = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in records] == [0, 1]
     assert len(records[1]["site_train_examples"]) == 2 and records[1]["accuracy"] is not None
