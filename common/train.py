@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -202,16 +203,27 @@ def train_local(
         tokenizer,
         ds,
         steps=round_steps,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        max_length=cfg.max_length,
         device=device,
         seed=seed,
         proximal_mu=proximal_mu,
         schedule=Schedule.for_round(cfg, server_round, round_steps),
-        logit_transform=skew_transform(cfg, ds.labels, len(ds.label_names)),
+        **recipe(cfg, ds),
     )
+
+
+def recipe(cfg: FedConfig, ds: TextDataset) -> dict[str, Any]:
+    """The :func:`train` settings a run config fixes for training on ``ds``.
+
+    Batch size, learning rate, weight decay, max length, and the ``label-skew`` correction from
+    ``ds``'s own label counts; shared by a site and the benchmarks' in-process arms.
+    """
+    return {
+        "batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate,
+        "weight_decay": cfg.weight_decay,
+        "max_length": cfg.max_length,
+        "logit_transform": skew_transform(cfg, ds.labels, len(ds.label_names)),
+    }
 
 
 @dataclass(frozen=True)

@@ -349,9 +349,8 @@ def train_central(
     Same optimiser, batch size, learning rate, max length, device and seed as a federated site; the
     learning-rate schedule runs over all ``epochs`` and ``label-skew`` uses ``train``'s own label prior.
     """
-    from fedtune.common.local_plan import skew_transform
     from fedtune.common.model import load_tokenizer, resolve_model_dir
-    from fedtune.common.train import select_device
+    from fedtune.common.train import recipe, select_device
     from fedtune.common.train import train as train_loop
 
     with torch_threads(bench_threads()):
@@ -360,15 +359,11 @@ def train_central(
             load_tokenizer(resolve_model_dir(cfg.base_model)),
             train,
             epochs=epochs,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            weight_decay=cfg.weight_decay,
-            max_length=cfg.max_length,
             device=select_device(cfg.device),
             seed=cfg.seed,
             schedule=central_schedule(cfg, len(train), epochs),
-            logit_transform=skew_transform(cfg, train.labels, len(train.label_names)),
             on_epoch_end=on_epoch_end,
+            **recipe(cfg, train),
         )
 
 
