@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedtune.common import instructions
-from fedtune.common.audit import WireLog, message_record, payload_bytes, save_arrays, secagg_stage, site_dir
+from fedtune.common.audit import WireLog, message_record, payload_bytes, save_arrays, secagg_stage
+from fedtune.common.run_folder import WIRE_LOG, global_round_name, sent_round_name, site_audit_dir
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -31,13 +32,13 @@ def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
         root = audit_dir or ctxt.node_config.get(AUDIT_DIR)
         if not root:
             return None
-        return site_dir(Path(str(root)), str(ctxt.node_config.get("partition-id", ctxt.node_id)))
+        return site_audit_dir(Path(str(root)), str(ctxt.node_config.get("partition-id", ctxt.node_id)))
 
     def wire_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         out_dir = folder(ctxt)
         if out_dir is None:
             return call_next(msg, ctxt)
-        log = WireLog(out_dir / "wire.jsonl")
+        log = WireLog(out_dir / WIRE_LOG)
         stage = _stage(msg)
         log.append(
             message_record(
@@ -60,11 +61,9 @@ def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
         server_round = int(fitins.config.get(instructions.ROUND, 0))
+        save_arrays(out_dir / global_round_name(server_round), parameters_to_ndarrays(fitins.parameters))
         save_arrays(
-            out_dir / f"global-round-{server_round:03d}.npz", parameters_to_ndarrays(fitins.parameters)
-        )
-        save_arrays(
-            out_dir / f"sent-round-{server_round:03d}.npz",
+            out_dir / sent_round_name(server_round),
             parameters_to_ndarrays(fitres.parameters),
             num_examples=fitres.num_examples,
             node=ctxt.node_id,

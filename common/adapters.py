@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,8 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-FEDTUNE_METADATA = "fedtune.json"
+from .files import fresh_temp_dir, replace_dir
+from .run_folder import ADAPTER_METADATA
 
 
 def _projected_prefix(model: PeftModel) -> bool:
@@ -133,27 +132,7 @@ def write_adapter_files(model: PeftModel, folder: Path, metadata: dict[str, Any]
     """Write the adapter in PEFT's own format plus ``fedtune.json`` into ``folder`` (not atomic)."""
     model.save_pretrained(folder)
     meta = {**metadata, "adapter_fingerprint": arrays_fingerprint(get_adapter_arrays(model))}
-    (Path(folder) / FEDTUNE_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def previous_dir(folder: Path) -> Path:
-    """Where :func:`replace_dir` keeps the previous content of ``folder`` while it swaps."""
-    return folder.with_name(folder.name + ".old")
-
-
-def replace_dir(tmp: Path, folder: Path) -> None:
-    """Swap the complete folder ``tmp`` in as ``folder`` with two renames.
-
-    At every instant either ``folder`` or :func:`previous_dir` holds a complete copy (the new or
-    the previous one): a crash between the two renames leaves the previous content in
-    ``folder.old``, which is removed only once the new one is in place.
-    """
-    old = previous_dir(folder)
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    (Path(folder) / ADAPTER_METADATA).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def save_shared_adapter(model: PeftModel, out_dir: Path, metadata: dict[str, Any]) -> Path:
@@ -161,7 +140,8 @@ def save_shared_adapter(model: PeftModel, out_dir: Path, metadata: dict[str, Any
 
     ``out_dir`` ends up holding ``adapter_config.json``, ``adapter_model.safetensors`` and
     ``fedtune.json``; it is written to a sibling temp folder first and swapped in
-    (:func:`replace_dir`), so a crash never leaves a half-written adapter in place of a good one.
+    (:func:`fedtune.common.files.replace_dir`), so a crash never leaves a half-written adapter in
+    place of a good one.
 
     Returns
     -------
@@ -169,8 +149,7 @@ def save_shared_adapter(model: PeftModel, out_dir: Path, metadata: dict[str, Any
         ``out_dir``.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_temp_dir(out_dir)
     write_adapter_files(model, tmp, metadata)
     replace_dir(tmp, out_dir)
     return out_dir

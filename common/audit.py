@@ -18,13 +18,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .files import TMP_SUFFIX, atomic_path, write_text_atomic
+from .run_folder import GLOBAL_FINAL, WIRE_LOG
 
 NPY_MAGIC = b"\x93NUMPY"
 SECAGG_RECORD = "secaggplus_configs"  # Flower's RECORD_KEY_CONFIGS: the config record of SecAgg+ messages
@@ -169,12 +171,12 @@ class WireLog:
 
 def save_arrays(path: Path, arrays: list[np.ndarray], **scalars: float | int) -> None:
     """Write ``arrays`` (as ``a0, a1, ...``) and named scalars to ``path`` (.npz) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(
-        tmp, **{f"a{i}": a for i, a in enumerate(arrays)}, **{k: np.asarray(v) for k, v in scalars.items()}
-    )
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:  # numpy.savez would add .npz to a name without it
+        np.savez(
+            tmp,
+            **{f"a{i}": a for i, a in enumerate(arrays)},
+            **{k: np.asarray(v) for k, v in scalars.items()},
+        )
 
 
 def load_arrays(path: Path) -> tuple[list[np.ndarray], dict[str, float | int]]:
@@ -186,18 +188,13 @@ def load_arrays(path: Path) -> tuple[list[np.ndarray], dict[str, float | int]]:
     return arrays, scalars
 
 
-def site_dir(audit_dir: Path, site: str) -> Path:
-    """A site's own audit folder (in simulation under the run's ``audit/sites``)."""
-    return Path(audit_dir) / "sites" / f"site-{site}"
-
-
 def trim_audit(audit_dir: Path, after_round: int) -> None:
     """Drop what ``audit_dir`` holds of the rounds after ``after_round``: a resumed run redoes them.
 
     Every ``wire.jsonl`` below it keeps its records up to ``after_round`` (and loses a last line a
     crash cut short); ``*.npz`` files of later rounds, ``global-final.npz`` and temp files go.
     """
-    for wire in sorted(Path(audit_dir).rglob("wire.jsonl")):
+    for wire in sorted(Path(audit_dir).rglob(WIRE_LOG)):
         kept = []
         for line in wire.read_text().splitlines():
             try:
@@ -206,11 +203,9 @@ def trim_audit(audit_dir: Path, after_round: int) -> None:
                 continue  # cut short by the crash
             if int(record.get("round", 0)) <= after_round:
                 kept.append(line + "\n")
-        tmp = wire.with_name(wire.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, wire)
+        write_text_atomic(wire, "".join(kept))
     for npz in sorted(Path(audit_dir).rglob("*.npz")):
         match = _ROUND_FILE.search(npz.name)
         later = match is not None and int(match.group(1)) > after_round
-        if later or npz.name == "global-final.npz" or npz.name.endswith(".tmp.npz"):
+        if later or npz.name == GLOBAL_FINAL or npz.name.endswith(TMP_SUFFIX + ".npz"):
             npz.unlink()

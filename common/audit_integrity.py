@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .records import RoundRecord
+
 Numbered = tuple[Path, int, dict[str, Any]]  # (file, line, record)
 NPY_ALIGN, NPY_HEADER_MAX = 64, 4096  # an .npy header's padding and a generous bound on its size
 FIELDS = ("direction", "kind", "node", "payload_bytes", "round", "stage", "tensors")
@@ -133,7 +135,7 @@ def cross_check(server: Sequence[Numbered], sites: Sequence[Numbered]) -> list[M
 
 
 def check_totals(
-    metrics_file: Path, rounds: Sequence[dict[str, Any]], server: Sequence[Numbered]
+    metrics_file: Path, rounds: Sequence[RoundRecord], server: Sequence[Numbered]
 ) -> list[Mismatch]:
     """``metrics.json``'s bytes per round and direction against the sums of the coordinator's records."""
     sums: dict[tuple[int, str], int] = defaultdict(int)
@@ -144,17 +146,16 @@ def check_totals(
     for i, rec in enumerate(rounds):
         for direction in ("up", "down"):
             key = f"bytes_{direction}"
-            if key in rec and rec[key] != sums[rec["round"], direction]:
-                total = sums[rec["round"], direction]
-                problem = f"{key} {rec[key]}, but the coordinator's wire records sum to {total}"
-                where = f"record {i}"
-                problems.append(Mismatch(str(metrics_file), where, "", int(rec["round"]), "", problem))
+            value, total = getattr(rec, key), sums[rec.round, direction]
+            if value is not None and value != total:
+                problem = f"{key} {value}, but the coordinator's wire records sum to {total}"
+                problems.append(Mismatch(str(metrics_file), f"record {i}", "", rec.round, "", problem))
     return problems
 
 
 def integrity_check(
     metrics_file: Path,
-    rounds: Sequence[dict[str, Any]],
+    rounds: Sequence[RoundRecord],
     server: Sequence[Numbered],
     sites: Sequence[Numbered],
 ) -> list[Mismatch]:

@@ -32,6 +32,16 @@ from .audit_integrity import Numbered, integrity_check, record_problems
 from .audit_stats import attack_auc, one_run_epsilon, tpr_at_fpr
 from .canaries import make_canaries
 from .config import FedConfig, parse_run_config
+from .files import write_text_atomic
+from .records import RoundRecord, read_records
+from .run_folder import (
+    GLOBAL_FINAL,
+    SENT_ROUND,
+    WIRE_LOG,
+    RunFolder,
+    global_round_name,
+    received_round_name,
+)
 
 ADAPTER_RECORD = re.compile(r"^(fitres|fitins|evaluateins)\.parameters\.(\d+)$")
 MASKED = re.compile(r"^secaggplus_configs\.masked_params\[(\d+)\]$")  # Flower's Key.MASKED_PARAMETERS
@@ -51,6 +61,18 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise AuditError(f"{path}: corrupt JSON ({err.msg}, line {err.lineno}).") from None
+
+
+def _read_rounds(path: Path) -> list[RoundRecord]:
+    """``metrics.json``'s round records; a missing or damaged file is an :class:`AuditError` naming it."""
+    if not path.is_file():
+        raise AuditError(
+            f"{path} is missing: not a finished fedtune run folder (run `fedtune simulate` first)."
+        )
+    try:
+        return read_records(path)
+    except ValueError as err:
+        raise AuditError(str(err)) from None
 
 
 def _records(path: Path) -> list[Numbered]:
@@ -142,12 +164,13 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def secagg_check(audit_dir: Path, cfg: FedConfig, max_weight: float) -> dict[str, Any]:
     """Correlation of received vs true updates per site and round; aggregate error per round."""
-    server_dir = audit_dir / "server"
+    run = RunFolder(audit_dir.parent)
+    server_dir = run.audit_server
     sites: dict[tuple[int, int], dict[str, Any]] = {}  # (round, node) -> the site's own record
-    for sent_file in sorted(audit_dir.glob("sites/site-*/sent-round-*.npz")):
+    for sent_file in sorted(run.audit_sites.glob(f"site-*/{SENT_ROUND}*.npz")):
         server_round = int(sent_file.stem.rsplit("-", 1)[1])
         sent, scalars = _arrays(sent_file)
-        glob_site, _ = _arrays(sent_file.with_name(f"global-round-{server_round:03d}.npz"))
+        glob_site, _ = _arrays(sent_file.with_name(global_round_name(server_round)))
         sites[(server_round, int(scalars["node"]))] = {
             "site": sent_file.parent.name,
             "sent": sent,
@@ -156,17 +179,17 @@ def secagg_check(audit_dir: Path, cfg: FedConfig, max_weight: float) -> dict[str
         }
     if not sites:
         raise AuditError(
-            f"{audit_dir / 'sites'} holds no site records (sent-round-*.npz): gather the sites' folders."
+            f"{run.audit_sites} holds no site records (sent-round-*.npz): gather the sites' folders."
         )
     rows, errors = [], []
     rounds = sorted({r for r, _ in sites})
     for server_round in rounds:
-        glob, _ = _arrays(server_dir / f"global-round-{server_round:03d}.npz")
+        glob, _ = _arrays(run.global_round(server_round))
         contributions = []
         for (r, node), site in sorted(sites.items()):
             if r != server_round:
                 continue
-            received_file = server_dir / f"received-round-{server_round:03d}-node-{node}.npz"
+            received_file = server_dir / received_round_name(server_round, node)
             received, _ = _arrays(received_file)
             true_update = _flat(site["sent"]) - _flat(glob)
             seen = _flat(received[1:]) if cfg.secure_aggregation else _flat(received) - _flat(glob)
@@ -211,8 +234,8 @@ def secagg_check(audit_dir: Path, cfg: FedConfig, max_weight: float) -> dict[str
 def _aggregate_error(
     server_dir: Path, server_round: int, rounds: list[int], glob: list[np.ndarray], contrib: list
 ) -> dict[str, Any]:
-    later = server_dir / f"global-round-{server_round + 1:03d}.npz"
-    new_file = later if later.is_file() else server_dir / "global-final.npz"
+    later = server_dir / global_round_name(server_round + 1)
+    new_file = later if later.is_file() else server_dir / GLOBAL_FINAL
     new, _ = _arrays(new_file)
     total = sum(w for w, _ in contrib)
     expected = _flat(glob) + sum(w * u for w, u in contrib) / total
@@ -236,8 +259,9 @@ def membership(out_dir: Path, cfg: FedConfig, meta: dict[str, Any]) -> dict[str,
     model = build_peft_model(PeftSpec.from_config(cfg, model_dir, len(meta["label_names"])))
     tokenizer, device = load_tokenizer(model_dir), select_device("auto")
     losses = []
-    for name in ("global-round-001.npz", "global-final.npz"):
-        arrays, _ = _arrays(out_dir / "audit" / "server" / name)
+    run = RunFolder(out_dir)
+    for path in (run.global_round(1), run.global_final):
+        arrays, _ = _arrays(path)
         set_adapter_arrays(model, arrays)
         probs = predict_proba(
             model,
@@ -271,15 +295,15 @@ def membership(out_dir: Path, cfg: FedConfig, meta: dict[str, Any]) -> dict[str,
 # --- the report ---------------------------------------------------------------------------------------------
 def build_report(out_dir: Path) -> dict[str, Any]:
     """Compute every section of the audit for the run in ``out_dir``."""
-    out_dir = Path(out_dir)
-    cfg = parse_run_config(_read_json(out_dir / "run_config.json"))
-    meta = _read_json(out_dir / "adapter" / "fedtune.json")
-    audit_dir = out_dir / "audit"
-    rounds = _read_json(out_dir / "metrics.json")
-    server_lines = _records(audit_dir / "server" / "wire.jsonl")
-    site_logs = sorted(audit_dir.glob("sites/site-*/wire.jsonl"))
+    run = RunFolder(Path(out_dir))
+    cfg = parse_run_config(_read_json(run.run_config))
+    meta = _read_json(run.adapter_metadata)
+    audit_dir = run.audit
+    rounds = _read_rounds(run.metrics)
+    server_lines = _records(run.audit_server / WIRE_LOG)
+    site_logs = sorted(run.audit_sites.glob(f"site-*/{WIRE_LOG}"))
     site_lines = [item for p in site_logs for item in _records(p)]
-    mismatches = integrity_check(out_dir / "metrics.json", rounds, server_lines, site_lines)
+    mismatches = integrity_check(run.metrics, rounds, server_lines, site_lines)
     server = [r for f, n, r in server_lines if not record_problems(f, n, r)]  # well-formed records only
     site_records = [r for f, n, r in site_lines if not record_problems(f, n, r)]
     offending = offending_uploads(server + site_records, meta["adapter_shapes"])
@@ -297,11 +321,11 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         "integrity": {"consistent": not mismatches, "mismatches": [str(m) for m in mismatches]},
         "secagg": secagg_check(audit_dir, cfg, meta["secagg_max_weight"]),
     }
-    privacy_file = out_dir / "privacy.json"
+    privacy_file = run.privacy
     accountant_eps = _read_json(privacy_file)["epsilon"] if privacy_file.is_file() else None
     report["dp"] = {"mode": cfg.dp_mode, "accountant_epsilon": accountant_eps, "delta": cfg.dp_delta}
     if cfg.audit_canaries:
-        report["membership_inference"] = membership(out_dir, cfg, meta)
+        report["membership_inference"] = membership(run.root, cfg, meta)
         report["empirical_epsilon"] = {
             **report["membership_inference"]["empirical_epsilon"],
             "accountant_epsilon": accountant_eps,
@@ -461,13 +485,13 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
 def write_report(out_dir: Path) -> dict[str, Any]:
     """Build the audit of ``out_dir`` and write ``audit/report.json``, ``audit/report.md`` and plots."""
     report = build_report(Path(out_dir))
-    audit_dir = Path(out_dir) / "audit"
-    plots = _plots(report, audit_dir / "plots")
+    run = RunFolder(Path(out_dir))
+    plots = _plots(report, run.audit_plots)
     public = {k: v for k, v in report.items()}
     if "membership_inference" in public:
         public["membership_inference"] = {
             k: v for k, v in public["membership_inference"].items() if k[0] != "_"
         }
-    (audit_dir / "report.json").write_text(json.dumps(public, indent=2, default=float) + "\n")
-    (audit_dir / "report.md").write_text(_markdown(report, plots))
+    write_text_atomic(run.audit_report, json.dumps(public, indent=2, default=float) + "\n")
+    write_text_atomic(run.audit_report_md, _markdown(report, plots))
     return public

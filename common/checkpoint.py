@@ -11,7 +11,7 @@ After every round ``OUT/checkpoint/`` holds
   state, the coordinator's random-generator states and the base-model fingerprint.
 
 The folder is written as ``checkpoint.tmp`` and swapped in with two renames
-(:func:`fedtune.common.adapters.replace_dir`): a crash at any instant leaves a complete previous
+(:func:`fedtune.common.files.replace_dir`): a crash at any instant leaves a complete previous
 checkpoint in ``checkpoint/`` or, between the two renames, in ``checkpoint.old/``, which
 :func:`read_checkpoint` falls back to. ``metrics.json`` is derived from the checkpoint's records,
 so a resumed run rewrites it with every round exactly once.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +30,12 @@ import numpy as np
 from peft import PeftModel
 from safetensors.numpy import load_file, save_file
 
-from .adapters import previous_dir, replace_dir, write_adapter_files
+from .adapters import write_adapter_files
 from .config import ConfigError, FedConfig, key_of, parse_run_config
+from .files import fresh_temp_dir, replace_dir
+from .records import RoundRecord, records_from_json
+from .run_folder import CHECKPOINT_ARRAYS, CHECKPOINT_STATE, RunFolder
 
-CHECKPOINT = "checkpoint"
-RUN_CONFIG = "run_config.json"
-STATE_FILE = "state.json"
-ARRAYS_FILE = "server_state.safetensors"
 FORMAT = 1
 GLOBAL = "global"
 # keys a resumed run may differ in: the resume flag itself, and the folder (it may have moved)
@@ -69,7 +67,7 @@ class ServerState:
     server_round: int
     global_arrays: list[np.ndarray]
     strategy_arrays: dict[str, list[np.ndarray]]
-    records: list[dict[str, Any]]
+    records: list[RoundRecord]
     base_fingerprint: str
     accountant: dict[str, Any] | None = None
     rng: dict[str, Any] = field(default_factory=dict)
@@ -111,22 +109,21 @@ def write_checkpoint(folder: Path, model: PeftModel, metadata: dict[str, Any], s
         ``folder``.
     """
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_temp_dir(folder)
     write_adapter_files(model, tmp, {**metadata, "round": state.server_round})
     tensors = {_array_key(GLOBAL, i): np.ascontiguousarray(a) for i, a in enumerate(state.global_arrays)}
     for name, arrays in state.strategy_arrays.items():
         if "." in name or name == GLOBAL:
             raise ValueError(f"Strategy state name {name!r} must not contain '.' nor be {GLOBAL!r}.")
         tensors.update({_array_key(name, i): np.ascontiguousarray(a) for i, a in enumerate(arrays)})
-    save_file(tensors, str(tmp / ARRAYS_FILE))
-    (tmp / STATE_FILE).write_text(
+    save_file(tensors, str(tmp / CHECKPOINT_ARRAYS))
+    (tmp / CHECKPOINT_STATE).write_text(
         json.dumps(
             {
                 "format": FORMAT,
                 "round": state.server_round,
                 "base_model_fingerprint": state.base_fingerprint,
-                "records": state.records,
+                "records": [r.to_json() for r in state.records],
                 "accountant": state.accountant,
                 "rng": state.rng,
             },
@@ -136,15 +133,6 @@ def write_checkpoint(folder: Path, model: PeftModel, metadata: dict[str, Any], s
     )
     replace_dir(tmp, folder)
     return folder
-
-
-def find_checkpoint(out_dir: Path) -> Path | None:
-    """The run's complete checkpoint folder: ``out_dir/checkpoint``, else ``out_dir/checkpoint.old``."""
-    folder = Path(out_dir) / CHECKPOINT
-    for candidate in (folder, previous_dir(folder)):
-        if (candidate / STATE_FILE).is_file() and (candidate / ARRAYS_FILE).is_file():
-            return candidate
-    return None
 
 
 def read_checkpoint(out_dir: Path) -> ServerState:
@@ -157,19 +145,20 @@ def read_checkpoint(out_dir: Path) -> ServerState:
     ValueError
         When the checkpoint is of another format or its arrays are incomplete (names the file).
     """
-    folder = find_checkpoint(out_dir)
+    run = RunFolder(Path(out_dir))
+    folder = run.find_checkpoint()
     if folder is None:
         raise FileNotFoundError(
-            f"{Path(out_dir) / CHECKPOINT} holds no complete checkpoint: the run stopped before its first "
-            "round finished. Start it again without resuming."
+            f"{run.checkpoint} holds no complete checkpoint: the run stopped before its first round "
+            "finished. Start it again without resuming."
         )
-    meta = json.loads((folder / STATE_FILE).read_text())
+    meta = json.loads((folder / CHECKPOINT_STATE).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(
-            f"{folder / STATE_FILE} has checkpoint format {meta.get('format')!r}; this fedtune reads "
+            f"{folder / CHECKPOINT_STATE} has checkpoint format {meta.get('format')!r}; this fedtune reads "
             f"format {FORMAT}. Resume it with the fedtune version that wrote it."
         )
-    tensors = load_file(str(folder / ARRAYS_FILE))
+    tensors = load_file(str(folder / CHECKPOINT_ARRAYS))
     groups: dict[str, list[tuple[int, np.ndarray]]] = {}
     for key, array in tensors.items():
         prefix, _, index = key.rpartition(".")
@@ -177,15 +166,17 @@ def read_checkpoint(out_dir: Path) -> ServerState:
     lists = {prefix: [a for _, a in sorted(items, key=lambda x: x[0])] for prefix, items in groups.items()}
     for prefix, items in groups.items():
         if sorted(i for i, _ in items) != list(range(len(items))):
-            raise ValueError(f"{folder / ARRAYS_FILE}: the arrays of `{prefix}` are not numbered 0..n-1.")
+            raise ValueError(
+                f"{folder / CHECKPOINT_ARRAYS}: the arrays of `{prefix}` are not numbered 0..n-1."
+            )
     if GLOBAL not in lists:
-        raise ValueError(f"{folder / ARRAYS_FILE} lacks the global adapter arrays (`{GLOBAL}.*`).")
+        raise ValueError(f"{folder / CHECKPOINT_ARRAYS} lacks the global adapter arrays (`{GLOBAL}.*`).")
     global_arrays = lists.pop(GLOBAL)
     return ServerState(
         server_round=int(meta["round"]),
         global_arrays=global_arrays,
         strategy_arrays=lists,
-        records=list(meta["records"]),
+        records=records_from_json(meta["records"], str(folder / CHECKPOINT_STATE)),
         base_fingerprint=str(meta["base_model_fingerprint"]),
         accountant=meta.get("accountant"),
         rng=dict(meta.get("rng") or {}),
@@ -213,9 +204,9 @@ def resume_config(out_dir: Path, given: Mapping[str, Any] | None = None) -> FedC
     ConfigError
         No ``run_config.json`` in ``out_dir``, or a given key differs (names the key and both values).
     """
-    path = Path(out_dir) / RUN_CONFIG
+    path = RunFolder(Path(out_dir)).run_config
     if not path.is_file():
-        raise ConfigError(f"Cannot resume {out_dir}: it has no {RUN_CONFIG} (not a fedtune run folder).")
+        raise ConfigError(f"Cannot resume {out_dir}: it has no {path.name} (not a fedtune run folder).")
     saved = parse_run_config(json.loads(path.read_text())).to_run_config()
     wanted = parse_run_config({**saved, **(given or {})}).to_run_config()
     for key, value in saved.items():

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_path, write_text_atomic
 from .model import (
     FingerprintMismatchError,
     checkpoint_tensors,
@@ -235,12 +236,11 @@ class IncomingModel:
         if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(plan_path, json.dumps(plan))
-        tmp = self._chunk_path(index).with_suffix(".tmp")
-        save_file(
-            {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.uint8)) for k, v in arrays.items()}, tmp
-        )
-        os.replace(tmp, self._chunk_path(index))
+        write_text_atomic(plan_path, json.dumps(plan))
+        with atomic_path(self._chunk_path(index)) as tmp:
+            save_file(
+                {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.uint8)) for k, v in arrays.items()}, tmp
+            )
 
     def commit(self, table_json: str, files: dict[str, bytes], file_hashes: dict[str, str]) -> Path:
         """Assemble, verify and install the received model; return its cache folder.
@@ -304,12 +304,6 @@ class IncomingModel:
         shutil.rmtree(self.folder, ignore_errors=True)
         verify_fingerprint(self.final, self.expected)
         return self.final
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _torch_dtype(tensor: str, name: str) -> torch.dtype:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - backend first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from .records import RoundRecord  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class Panel:
 
     title: str
     ylabel: str
-    series: list[tuple[str, str]]  # (record key, legend label)
+    series: list[tuple[str, str]]  # (round-record field, legend label)
     scale: float = 1.0
     from_zero: bool = False
 
@@ -58,7 +59,7 @@ PANELS: dict[str, Panel] = {
 }
 
 
-def plot_records(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+def plot_records(records: Sequence[RoundRecord], out_dir: Path) -> list[Path]:
     """Write one PNG per panel in :data:`PANELS` with the series present in ``records``.
 
     Rounds are whole-number ticks, values carry no axis offset, and the legend sits below the axes.
@@ -74,7 +75,9 @@ def plot_records(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         drawn, rounds = 0, set()
         for key, label in panel.series:
-            points = [(r["round"], r[key] * panel.scale) for r in records if r.get(key) is not None]
+            points = [
+                (r.round, getattr(r, key) * panel.scale) for r in records if getattr(r, key) is not None
+            ]
             if points:
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker="o", label=label)

@@ -1,4 +1,9 @@
-"""A new run in an output folder is all or nothing: no folder ever mixes two runs.
+"""A run's output folder: one :class:`RunFolder` names every path; a new run is all or nothing.
+
+:class:`RunFolder` is the one definition of the folder's layout: the coordinator, the audit, the
+benchmarks and the deployment harness all reach ``metrics.json``, ``adapter/``, ``checkpoint/``,
+``audit/`` and the rest through it (a site's own audit folder through :func:`site_audit_dir`).
+Writes go through :mod:`fedtune.common.files` (atomic).
 
 :func:`fresh_run` wraps a new (not resumed) run:
 
@@ -18,27 +23,175 @@ from __future__ import annotations
 import contextlib
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import find_checkpoint
+from .files import previous_dir
 
-METRICS = "metrics.json"  # its presence marks a folder that holds a run
-# what a run writes under OUT (its checkpoint aside): removed when it fails before a checkpoint
-RUN_OUTPUTS = (
-    METRICS,
-    "run_config.json",
-    "adapter",
-    "plots",
-    "audit",
-    "privacy.json",
-    "base_model_distribution.json",
-    "site-logs",
-)
+# an adapter folder (``OUT/adapter``, ``OUT/checkpoint``): PEFT's two files and fedtune's record
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_METADATA = "fedtune.json"
+# the checkpoint's own files beside the adapter
+CHECKPOINT_STATE = "state.json"
+CHECKPOINT_ARRAYS = "server_state.safetensors"
+# an audit folder (the coordinator's ``audit/server``, a site's ``audit/sites/site-ID``)
+WIRE_LOG = "wire.jsonl"
+GLOBAL_FINAL = "global-final.npz"
+AUDIT_SITES = "sites"  # under an audit folder: one folder per site
+
+
+def global_round_name(server_round: int) -> str:
+    """The audit file of the shared adapter a round started from: ``global-round-NNN.npz``."""
+    return f"global-round-{server_round:03d}.npz"
+
+
+SENT_ROUND = "sent-round-"  # + NNN.npz: a site's audit file of the update it sent in a round
+
+
+def sent_round_name(server_round: int) -> str:
+    """A site's audit file of the update it sent in a round: ``sent-round-NNN.npz``."""
+    return f"{SENT_ROUND}{server_round:03d}.npz"
+
+
+def received_round_name(server_round: int, node: int) -> str:
+    """The coordinator's audit file of what site ``node`` sent: ``received-round-NNN-node-N.npz``."""
+    return f"received-round-{server_round:03d}-node-{node}.npz"
+
+
+def site_audit_dir(audit_dir: str | Path, site: str) -> Path:
+    """A site's own audit folder (in simulation under the run's ``audit/sites``)."""
+    return Path(audit_dir) / AUDIT_SITES / f"site-{site}"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The paths of one run's output folder ``root`` (``--out`` / ``out-dir``)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def metrics(self) -> Path:
+        """``metrics.json``: one record per round (its presence marks a folder holding a run)."""
+        return self.root / "metrics.json"
+
+    @property
+    def run_config(self) -> Path:
+        """``run_config.json``: the run's resolved config (a resumed run must match it)."""
+        return self.root / "run_config.json"
+
+    @property
+    def adapter(self) -> Path:
+        """``adapter/``: the shared adapter in PEFT's format plus ``fedtune.json``."""
+        return self.root / "adapter"
+
+    @property
+    def adapter_weights(self) -> Path:
+        """The shared adapter's weights file."""
+        return self.adapter / ADAPTER_WEIGHTS
+
+    @property
+    def adapter_metadata(self) -> Path:
+        """The shared adapter's ``fedtune.json``."""
+        return self.adapter / ADAPTER_METADATA
+
+    @property
+    def checkpoint(self) -> Path:
+        """``checkpoint/``: what a killed run needs to continue."""
+        return self.root / "checkpoint"
+
+    @property
+    def plots(self) -> Path:
+        """``plots/``: the run's own curves."""
+        return self.root / "plots"
+
+    @property
+    def privacy(self) -> Path:
+        """``privacy.json``: the client-level DP accountant's inputs and epsilon."""
+        return self.root / "privacy.json"
+
+    @property
+    def distribution(self) -> Path:
+        """``base_model_distribution.json``: one record per site node and base-model check."""
+        return self.root / "base_model_distribution.json"
+
+    @property
+    def simulation(self) -> Path:
+        """``simulation.json``: what the run config does not hold, the number of simulated hospitals."""
+        return self.root / "simulation.json"
+
+    @property
+    def site_logs(self) -> Path:
+        """``site-logs/``: simulated sites' full error logs (in deployment they stay at each site)."""
+        return self.root / "site-logs"
+
+    @property
+    def audit(self) -> Path:
+        """``audit/``: what crossed the wire, and the audit report."""
+        return self.root / "audit"
+
+    @property
+    def audit_server(self) -> Path:
+        """``audit/server/``: the coordinator's wire log and the shared adapter of every round."""
+        return self.audit / "server"
+
+    @property
+    def audit_sites(self) -> Path:
+        """``audit/sites/``: the sites' own audit folders (simulation; gathered there in deployment)."""
+        return self.audit / AUDIT_SITES
+
+    @property
+    def audit_report(self) -> Path:
+        """``audit/report.json``."""
+        return self.audit / "report.json"
+
+    @property
+    def audit_report_md(self) -> Path:
+        """``audit/report.md``."""
+        return self.audit / "report.md"
+
+    @property
+    def audit_plots(self) -> Path:
+        """``audit/plots/``: the audit report's figures."""
+        return self.audit / "plots"
+
+    def global_round(self, server_round: int) -> Path:
+        """The shared adapter that round ``server_round`` started from (audit)."""
+        return self.audit_server / global_round_name(server_round)
+
+    @property
+    def global_final(self) -> Path:
+        """The final shared adapter's arrays (audit)."""
+        return self.audit_server / GLOBAL_FINAL
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """What a run writes here besides its checkpoint: removed when it fails before one."""
+        return (
+            self.metrics,
+            self.run_config,
+            self.adapter,
+            self.plots,
+            self.audit,
+            self.privacy,
+            self.distribution,
+            self.site_logs,
+            self.simulation,
+        )
+
+    def find_checkpoint(self) -> Path | None:
+        """The complete checkpoint folder: ``checkpoint/``, else ``checkpoint.old/``, else ``None``."""
+        for candidate in (self.checkpoint, previous_dir(self.checkpoint)):
+            if (candidate / CHECKPOINT_STATE).is_file() and (candidate / CHECKPOINT_ARRAYS).is_file():
+                return candidate
+        return None
 
 
 def holds_run(out_dir: str | Path) -> bool:
     """Whether ``out_dir`` holds a run (finished or resumable)."""
-    return (Path(out_dir) / METRICS).is_file()
+    return RunFolder(Path(out_dir)).metrics.is_file()
 
 
 def previous_run_dir(out_dir: str | Path) -> Path:
@@ -61,7 +214,7 @@ def fresh_run(out_dir: str | Path, echo: Callable[[str], None] = print) -> Itera
     try:
         yield out
     except BaseException:
-        if find_checkpoint(out) is None:
+        if RunFolder(out).find_checkpoint() is None:
             _undo(out, before)
             if aside is not None:
                 aside.rename(out)
@@ -87,14 +240,13 @@ def _undo(out: Path, before: set[Path] | None) -> None:
 
 @contextlib.contextmanager
 def outputs_discarded_on_failure(out_dir: str | Path) -> Iterator[None]:
-    """On a failure before the first checkpoint, remove the run's outputs (:data:`RUN_OUTPUTS`) only."""
+    """On a failure before the first checkpoint, remove the run's outputs (:attr:`RunFolder.outputs`) only."""
     try:
         yield
     except BaseException:
-        out = Path(out_dir)
-        if find_checkpoint(out) is None:
-            for name in RUN_OUTPUTS:
-                path = out / name
+        folder = RunFolder(Path(out_dir))
+        if folder.find_checkpoint() is None:
+            for path in folder.outputs:
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fedtune.common.records import RoundRecord
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -22,7 +23,7 @@ def _s(value: float) -> str:
     return f"{value:.1f}"
 
 
-# record key -> (column header, formatter), in display order
+# round-record field -> (column header, formatter), in display order
 COLUMNS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "round": ("round", str),
     "train_loss": ("train loss", _num),
@@ -41,26 +42,26 @@ def _fmt(key: str, value: Any) -> str:
     return "-" if value is None else COLUMNS[key][1](value)
 
 
-def dropped_sites(records: Sequence[dict[str, Any]]) -> list[str]:
+def dropped_sites(records: Sequence[RoundRecord]) -> list[str]:
     """One line per site left out of a round's aggregate: the round, the node and why (a category).
 
     A fedtune site reports only its error's category; the details are in the site's own log.
     """
     return [
-        f"round {r['round']}: site node {node} left out: {reason}"
+        f"round {r.round}: site node {node} left out: {reason}"
         for r in records
-        for node, reason in (r.get("excluded_sites") or {}).items()
+        for node, reason in r.excluded_sites.items()
     ]
 
 
-def results_table(records: Sequence[dict[str, Any]], title: str) -> Table:
+def results_table(records: Sequence[RoundRecord], title: str) -> Table:
     """A table with one row per round and the columns of :data:`COLUMNS` that have values."""
-    keys = [k for k in COLUMNS if any(r.get(k) is not None for r in records)]
+    keys = [k for k in COLUMNS if any(getattr(r, k) is not None for r in records)]
     table = Table(title=title)
     for key in keys:
         table.add_column(COLUMNS[key][0], justify="right")
     for record in records:
-        table.add_row(*(_fmt(k, record.get(k)) for k in keys))
+        table.add_row(*(_fmt(k, getattr(record, k)) for k in keys))
     return table
 
 
@@ -94,8 +95,8 @@ class RunProgress:
         label = f"round {server_round}/{self.num_rounds} · {kind}" if server_round else kind
         self._progress.update(self._task, description=label, completed=done, total=expected)
 
-    def round_done(self, record: dict[str, Any]) -> None:
+    def round_done(self, record: RoundRecord) -> None:
         """Print one finished round's headline figures."""
-        shown = [k for k in COLUMNS if k != "round" and record.get(k) is not None]
-        parts = [f"{COLUMNS[k][0]} {_fmt(k, record[k])}" for k in shown]
-        self.console.print(f"[green]round {record['round']}/{self.num_rounds}[/green]  " + "  ".join(parts))
+        shown = [k for k in COLUMNS if k != "round" and getattr(record, k) is not None]
+        parts = [f"{COLUMNS[k][0]} {_fmt(k, getattr(record, k))}" for k in shown]
+        self.console.print(f"[green]round {record.round}/{self.num_rounds}[/green]  " + "  ".join(parts))

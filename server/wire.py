@@ -26,6 +26,7 @@ from fedtune.common.audit import (
     save_arrays,
     secagg_stage,
 )
+from fedtune.common.run_folder import WIRE_LOG, received_round_name
 from fedtune.common.site_errors import parse_reason
 from flwr.app import Message
 from flwr.app.message_type import MessageType
@@ -57,15 +58,18 @@ def error_summary(reason: str) -> str:
 
 
 class MeteredGrid(Grid):
-    """Delegates to a real ``Grid``; meters bytes and reports reply progress."""
+    """Delegates to a real ``Grid``; meters bytes and reports reply progress.
+
+    ``audit_dir`` (the run's ``audit/server``) receives the wire log and every received update.
+    """
 
     def __init__(
         self, grid: Grid, on_progress: ProgressFn | None = None, audit_dir: Path | None = None
     ) -> None:
         self._grid = grid
         self._on_progress = on_progress
-        self._audit_dir = audit_dir / "server" if audit_dir else None
-        self._wire_log = WireLog(self._audit_dir / "wire.jsonl") if self._audit_dir else None
+        self._audit_dir = audit_dir
+        self._wire_log = WireLog(audit_dir / WIRE_LOG) if audit_dir else None
         self._stages: dict[str, str] = {}  # message id -> SecAgg+ stage, so a reply is filed under its stage
         # message id -> destination node: a reply is filed under the node asked, even an error reply the
         # SuperLink writes on behalf of a node that went offline
@@ -100,9 +104,7 @@ class MeteredGrid(Grid):
         if direction == "up" and has and msg.metadata.message_type == MessageType.TRAIN:
             arrays = content_arrays(msg.content)
             if arrays:
-                save_arrays(
-                    self._audit_dir / f"received-round-{message_round(msg):03d}-node-{node}.npz", arrays
-                )
+                save_arrays(self._audit_dir / received_round_name(message_round(msg), node), arrays)
 
     def failed_replies(self, server_round: int) -> dict[int, str]:
         """``{node: error reason}`` of the error replies received in one round."""

@@ -1,18 +1,18 @@
-"""The round loop: Flower's legacy default workflow with hooks before and after every round.
+"""The round loop: Flower's legacy default workflow with the coordinator's stages around every round.
 
-Same stages as ``flwr.server.workflow.DefaultWorkflow`` (init, then per round: fit -
-plain or SecAgg+ - centralized evaluation, federated evaluation), plus
-``hooks.before_round`` (size SecAgg+/DP to the sampled sites, check the privacy budget;
-``False`` stops the run), ``hooks.after_fit`` (raise when the round has no aggregate, before
-evaluating anything) and ``hooks.round_end`` (record metrics, write the checkpoint). The loop
-starts at ``hooks.start_round``: a resumed run starts after its checkpointed round, from the
-strategy's initial parameters (the checkpointed adapter, scored when that round ended).
+Same steps as ``flwr.server.workflow.DefaultWorkflow`` (init, then per round: fit - plain or
+SecAgg+ - centralized evaluation, federated evaluation), plus the stage tuples of
+:class:`Stages` (:mod:`fedtune.server.stages`): ``before_fit`` (a ``False`` ends the run before
+the round), ``after_fit`` (before evaluating anything) and ``after_round``. The loop starts at
+the run state's ``rounds.start_round``: a resumed run starts after its checkpointed round, from
+the strategy's initial parameters (the checkpointed adapter, scored when that round ended).
 """
 
 from __future__ import annotations
 
 import timeit
-from typing import Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context
 from flwr.compat.common import recorddict_compat as compat
@@ -27,25 +27,26 @@ from flwr.server.workflow.default_workflows import (
 )
 from flwr.serverapp import Grid
 
+from .run_state import RunState
+from .stages import Stage, run_stages
 
-class RoundHooks(Protocol):
-    """What the workflow calls around each round, and the round it starts at."""
 
-    start_round: int
+@dataclass(frozen=True)
+class Stages:
+    """The stage tuples run before fit, after fit and after each round."""
 
-    def before_round(self, server_round: int, context: LegacyContext) -> bool: ...  # noqa: D102
-
-    def after_fit(self, server_round: int, context: LegacyContext) -> None: ...  # noqa: D102
-
-    def round_end(self, server_round: int, context: LegacyContext) -> None: ...  # noqa: D102
+    before_fit: Sequence[Stage]
+    after_fit: Sequence[Stage]
+    after_round: Sequence[Stage]
 
 
 class FedtuneWorkflow:
-    """Run up to ``context.config.num_rounds`` rounds of ``fit_workflow`` with evaluation and hooks."""
+    """Run up to ``context.config.num_rounds`` rounds of ``fit_workflow`` with evaluation and stages."""
 
-    def __init__(self, fit_workflow: Workflow, hooks: RoundHooks) -> None:
+    def __init__(self, fit_workflow: Workflow, stages: Stages, state: RunState) -> None:
         self.fit_workflow = fit_workflow
-        self.hooks = hooks
+        self.stages = stages
+        self.state = state
 
     def __call__(self, grid: Grid, context: Context) -> None:
         """Execute the workflow."""
@@ -54,7 +55,7 @@ class FedtuneWorkflow:
         thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
         c_done.wait()
         try:
-            start = self.hooks.start_round
+            start, state = self.state.rounds.start_round, self.state
             if start == 1:
                 default_init_params_workflow(grid, context)
             else:
@@ -66,13 +67,14 @@ class FedtuneWorkflow:
             context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
             for current_round in range(start, context.config.num_rounds + 1):
                 cfg[Key.CURRENT_ROUND] = current_round
-                if not self.hooks.before_round(current_round, context):
+                if not run_stages(self.stages.before_fit, state, current_round, context):
                     break
                 self.fit_workflow(grid, context)
-                self.hooks.after_fit(current_round, context)
+                go_on = run_stages(self.stages.after_fit, state, current_round, context)
                 default_centralized_evaluation_workflow(grid, context)
                 default_evaluate_workflow(grid, context)
-                self.hooks.round_end(current_round, context)
+                if not (run_stages(self.stages.after_round, state, current_round, context) and go_on):
+                    break
         finally:
             f_stop.set()
             thread.join()

@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from fedtune.common.files import write_json_atomic
+from fedtune.common.records import RoundRecord
+from fedtune.common.run_folder import RunFolder
 
 from .benchmarking import RESULTS, Arm, console, simulate_arm
 
@@ -129,8 +132,6 @@ def cached(path: Path, key: Mapping[str, Any], compute: Callable[[], dict[str, A
         result = saved(path, key)
         if result is not None:
             return result
-    from fedtune.server.federation import write_json_atomic
-
     result = compute()
     # atomic: a benchmark killed while saving leaves the previous file or none, never half of one
     write_json_atomic(path, {"key": _jsonable(key), "result": json.loads(json.dumps(result, default=float))})
@@ -426,7 +427,7 @@ def adapter_tensors(out: Path) -> dict[str, np.ndarray]:
     """The final shared adapter of a run (``OUT/adapter/adapter_model.safetensors``) as numpy arrays."""
     from safetensors.numpy import load_file
 
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(RunFolder(out).adapter_weights))
 
 
 def shared_adapter_probs(cfg: FedConfig, out: Path, test: TextDataset) -> np.ndarray:
@@ -451,21 +452,21 @@ def shared_adapter_probs(cfg: FedConfig, out: Path, test: TextDataset) -> np.nda
         )
 
 
-def per_site_mean(record: Mapping[str, Any], key: str) -> float:
+def per_site_mean(record: RoundRecord, key: str) -> float:
     """Mean over sites of a per-site byte count (``bytes_up_per_site`` / ``bytes_down_per_site``)."""
-    values = list(record[key].values())
+    values = list((getattr(record, key) or {}).values())
     return float(sum(values) / len(values)) if values else math.nan
 
 
-def mean_over_rounds(records: Sequence[Mapping[str, Any]], fn: Callable[[Mapping[str, Any]], float]) -> float:
+def mean_over_rounds(records: Sequence[RoundRecord], fn: Callable[[RoundRecord], float]) -> float:
     """Mean of ``fn(record)`` over the rounds (round 0, the initial adapter, left out)."""
-    values = [fn(r) for r in records if r["round"] > 0]
+    values = [fn(r) for r in records if r.round > 0]
     return float(sum(values) / len(values)) if values else math.nan
 
 
 def run_meta(out: Path) -> dict[str, Any]:
     """``OUT/adapter/fedtune.json``: adapter bytes, trainable share, base-model bytes, ..."""
-    return json.loads((out / "adapter" / "fedtune.json").read_text())
+    return json.loads(RunFolder(out).adapter_metadata.read_text())
 
 
 # --- plots -------------------------------------------------------------------------------------------

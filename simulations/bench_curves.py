@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from fedtune.common.run_folder import RunFolder
+
 from .bench import bench_threads, concat, federated_arm, fresh_model, torch_threads, train_central
 
 if TYPE_CHECKING:
@@ -76,13 +78,13 @@ def federated_curve(bench: str, arm: str, run_config: Mapping[str, Any], sites: 
     _, validation, _ = sets(cfg, sites)
     score = scorer(cfg)
     model = fresh_model(cfg, len(validation.label_names))
-    server = result.out / "audit" / "server"
+    run = RunFolder(result.out)
     curve: Curve = []
     for record in result.records[1:]:  # record 0 is the initial adapter
-        r = record["round"]
-        name = f"global-round-{r + 1:03d}.npz" if r < cfg.num_server_rounds else "global-final.npz"
-        set_adapter_arrays(model, load_arrays(server / name)[0])
-        curve.append(point(r, score(model, validation), record))
+        r = record.round
+        path = run.global_round(r + 1) if r < cfg.num_server_rounds else run.global_final
+        set_adapter_arrays(model, load_arrays(path)[0])
+        curve.append(point(r, score(model, validation), record.to_json()))
     return {"curve": curve, "seconds": result.seconds}
 
 

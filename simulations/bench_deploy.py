@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fedtune.common.records import RoundRecord, read_records
+from fedtune.common.run_folder import RunFolder
 
-from .bench import new_figure, save_figure, work_dir
+from .bench import mean_over_rounds, new_figure, per_site_mean, save_figure, work_dir
 from .bench_diabetes import federate_site_files, run_config, write_site_files
 from .benchmarking import console, write_results
 
@@ -62,25 +64,25 @@ def nudged_base_model(folder: Path) -> Path:
     return folder
 
 
-def _round_times(records: list[dict[str, Any]]) -> tuple[float, float | None]:
+def _round_times(records: list[RoundRecord]) -> tuple[float, float | None]:
     """``(round 1 seconds, mean seconds of the later rounds or None)``."""
-    rounds = [r["seconds"] for r in records[1:]]
+    rounds = [r.seconds for r in records[1:]]
     return rounds[0], (float(np.mean(rounds[1:])) if len(rounds) > 1 else None)
 
 
-def _row(arm: str, records: list[dict[str, Any]], seconds: float, out: Path) -> dict[str, Any]:
+def _row(arm: str, records: list[RoundRecord], seconds: float, out: Path) -> dict[str, Any]:
     first, later = _round_times(records)
     row: dict[str, Any] = {
         "arm": arm,
         "round_1_seconds": first,
         "later_round_seconds": later,
         "total_seconds": seconds,
-        "auc": records[-1].get("auc"),
-        "adapter_bytes_down_per_site_round": float(
-            np.mean([np.mean(list(r["bytes_down_per_site"].values())) for r in records[1:]])
+        "auc": records[-1].auc,
+        "adapter_bytes_down_per_site_round": mean_over_rounds(
+            records, lambda r: per_site_mean(r, "bytes_down_per_site")
         ),
     }
-    transfers_file = out / "base_model_distribution.json"
+    transfers_file = RunFolder(out).distribution
     if transfers_file.is_file():
         transfers = json.loads(transfers_file.read_text())
         row["sites_received_model"] = sum(t["status"] == "received" for t in transfers)
@@ -116,8 +118,7 @@ def run(quick: bool) -> Path:
         out = work / ("deploy-lack" if base else "deploy-have")
         shutil.rmtree(out, ignore_errors=True)
         summary = deploy_local(site_files, out, {**rc, "base-model": base}, timeout=3600, echo=console.print)
-        records = json.loads((out / "metrics.json").read_text())
-        rows.append(_row(label, records, summary["seconds"], out))
+        rows.append(_row(label, read_records(RunFolder(out).metrics), summary["seconds"], out))
     sim_later = rows[0]["later_round_seconds"] or rows[0]["round_1_seconds"]
     for row in rows:
         row["round_time_vs_simulation"] = (row["later_round_seconds"] or row["round_1_seconds"]) / sim_later

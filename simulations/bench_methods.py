@@ -75,10 +75,10 @@ def run(quick: bool) -> Path:
                 "down_bytes_per_site_round": mean_over_rounds(
                     arm.records, lambda r: per_site_mean(r, "bytes_down_per_site")
                 ),
-                "accuracy": arm.final["accuracy"],
-                "macro_f1": arm.final["macro_f1"],
+                "accuracy": arm.final.accuracy,
+                "macro_f1": arm.final.macro_f1,
                 "seconds_per_round": arm.mean_round_seconds(),
-                "rounds": arm.final["round"],
+                "rounds": arm.final.round,
             }
         )
     lora8 = next(r for r in rows if r["method"] == "lora-r8")

@@ -112,10 +112,10 @@ def run(quick: bool) -> Path:
         "seed": 42,
     }
     arm = federated_arm(NAME, "federated", sites, rc)
-    site_examples = arm.final["site_train_examples"]
+    site_examples = arm.final.site_train_examples
     examples = sum(site_examples) * s["epochs"]  # trained per round, both sites
     fed_round = arm.mean_round_seconds()
-    site_eps = after_first([r["site_examples_per_second"] for r in arm.records[1:]])
+    site_eps = after_first([r.site_examples_per_second for r in arm.records[1:]])
     cores = torch.get_num_threads()
     one = direct_loop(rc, sites, s["rounds"], threads=1)
     many = direct_loop(rc, sites, s["rounds"], threads=None)

@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedtune.common.run_folder import RunFolder
+
 from .bench import federated_arm, new_figure, save_figure
 from .benchmarking import console, write_results
 
@@ -67,7 +69,7 @@ def audit(out: Path) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"fedtune audit {out} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads((out / "audit" / "report.json").read_text())
+    return json.loads(RunFolder(out).audit_report.read_text())
 
 
 def run(quick: bool) -> Path:
@@ -98,8 +100,8 @@ def run(quick: bool) -> Path:
                 "empirical_epsilon_lb": emp["lower_bound"],
                 "mia_auc": mia["attack_auc"],
                 "tpr_at_1pct_fpr": mia["tpr_at_1pct_fpr"],
-                "accuracy": arm.final["accuracy"],
-                "macro_f1": arm.final["macro_f1"],
+                "accuracy": arm.final.accuracy,
+                "macro_f1": arm.final.macro_f1,
             }
         )
     base_row = rows[0]

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedtune.common.records import RoundRecord, records_from_json
+
 from .bench import (
     arms_dir,
     cached,
@@ -72,13 +74,14 @@ def run(quick: bool) -> Path:
 
     def federated() -> dict[str, Any]:
         arm = federated_arm(NAME, "fedavg", s["sites"], run_config)
-        return {"records": arm.records, "seconds": arm.seconds}
+        return {"records": [r.to_json() for r in arm.records], "seconds": arm.seconds}
 
     fed = cached(folder / "fedavg.json", key, federated)
     pooled = cached(
         folder / "pooled.json", key, lambda: _pooled_curves(run_config, s["sites"], s["checkpoints"])
     )
-    rows = curve_rows(fed["records"], pooled["centralized"], pooled["local"], s["checkpoints"])
+    fed_records = records_from_json(fed["records"], str(folder / "fedavg.json"))
+    rows = curve_rows(fed_records, pooled["centralized"], pooled["local"], s["checkpoints"])
     train_examples = pooled["train_examples"]
     for r in rows:
         r["examples_seen"] = r["round"] * train_examples
@@ -125,7 +128,7 @@ def _pooled_curves(run_config: Mapping[str, Any], sites: int, checkpoints: Seque
 
 
 def curve_rows(
-    fed_records: Sequence[Mapping[str, Any]],
+    fed_records: Sequence[RoundRecord],
     central: Sequence[Mapping[str, float]],
     local: Sequence[Sequence[Mapping[str, float]]],
     checkpoints: Sequence[int],
@@ -140,7 +143,7 @@ def curve_rows(
     ValueError
         When an arm has no score at a checkpoint (names the arm and the round).
     """
-    by_round = {int(r["round"]): r for r in fed_records}
+    by_round = {r.round: r for r in fed_records}
 
     def at(curve: Sequence[Mapping[str, float]], arm: str, epoch: int) -> Mapping[str, float]:
         for point in curve:
@@ -158,13 +161,13 @@ def curve_rows(
         rows.append(
             {
                 "round": r,
-                "fedavg_macro_f1": fed["macro_f1"],
+                "fedavg_macro_f1": fed.macro_f1,
                 "centralized_macro_f1": cen["macro_f1"],
                 "local_mean_macro_f1": local_mean,
                 "local_best_macro_f1": max(sites),
-                "gap_points": round(100 * (cen["macro_f1"] - fed["macro_f1"]), 1),
-                "lift_points": round(100 * (fed["macro_f1"] - local_mean), 1),
-                "fedavg_accuracy": fed["accuracy"],
+                "gap_points": round(100 * (cen["macro_f1"] - fed.macro_f1), 1),
+                "lift_points": round(100 * (fed.macro_f1 - local_mean), 1),
+                "fedavg_accuracy": fed.accuracy,
                 "centralized_accuracy": cen["accuracy"],
             }
         )

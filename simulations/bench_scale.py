@@ -57,12 +57,12 @@ def run(quick: bool) -> Path:
         rows.append(
             {
                 "hospitals": n,
-                "sampled_per_round": len(arm.final["site_train_examples"]),
+                "sampled_per_round": len(arm.final.site_train_examples),
                 "peak_rss_gb": arm.peak_rss_bytes / 2**30,
                 "s_per_round": arm.mean_round_seconds(),
-                "round_1_s": arm.records[1]["seconds"],  # + start-up and the base-model check of all N
+                "round_1_s": arm.records[1].seconds,  # + start-up and the base-model check of all N
                 "total_s": arm.seconds,
-                "macro_f1": arm.final["macro_f1"],
+                "macro_f1": arm.final.macro_f1,
             }
         )
     first = rows[0]

@@ -82,8 +82,8 @@ def run(quick: bool) -> Path:
                 "secagg_up_bytes_per_site": per_site_mean(masked.final, "bytes_up_per_site"),
                 "max_abs_diff": max_abs_difference(a, b),
                 "max_abs_value": max(float(np.max(np.abs(t))) for t in a.values()),
-                "plain_macro_f1": plain.final["macro_f1"],
-                "secagg_macro_f1": masked.final["macro_f1"],
+                "plain_macro_f1": plain.final.macro_f1,
+                "secagg_macro_f1": masked.final.macro_f1,
             }
         )
     notes = [

@@ -68,6 +68,13 @@ FEDERATED: dict[str, dict[str, Any]] = {
         "fedavgm-lr": 1.0,
         "fedavgm-momentum": 0.5,
     },
+    "fedavgm-lr2-m0-la-s30-lr5e-3-const": {
+        "strategy": "fedavgm",
+        **CHOSEN,
+        "fedavgm-lr": 2.0,
+        "fedavgm-momentum": 0.0,
+    },
+    "fedavg-la-s30-lr2e-3-const": {"strategy": "fedavg", **CHOSEN, "learning-rate": 2e-3},
     "fedyogi-eta1e-2-la-s30-lr5e-3-const": {
         "strategy": "fedyogi",
         **CHOSEN,

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from fedtune.common.records import RoundRecord, read_records
+from fedtune.common.run_folder import RunFolder
 from rich.console import Console
 from rich.table import Table
 
@@ -84,20 +86,20 @@ def _rss(proc: psutil.Process) -> int:
 class Arm:
     """What one federated arm produced."""
 
-    records: list[dict[str, Any]]
+    records: list[RoundRecord]
     seconds: float
     peak_rss_bytes: int
     out: Path
 
     @property
-    def final(self) -> dict[str, Any]:
+    def final(self) -> RoundRecord:
         """The last round's record."""
         return self.records[-1]
 
     def mean_round_seconds(self, skip_first: bool = True) -> float:
         """Mean seconds per round (the first round, which includes actor start-up, skipped if asked)."""
         rounds = self.records[2:] if skip_first and len(self.records) > 2 else self.records[1:]
-        return sum(r["seconds"] for r in rounds) / len(rounds)
+        return sum(r.seconds for r in rounds) / len(rounds)
 
 
 SIMULATE: tuple[str, ...] = ("fedtune.simulations.cli", "simulate", "--overwrite")
@@ -145,7 +147,7 @@ def simulate_arm(
                 raise RuntimeError(f"arm timed out after {timeout:.0f} s; log: {log}") from None
     if rc != 0:
         raise RuntimeError(f"arm failed (exit {rc}); see {log}")
-    records = json.loads((out / "metrics.json").read_text())
+    records = read_records(RunFolder(out).metrics)
     return Arm(records=records, seconds=time.perf_counter() - start, peak_rss_bytes=rss.peak, out=out)
 
 

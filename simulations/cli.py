@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from fedtune.common.config import ConfigError, parse_overrides
+from fedtune.common.records import RoundRecord
 
 from .presets import PRESETS
 
@@ -91,7 +92,7 @@ def _deploy_command(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         print(f"Wrote {', '.join(p.name for p in files.all_files())} to {files.root}.")
         return 0
-    from .deploy_local import DeployError, DeployInputError, deploy_local, read_rounds
+    from .deploy_local import DeployError, DeployInputError, deploy_local, rounds_so_far
 
     if args.sites is not None and args.sites != len(args.site_data):
         print(
@@ -120,10 +121,10 @@ def _deploy_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    return _report_dropped("deploy-local", read_rounds(Path(args.out) / "metrics.json"), f"{args.out}/logs")
+    return _report_dropped("deploy-local", rounds_so_far(Path(args.out)), f"{args.out}/logs")
 
 
-def _report_dropped(command: str, records: list[dict], logs: str) -> int:
+def _report_dropped(command: str, records: list[RoundRecord], logs: str) -> int:
     """Print the sites left out of a finished run's rounds; :data:`EXIT_SITES_LOST` if any, else 0."""
     from fedtune.server.progress import dropped_sites
 

@@ -34,8 +34,10 @@ import tomli_w
 from fedtune.common.checkpoint import read_checkpoint, resume_config
 from fedtune.common.config import ConfigError, FedConfig, key_of, parse_run_config
 from fedtune.common.data import DataError, check_label_values, file_labels
+from fedtune.common.files import write_json_atomic
 from fedtune.common.preflight import PreflightError, check_base_model, check_site_file
-from fedtune.common.run_folder import outputs_discarded_on_failure
+from fedtune.common.records import RoundRecord, read_records
+from fedtune.common.run_folder import RunFolder, holds_run, outputs_discarded_on_failure
 from fedtune.common.sites import coordinator_test_set
 from fedtune.server.certs import CertFiles, make_certs
 
@@ -417,12 +419,10 @@ class LocalDeployment:
         raise DeployError(f"The log stream of run {run_id} kept ending early; see {self.out / 'logs'}.")
 
 
-def read_rounds(metrics: Path) -> list[dict[str, Any]]:
-    """The round records of ``metrics.json`` so far (none while it is missing or being replaced)."""
-    try:
-        return list(json.loads(metrics.read_text()))
-    except (OSError, ValueError):
-        return []
+def rounds_so_far(out: Path) -> list[RoundRecord]:
+    """The round records the run in ``out`` has written so far (none before its first round)."""
+    metrics = RunFolder(out).metrics
+    return read_records(metrics) if metrics.is_file() else []
 
 
 def deploy_local(
@@ -484,7 +484,7 @@ def deploy_local(
             resumed_after = read_checkpoint(out_dir).server_round
         except (ConfigError, FileNotFoundError, ValueError) as err:
             raise DeployInputError(f"--resume: {err}") from None
-    elif (out_dir / "metrics.json").exists():
+    elif holds_run(out_dir):
         raise DeployInputError(
             f"--out {out_dir} already holds a run; choose another folder, or add --resume."
         )
@@ -511,7 +511,7 @@ def deploy_local(
     }
 
     def write_summary() -> None:
-        (out_dir / "deployment.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json_atomic(out_dir / "deployment.json", summary)
 
     # a failure before the first checkpoint leaves the logs, never a folder that looks like a run
     with outputs_discarded_on_failure(out_dir):
@@ -534,7 +534,9 @@ def deploy_local(
                     certs.site_key(i),
                     # each site keeps a model cache of its own, as on its own machine
                     node_config(
-                        data_path=path, audit_dir=out_dir / "audit", model_cache_dir=out_dir / "models" / name
+                        data_path=path,
+                        audit_dir=RunFolder(out_dir).audit,
+                        model_cache_dir=out_dir / "models" / name,
                     ),
                 )
                 names.append(name)
@@ -552,15 +554,14 @@ def deploy_local(
             rounds_seen = [resumed_after]
 
             def progress() -> None:
-                records = read_rounds(out_dir / "metrics.json")
-                for r in records[1:]:
-                    if r["round"] > rounds_seen[0]:
-                        rounds_seen[0] = r["round"]
-                        accuracy = r.get("accuracy") or float("nan")
-                        loss = r.get("train_loss") or float("nan")
+                for r in rounds_so_far(out_dir)[1:]:
+                    if r.round > rounds_seen[0]:
+                        rounds_seen[0] = r.round
+                        accuracy = float("nan") if r.accuracy is None else r.accuracy
+                        loss = float("nan") if r.train_loss is None else r.train_loss
                         echo(
-                            f"round {r['round']}: accuracy {accuracy:.4f}  train loss {loss:.4f}  "
-                            f"{r.get('seconds', 0):.0f} s"
+                            f"round {r.round}: accuracy {accuracy:.4f}  train loss {loss:.4f}  "
+                            f"{r.seconds:.0f} s"
                         )
 
             record = dep.wait_run(run_id, deadline, progress)
@@ -575,12 +576,13 @@ def deploy_local(
                 f"Run {run_id} ended {summary['status']}: {summary['details']}; "
                 f"see {out_dir / 'logs' / 'run.log'}."
             )
-        if not (out_dir / "adapter" / "adapter_model.safetensors").is_file():
+        run = RunFolder(out_dir)
+        if not run.adapter_weights.is_file():
             raise DeployError(
-                f"Run {run_id} completed without writing {out_dir / 'adapter'}; see {out_dir / 'logs'}."
+                f"Run {run_id} completed without writing {run.adapter}; see {out_dir / 'logs'}."
             )
     echo(
-        f"Finished in {summary['seconds']:.0f} s. Shared adapter: {out_dir / 'adapter'}  "
-        f"metrics: {out_dir / 'metrics.json'}  audit: {out_dir / 'audit'}"
+        f"Finished in {summary['seconds']:.0f} s. Shared adapter: {run.adapter}  "
+        f"metrics: {run.metrics}  audit: {run.audit}"
     )
     return summary

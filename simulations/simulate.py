@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from fedtune.common.checkpoint import read_checkpoint, resume_config
 from fedtune.common.config import ConfigError, FedConfig, key_of, parse_run_config
+from fedtune.common.files import write_json_atomic
 from fedtune.common.preflight import check_simulation
-from fedtune.common.run_folder import fresh_run, holds_run
+from fedtune.common.records import RoundRecord, read_records
+from fedtune.common.run_folder import RunFolder, fresh_run, holds_run
 from rich.console import Console
 
 from .presets import get_preset
 
 console = Console()
-SIMULATION = "simulation.json"  # what the run config does not hold: the number of simulated hospitals
-SITE_LOGS = "site-logs"  # simulated site i logs the details of its errors in site-logs/site-i.log
 
 
 def _not_run_simulation_notice(record: logging.LogRecord) -> bool:
@@ -80,9 +80,10 @@ def resume(
     """
     folder = Path(folder)
     cfg = resume_config(folder, overrides)
-    sim = folder / SIMULATION
+    run = RunFolder(folder)
+    sim = run.simulation
     if not sim.is_file():
-        raise ConfigError(f"Cannot resume {folder}: it has no {SIMULATION} (not a `fedtune simulate` run).")
+        raise ConfigError(f"Cannot resume {folder}: it has no {sim.name} (not a `fedtune simulate` run).")
     n = int(json.loads(sim.read_text())["num_clients"])
     if num_clients is not None and num_clients != n:
         raise ConfigError(
@@ -90,7 +91,7 @@ def resume(
             "a resumed run keeps them."
         )
     state = read_checkpoint(folder)
-    adapter_meta = folder / "adapter" / "fedtune.json"
+    adapter_meta = run.adapter_metadata
     if adapter_meta.is_file() and json.loads(adapter_meta.read_text()).get("rounds") == state.server_round:
         raise ValueError(
             f"The run in {folder} already finished (round {state.server_round}); nothing to resume."
@@ -98,7 +99,7 @@ def resume(
     return cfg, n
 
 
-def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list[dict[str, Any]]:
+def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list[RoundRecord]:
     """Run one simulated federation; return the per-round records also saved in ``metrics.json``.
 
     A new run records ``num_clients`` in ``out-dir/simulation.json``; a resumed one
@@ -129,15 +130,16 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
         logging.getLogger("flwr").addFilter(_not_run_simulation_notice)
     gpu = torch.cuda.is_available() and cfg.device != "cpu"
     start = time.perf_counter()
+    run = RunFolder(Path(cfg.out_dir))
     with contextlib.nullcontext() if cfg.resume else fresh_run(cfg.out_dir, echo=console.print):
         if not cfg.resume:
-            (Path(cfg.out_dir) / SIMULATION).write_text(json.dumps({"num_clients": num_clients}) + "\n")
+            write_json_atomic(run.simulation, {"num_clients": num_clients})
         run_simulation(
             server_app=make_server_app(cfg.to_run_config()),
             client_app=make_client_app(
-                str(Path(cfg.out_dir).resolve() / "audit") if cfg.audit else None,
+                str(run.audit.resolve()) if cfg.audit else None,
                 base_model=cfg.base_model,
-                site_log_dir=str(Path(cfg.out_dir).resolve() / SITE_LOGS),
+                site_log_dir=str(run.site_logs.resolve()),
             ),
             num_supernodes=num_clients,
             backend_config={
@@ -146,17 +148,14 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
             },
             verbose_logging=verbose,
         )
-        if not (Path(cfg.out_dir) / "adapter" / "adapter_model.safetensors").is_file():
-            raise RuntimeError(
-                f"The simulation ended without writing {cfg.out_dir}/adapter; see the log above."
-            )
-    metrics_file = Path(cfg.out_dir) / "metrics.json"
-    records = json.loads(metrics_file.read_text())
+        if not run.adapter_weights.is_file():
+            raise RuntimeError(f"The simulation ended without writing {run.adapter}; see the log above.")
+    records = read_records(run.metrics)
     console.print(
         results_table(records, f"fedtune · {num_clients} hospitals · {cfg.peft_method} · {cfg.task}")
     )
     console.print(
         f"Finished in {time.perf_counter() - start:.0f} s. Shared adapter: {cfg.out_dir}/adapter  "
-        f"metrics: {metrics_file}  plots: {cfg.out_dir}/plots/"
+        f"metrics: {run.metrics}  plots: {run.plots}/"
     )
     return records

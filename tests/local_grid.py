@@ -20,7 +20,8 @@ from typing import Any
 import fedtune.common.model as model_module
 from fedtune.client.app import make_client_app
 from fedtune.common.config import FedConfig, parse_run_config
-from fedtune.server.federation import Coordinator, run_coordinator
+from fedtune.server.federation import run_coordinator
+from fedtune.server.run_state import RunState
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
@@ -108,7 +109,7 @@ def fast_config(out: Path, base_model: Path, **overrides: Any) -> FedConfig:
     return parse_run_config({**FAST, "base-model": str(base_model), "out-dir": str(out), **extra})
 
 
-def run_federation(cfg: FedConfig, sites: int = 3, grid: LocalGrid | None = None) -> Coordinator:
+def run_federation(cfg: FedConfig, sites: int = 3, grid: LocalGrid | None = None) -> RunState:
     """Run the coordinator on ``sites`` simulated sites in this process; return its final state."""
     if grid is None:
         grid = local_grid(cfg, sites)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from fedtune.common.adapters import (
-    FEDTUNE_METADATA,
     adapter_names,
     arrays_fingerprint,
     get_adapter_arrays,
@@ -18,6 +17,7 @@ from fedtune.common.adapters import (
     set_adapter_arrays,
 )
 from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer
+from fedtune.common.run_folder import ADAPTER_METADATA
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForSequenceClassification
 
@@ -195,10 +195,10 @@ def test_saved_adapter_loads_with_plain_peft(model: PeftModel, base_dir: Path, t
 
     # Assert
     assert returned == out
-    assert {"adapter_config.json", "adapter_model.safetensors", FEDTUNE_METADATA} <= {
+    assert {"adapter_config.json", "adapter_model.safetensors", ADAPTER_METADATA} <= {
         p.name for p in out.iterdir()
     }
-    meta = json.loads((out / FEDTUNE_METADATA).read_text())
+    meta = json.loads((out / ADAPTER_METADATA).read_text())
     assert meta == {
         "round": 4,
         "task": "toy",
@@ -222,6 +222,6 @@ def test_saving_again_replaces_the_folder_without_leftovers(model: PeftModel, tm
     # Assert
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     assert not (out / "stale.txt").exists()
-    meta = json.loads((out / FEDTUNE_METADATA).read_text())
+    meta = json.loads((out / ADAPTER_METADATA).read_text())
     assert meta["round"] == 2
     assert meta["adapter_fingerprint"] == arrays_fingerprint(get_adapter_arrays(model))

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from fedtune.common.audit_integrity import Numbered, integrity_check
+from fedtune.common.records import RoundRecord
 
 SERVER, SITE, METRICS = Path("audit/server/wire.jsonl"), Path("audit/sites/site-0/wire.jsonl"), Path("m.json")
 
@@ -32,14 +33,14 @@ def _trail() -> tuple[list[dict], list[Numbered], list[Numbered]]:
     server = [(SERVER, i + 1, m) for i, m in enumerate([*messages, _record("up", node=8)])]
     site = [(SITE, i + 1, copy.deepcopy(m)) for i, m in enumerate(messages)]
     rounds = [
-        {"round": 0},
-        {"round": 1, "bytes_up": 400, "bytes_down": 200},
-        {"round": 2, "bytes_up": 200, "bytes_down": 200},
+        RoundRecord(round=0),
+        RoundRecord(round=1, bytes_up=400, bytes_down=200),
+        RoundRecord(round=2, bytes_up=200, bytes_down=200),
     ]
     return rounds, server, site
 
 
-def _check(rounds: list[dict], server: list[Numbered], site: list[Numbered]) -> list[str]:
+def _check(rounds: list[RoundRecord], server: list[Numbered], site: list[Numbered]) -> list[str]:
     return [str(m) for m in integrity_check(METRICS, rounds, server, site)]
 
 

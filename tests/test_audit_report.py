@@ -147,7 +147,7 @@ def test_secagg_check_turns_red_for_clear_uploads(tmp_path: Path) -> None:
         (lambda d: (d / "adapter" / "fedtune.json").write_text("{oops"), "fedtune.json: corrupt JSON"),
         (lambda d: (d / "audit" / "server" / "wire.jsonl").unlink(), "audit=false"),
         (lambda d: (d / "audit" / "server" / "wire.jsonl").write_text("not json\n"), "line 1"),
-        (lambda d: (d / "metrics.json").write_text('[{"round": 0}, {"rou'), "metrics.json: corrupt JSON"),
+        (lambda d: (d / "metrics.json").write_text('[{"round": 0}, {"rou'), "metrics.json is not valid JSON"),
         (lambda d: (d / "metrics.json").unlink(), "metrics.json is missing"),
     ],
 )

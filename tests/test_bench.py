@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedtune.common.config import parse_run_config
+from fedtune.common.records import RoundRecord
 from fedtune.common.sites import simulated_site
 from fedtune.common.train import score
 from fedtune.simulations import bench, bench_curves, bench_tuning
@@ -307,7 +308,8 @@ def test_rounds_rows_pair_each_round_with_the_same_epoch_and_find_where_targets_
 
     # Prepare: FedAvg climbs from 0.05 to 0.30; centralized is at 0.30 from epoch 5; two sites
     fed = [
-        {"round": r, "accuracy": 0.5, "macro_f1": f} for r, f in [(0, 0.01), (1, 0.05), (5, 0.20), (10, 0.29)]
+        RoundRecord(round=r, accuracy=0.5, macro_f1=f)
+        for r, f in [(0, 0.01), (1, 0.05), (5, 0.20), (10, 0.29)]
     ]
     central = [_point(1, 0.10), _point(5, 0.30), _point(10, 0.30)]
     local = [
@@ -331,7 +333,7 @@ def test_rounds_rows_pair_each_round_with_the_same_epoch_and_find_where_targets_
 def test_rounds_rows_name_the_arm_missing_a_checkpoint() -> None:
     from fedtune.simulations.bench_rounds import curve_rows
 
-    fed = [{"round": 1, "accuracy": 0.5, "macro_f1": 0.1}]
+    fed = [RoundRecord(round=1, accuracy=0.5, macro_f1=0.1)]
     with pytest.raises(ValueError, match="site 1 arm has no score after epoch 1"):
         curve_rows(fed, [_point(1, 0.1)], [[_point(1, 0.1)], [_point(2, 0.1)]], [1])
     with pytest.raises(ValueError, match="no record of round 2"):

@@ -10,12 +10,11 @@ from unittest.mock import Mock
 
 import numpy as np
 import pytest
-from fedtune.common import adapters, checkpoint
+from fedtune.common import checkpoint, files
 from fedtune.common.adapters import get_adapter_arrays
 from fedtune.common.audit import trim_audit
 from fedtune.common.checkpoint import (
     ServerState,
-    find_checkpoint,
     read_checkpoint,
     resume_config,
     rng_state,
@@ -25,6 +24,8 @@ from fedtune.common.checkpoint import (
 from fedtune.common.config import ConfigError, FedConfig
 from fedtune.common.model import PeftSpec, build_peft_model, resolve_model_dir
 from fedtune.common.privacy import PrivacyAccountant
+from fedtune.common.records import RoundRecord
+from fedtune.common.run_folder import RunFolder
 from fedtune.server.strategy import make_strategy, restore_strategy_state, strategy_state
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
@@ -71,7 +72,7 @@ def _state(
         server_round=server_round,
         global_arrays=get_adapter_arrays(model),
         strategy_arrays=strategy_state(strategy),
-        records=[{"round": r, "accuracy": 0.1 * r} for r in range(server_round + 1)],
+        records=[RoundRecord(round=r, accuracy=0.1 * r) for r in range(server_round + 1)],
         base_fingerprint="f" * 64,
         accountant=accountant.state_dict() if accountant else None,
         rng=rng_state(),
@@ -181,14 +182,14 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_intact(
             raise KeyboardInterrupt("killed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(adapters.os, "replace", replace_then_crash)
+    monkeypatch.setattr(files.os, "replace", replace_then_crash)
     with pytest.raises(KeyboardInterrupt):
         write_checkpoint(tmp_path / "checkpoint", model, {}, _state(2, strategy, model, None))
     monkeypatch.undo()
 
     # Assert: `checkpoint/` is gone for an instant; `checkpoint.old/` still holds round 1
     assert not (tmp_path / "checkpoint").exists()
-    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint.old"
+    assert RunFolder(tmp_path).find_checkpoint() == tmp_path / "checkpoint.old"
     assert read_checkpoint(tmp_path).server_round == 1
 
     # Execute / Assert: the next write recovers, and leaves one checkpoint folder

@@ -18,7 +18,7 @@ from fedtune.common.checkpoint import read_checkpoint
 from fedtune.common.model import PeftSpec, _built, build_peft_model, fingerprint, load_tokenizer
 from fedtune.common.sites import coordinator_test_set
 from fedtune.common.train import evaluate, select_device
-from fedtune.server.federation import Coordinator
+from fedtune.server.run_state import RunState
 from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 from local_grid import fast_config, local_grid, run_federation
@@ -36,7 +36,7 @@ def _task() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Path) -> Coordinator:
+def plain(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Path) -> RunState:
     """3 sites, 2 rounds of FedAvg without SecAgg+, audited."""
     return run_federation(
         fast_config(tmp_path_factory.mktemp("plain"), tiny_base_model, secure_aggregation=False)
@@ -44,7 +44,7 @@ def plain(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Path) -> Co
 
 
 @pytest.fixture(scope="module")
-def masked(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Path) -> Coordinator:
+def masked(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Path) -> RunState:
     """The same federation under SecAgg+."""
     return run_federation(
         fast_config(tmp_path_factory.mktemp("masked"), tiny_base_model, secure_aggregation=True)
@@ -56,28 +56,28 @@ def _saved_adapter(out: Path) -> list[np.ndarray]:
     return [tensors[k] for k in sorted(tensors)]
 
 
-def test_the_shared_adapter_is_the_last_global_and_the_checkpoints(plain: Coordinator) -> None:
+def test_the_shared_adapter_is_the_last_global_and_the_checkpoints(plain: RunState) -> None:
     # Execute
-    saved = _saved_adapter(plain.out_dir)
-    final = load_arrays(plain.out_dir / "audit" / "server" / "global-final.npz")[0]
-    state = read_checkpoint(plain.out_dir)
+    saved = _saved_adapter(plain.folder.root)
+    final = load_arrays(plain.folder.root / "audit" / "server" / "global-final.npz")[0]
+    state = read_checkpoint(plain.folder.root)
 
     # Assert: the file written is what round 2 produced, as the checkpoint has it
-    assert state.server_round == 2 and [r["round"] for r in plain.records] == [0, 1, 2]
+    assert state.server_round == 2 and [r.round for r in plain.rounds.records] == [0, 1, 2]
     assert len(saved) == len(final) == len(state.global_arrays)
     for a, b, c in zip(saved, final, state.global_arrays, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
-    first = load_arrays(plain.out_dir / "audit" / "server" / "global-round-001.npz")[0]
+    first = load_arrays(plain.folder.root / "audit" / "server" / "global-round-001.npz")[0]
     assert any(not np.array_equal(a, b) for a, b in zip(first, final, strict=True))  # training moved it
 
 
-def test_each_rounds_score_is_the_shared_adapter_on_the_held_out_set(plain: Coordinator) -> None:
+def test_each_rounds_score_is_the_shared_adapter_on_the_held_out_set(plain: RunState) -> None:
     # Prepare: a fresh model holding the final shared adapter
     cfg = plain.cfg
     test = coordinator_test_set(cfg)
     model = build_peft_model(PeftSpec.from_config(cfg, Path(cfg.base_model), len(test.label_names)))
-    set_adapter_arrays(model, load_arrays(plain.out_dir / "audit" / "server" / "global-final.npz")[0])
+    set_adapter_arrays(model, load_arrays(plain.folder.root / "audit" / "server" / "global-final.npz")[0])
 
     # Execute
     res = evaluate(
@@ -90,13 +90,11 @@ def test_each_rounds_score_is_the_shared_adapter_on_the_held_out_set(plain: Coor
     )
 
     # Assert: the round-2 record is that score, on every example of the held-out set
-    last = plain.records[-1]
-    assert (last["accuracy"], last["macro_f1"], last["loss"]) == pytest.approx(
-        (res.accuracy, res.macro_f1, res.loss)
-    )
+    last = plain.rounds.records[-1]
+    assert (last.accuracy, last.macro_f1, last.loss) == pytest.approx((res.accuracy, res.macro_f1, res.loss))
     assert res.examples == len(test)
-    metrics = json.loads((plain.out_dir / "metrics.json").read_text())
-    assert metrics[-1]["accuracy"] == last["accuracy"]
+    metrics = json.loads((plain.folder.root / "metrics.json").read_text())
+    assert metrics[-1]["accuracy"] == last.accuracy
 
 
 def _upload_tensor_names(out: Path) -> set[str]:
@@ -109,23 +107,26 @@ def _upload_tensor_names(out: Path) -> set[str]:
 
 
 def test_secure_aggregation_masks_every_upload_and_sums_to_the_plain_average(
-    plain: Coordinator, masked: Coordinator
+    plain: RunState, masked: RunState
 ) -> None:
     # Execute
-    plain_names, masked_names = _upload_tensor_names(plain.out_dir), _upload_tensor_names(masked.out_dir)
+    plain_names, masked_names = (
+        _upload_tensor_names(plain.folder.root),
+        _upload_tensor_names(masked.folder.root),
+    )
 
     # Assert: SecAgg+ on: masked vectors only; off: the adapter in the clear
     assert any(n.startswith("fitres.parameters") for n in plain_names)
     assert "secaggplus_configs.masked_params" in masked_names
     assert not any(n.startswith("fitres.parameters") for n in masked_names)
     # the unmasked sum gives the same shared adapter, within SecAgg+'s quantisation
-    for a, b in zip(_saved_adapter(plain.out_dir), _saved_adapter(masked.out_dir), strict=True):
+    for a, b in zip(_saved_adapter(plain.folder.root), _saved_adapter(masked.folder.root), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-3)
 
 
-def test_the_adapter_metadata_records_the_library_versions(plain: Coordinator) -> None:
+def test_the_adapter_metadata_records_the_library_versions(plain: RunState) -> None:
     # Execute
-    meta = json.loads((plain.out_dir / "adapter" / "fedtune.json").read_text())
+    meta = json.loads((plain.folder.root / "adapter" / "fedtune.json").read_text())
 
     # Assert
     import peft
@@ -133,7 +134,7 @@ def test_the_adapter_metadata_records_the_library_versions(plain: Coordinator) -
 
     assert meta["versions"]["transformers"] == transformers.__version__
     assert meta["versions"]["peft"] == peft.__version__
-    assert meta["rounds"] == 2 and meta["base_model_fingerprint"] == plain.base_fingerprint
+    assert meta["rounds"] == 2 and meta["base_model_fingerprint"] == plain.shared.fingerprint
 
 
 def _instructions(grid_delivered: list[Message]) -> list[instructions.Instruction]:
@@ -194,7 +195,7 @@ def test_the_privacy_budget_stops_the_run_before_the_round_that_would_exceed_it(
     coord = run_federation(cfg)
 
     # Assert: round 1 ran, round 2 did not; the adapter is round 1's; the stop is recorded
-    assert [r["round"] for r in coord.records] == [0, 1]
+    assert [r.round for r in coord.rounds.records] == [0, 1]
     privacy = json.loads((tmp_path / "privacy.json").read_text())
     assert privacy["stopped_early"].startswith("stopped before round 2")
     assert privacy["epsilon"] == pytest.approx(one) and privacy["epsilon"] <= cfg.dp_target_epsilon
@@ -246,10 +247,10 @@ def test_a_site_whose_update_is_refused_drops_out_and_the_others_aggregate(
     coord = run_federation(cfg)
 
     # Assert: both rounds aggregated without node 103, which the coordinator knows only by category
-    assert [r["round"] for r in coord.records] == [0, 1, 2]
-    for record in coord.records[1:]:
-        assert list(record["excluded_sites"]) == ["103"]
-        reason = record["excluded_sites"]["103"]
+    assert [r.round for r in coord.rounds.records] == [0, 1, 2]
+    for record in coord.rounds.records[1:]:
+        assert list(record.excluded_sites) == ["103"]
+        reason = record.excluded_sites["103"]
         assert "site error [update]" in reason and "Node" not in reason and "nan" not in reason.lower()
     assert all(np.isfinite(a).all() for a in _saved_adapter(tmp_path))
     log = (tmp_path / "site-logs" / "site-2.log").read_text()
@@ -282,13 +283,15 @@ def test_prefix_projection_federates_and_its_adapter_scores_as_recorded_with_pla
         max_length=cfg.max_length,
         device=select_device("cpu"),
     )
-    assert [r["round"] for r in coord.records] == [0, 1, 2]
+    assert [r.round for r in coord.rounds.records] == [0, 1, 2]
     first = load_arrays(tmp_path / "audit" / "server" / "global-round-001.npz")[0]
     final = load_arrays(tmp_path / "audit" / "server" / "global-final.npz")[0]
     assert all(not np.array_equal(a, b) for a, b in zip(first, final, strict=True))  # prefix, MLP, head moved
-    assert all(np.array_equal(a, b) for a, b in zip(get_adapter_arrays(coord.model), final, strict=True))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(get_adapter_arrays(coord.shared.model), final, strict=True)
+    )
     assert (res.accuracy, res.loss) == pytest.approx(
-        (coord.records[-1]["accuracy"], coord.records[-1]["loss"]), abs=1e-5
+        (coord.rounds.records[-1].accuracy, coord.rounds.records[-1].loss), abs=1e-5
     )
 
 

@@ -6,8 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from fedtune.common.checkpoint import ARRAYS_FILE, CHECKPOINT, STATE_FILE
-from fedtune.common.run_folder import fresh_run, previous_run_dir
+from fedtune.common.run_folder import (
+    CHECKPOINT_ARRAYS,
+    CHECKPOINT_STATE,
+    RunFolder,
+    fresh_run,
+    previous_run_dir,
+)
 from fedtune.simulations import cli
 
 
@@ -25,9 +30,10 @@ def _tree(out: Path) -> dict[str, str]:
 
 
 def _checkpoint(out: Path) -> None:
-    (out / CHECKPOINT).mkdir(parents=True)
-    (out / CHECKPOINT / STATE_FILE).write_text("{}")
-    (out / CHECKPOINT / ARRAYS_FILE).write_bytes(b"x")
+    folder = RunFolder(out).checkpoint
+    folder.mkdir(parents=True)
+    (folder / CHECKPOINT_STATE).write_text("{}")
+    (folder / CHECKPOINT_ARRAYS).write_bytes(b"x")
 
 
 class BoomError(Exception):
@@ -99,7 +105,7 @@ def test_a_run_that_fails_after_a_checkpoint_stays_resumable_beside_the_earlier_
         raise BoomError
 
     # Assert
-    assert (out / CHECKPOINT / STATE_FILE).is_file() and (out / "run_config.json").read_text() == "new"
+    assert RunFolder(out).find_checkpoint() is not None and (out / "run_config.json").read_text() == "new"
     assert _tree(previous_run_dir(out)) == old
 
 

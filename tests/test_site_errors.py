@@ -12,6 +12,7 @@ from fedtune.common.config import ConfigError
 from fedtune.common.data import DataError
 from fedtune.common.model import FingerprintMismatchError
 from fedtune.common.preflight import PreflightError
+from fedtune.common.records import RoundRecord
 from fedtune.common.site_errors import SiteError, category_of, parse_reason
 from fedtune.server.progress import dropped_sites
 from fedtune.server.wire import error_summary
@@ -108,9 +109,11 @@ def test_a_run_that_lost_sites_lists_them_and_exits_3(tmp_path: Path, monkeypatc
 
     # Prepare: round 2 left site node 11 out
     records = [
-        {"round": 0},
-        {"round": 1, "excluded_sites": {}},
-        {"round": 2, "excluded_sites": {"11": "dropped out: site error [data]: its data failed validation"}},
+        RoundRecord(round=0),
+        RoundRecord(round=1),
+        RoundRecord(
+            round=2, excluded_sites={"11": "dropped out: site error [data]: its data failed validation"}
+        ),
     ]
     monkeypatch.setattr(simulate, "simulate", lambda *a, **k: records)
 
