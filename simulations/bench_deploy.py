@@ -98,7 +98,7 @@ def run(quick: bool) -> Path:
     """Run the three arms; write ``results/deploy.{json,md}`` and ``results/deploy_round_time.png``."""
     from fedtune.common.model import base_model_nbytes, fingerprint
 
-    from .deploy_local import deploy_local
+    from .deploy.local import deploy_local
 
     s = settings(quick)
     work = work_dir(NAME)

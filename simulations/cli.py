@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 def _deploy_command(args: argparse.Namespace) -> int:
     """``fedtune certs`` and ``fedtune deploy-local``."""
     if args.command == "certs":
-        from fedtune.server.certs import make_certs, parse_hosts
+        from .deploy.certs import make_certs, parse_hosts
 
         try:
             files = make_certs(args.dir, parse_hosts(args.hosts), args.sites, force=args.force)
@@ -92,7 +92,8 @@ def _deploy_command(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         print(f"Wrote {', '.join(p.name for p in files.all_files())} to {files.root}.")
         return 0
-    from .deploy_local import DeployError, DeployInputError, deploy_local, rounds_so_far
+    from .deploy.flower import DeployError, DeployInputError
+    from .deploy.local import deploy_local, rounds_so_far
 
     if args.sites is not None and args.sites != len(args.site_data):
         print(

@@ -10,8 +10,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fedtune.server.certs import CertFiles, make_certs, parse_hosts
 from fedtune.simulations.cli import main
+from fedtune.simulations.deploy.certs import CertFiles, make_certs, parse_hosts
 
 
 def test_server_certificate_verifies_against_the_ca_and_has_the_requested_sans(tmp_path: Path) -> None:

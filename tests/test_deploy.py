@@ -22,21 +22,20 @@ from fedtune.common.config import ConfigError, parse_run_config
 from fedtune.common.data import serialise_row
 from fedtune.common.model import fingerprint
 from fedtune.common.sites import coordinator_max_weight, coordinator_test_set
-from fedtune.server.certs import make_certs
-from fedtune.simulations.deploy_local import (
+from fedtune.simulations.deploy.certs import make_certs
+from fedtune.simulations.deploy.flower import (
     CONNECTION,
     DeployError,
-    deploy_local,
-    deployment_run_config,
     flower_env,
     node_config,
     repo_pyproject,
-    summarise_sites,
     tool,
     write_app,
     write_connection,
 )
-from fedtune.simulations.processes import ProcessGroup, free_port, wait_for_port
+from fedtune.simulations.deploy.inputs import deployment_run_config, summarise_sites
+from fedtune.simulations.deploy.local import deploy_local
+from fedtune.simulations.deploy.processes import ProcessGroup, free_port, wait_for_port
 
 PIMA_HEADER = (
     "Pregnancies,Glucose,BloodPressure,SkinThickness,Insulin,BMI,DiabetesPedigreeFunction,Age,Outcome"
@@ -155,7 +154,7 @@ def test_ctrl_c_or_sigterm_of_the_driver_leaves_no_orphans(tmp_path: Path, sig: 
     driver_code = textwrap.dedent(
         f"""
         import sys, time
-        from fedtune.simulations.processes import ProcessGroup
+        from fedtune.simulations.deploy.processes import ProcessGroup
         with ProcessGroup({str(tmp_path / "logs")!r}) as group:
             group.start("parent", [sys.executable, "-c", {SPAWN_DETACHED!r}])
             print("started", flush=True)
