@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedtune audit: {len(problems)} problem(s):\n  " + "\n  ".join(shown), file=sys.stderr)
             return EXIT_AUDIT_FAILED
     elif args.command == "bench":
-        from .bench import collect, get_benchmark
+        from .benchmarks import get_benchmark
+        from .benchmarks.report import collect
 
         if args.name == "report":
             print(f"Wrote {collect()}.")

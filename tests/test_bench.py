@@ -13,20 +13,14 @@ from fedtune.common.config import parse_run_config
 from fedtune.common.records import RoundRecord
 from fedtune.common.sites import simulated_site
 from fedtune.common.train import score
-from fedtune.simulations import bench, bench_curves, bench_tuning
-from fedtune.simulations.bench import (
-    BENCHMARKS,
-    bootstrap_auc_ci,
-    cached,
-    choose,
-    collect,
-    env_list,
-    feature_value,
-    get_benchmark,
-    mean_std,
-    skewed_split,
-)
-from fedtune.simulations.bench_secagg import cost_per_site, max_abs_difference
+from fedtune.simulations.benchmarks import BENCHMARKS, get_benchmark, training
+from fedtune.simulations.benchmarks import curves as bench_curves
+from fedtune.simulations.benchmarks import tuning as bench_tuning
+from fedtune.simulations.benchmarks.arms import cached, choose, env_list
+from fedtune.simulations.benchmarks.data import feature_value, skewed_split
+from fedtune.simulations.benchmarks.report import collect
+from fedtune.simulations.benchmarks.secagg import cost_per_site, max_abs_difference
+from fedtune.simulations.benchmarks.stats import bootstrap_auc_ci, mean_std
 from fedtune.simulations.cli import main
 from sklearn.metrics import roc_auc_score
 
@@ -40,7 +34,7 @@ def test_registry_names_every_benchmark_and_each_has_a_module_with_run() -> None
     # Assert
     assert list(BENCHMARKS) == ALL
     for name in ALL:
-        module = __import__(f"fedtune.simulations.bench_{name}", fromlist=["run"])
+        module = __import__(f"fedtune.simulations.benchmarks.{name}", fromlist=["run"])
         assert callable(module.run)
 
 
@@ -206,7 +200,7 @@ def test_a_broken_saved_arm_is_named_and_nothing_is_left_half_written(tmp_path: 
 
 
 def test_results_record_the_arm_picking_variables_in_the_command(tmp_path: Path, monkeypatch) -> None:
-    from fedtune.simulations import benchmarking
+    from fedtune.simulations.benchmarks import harness as benchmarking
 
     # Prepare: a subset of arms picked from the environment
     monkeypatch.setattr(benchmarking, "RESULTS", tmp_path)
@@ -246,7 +240,7 @@ def test_cached_reuses_an_arm_only_when_resuming_with_the_same_key(tmp_path: Pat
 
 def test_resolved_config_of_an_arm_holds_every_default_but_no_output_folder() -> None:
     from fedtune.common.config import FedConfig
-    from fedtune.simulations.bench import resolved
+    from fedtune.simulations.benchmarks.arms import resolved
 
     # Execute
     config = resolved({"strategy": "fedadam", "out-dir": "somewhere"})
@@ -285,7 +279,7 @@ def test_secagg_cost_per_site_recovers_the_slopes_and_the_limit_ratio() -> None:
 
 
 def test_diabetes_site_files_are_age_blocks_and_cover_the_pool(tmp_path: Path) -> None:
-    from fedtune.simulations.bench_diabetes import write_site_files
+    from fedtune.simulations.benchmarks.diabetes import write_site_files
 
     # Execute
     files = write_site_files(tmp_path, 4)
@@ -304,7 +298,7 @@ def _point(epoch: int, f1: float) -> dict[str, float]:
 
 
 def test_rounds_rows_pair_each_round_with_the_same_epoch_and_find_where_targets_are_met() -> None:
-    from fedtune.simulations.bench_rounds import curve_rows, target_notes
+    from fedtune.simulations.benchmarks.rounds import curve_rows, target_notes
 
     # Prepare: FedAvg climbs from 0.05 to 0.30; centralized is at 0.30 from epoch 5; two sites
     fed = [
@@ -331,7 +325,7 @@ def test_rounds_rows_pair_each_round_with_the_same_epoch_and_find_where_targets_
 
 
 def test_rounds_rows_name_the_arm_missing_a_checkpoint() -> None:
-    from fedtune.simulations.bench_rounds import curve_rows
+    from fedtune.simulations.benchmarks.rounds import curve_rows
 
     fed = [RoundRecord(round=1, accuracy=0.5, macro_f1=0.1)]
     with pytest.raises(ValueError, match="site 1 arm has no score after epoch 1"):
@@ -438,8 +432,8 @@ def test_bench_tuning_quick_scores_every_round_on_the_sites_validation_splits(tm
     records = json.loads((results / "work" / "tuning" / arm / "metrics.json").read_text())
     assert [p["test_macro_f1"] for p in data["curves"][arm]] == [r["macro_f1"] for r in records[1:]]
     cfg = parse_run_config(json.loads((results / "work" / "tuning" / arm / "run_config.json").read_text()))
-    validation = bench.concat([simulated_site(cfg, i, 3).test for i in range(3)])
-    probs = bench.shared_adapter_probs(cfg, results / "work" / "tuning" / arm, validation)
+    validation = training.concat([simulated_site(cfg, i, 3).test for i in range(3)])
+    probs = training.shared_adapter_probs(cfg, results / "work" / "tuning" / arm, validation)
     final = score(probs, validation.labels, len(validation.label_names))
     assert data["curves"][arm][-1]["val_macro_f1"] == pytest.approx(final.macro_f1)
     assert (results / "tuning_curves.png").read_bytes()[:4] == b"\x89PNG"

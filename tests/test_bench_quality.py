@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fedtune.simulations import bench_quality
-from fedtune.simulations.bench_quality_report import arm_summaries, report
+from fedtune.simulations.benchmarks import quality as bench_quality
+from fedtune.simulations.benchmarks.quality_report import arm_summaries, report
 
 
 def _curve(*points: tuple[float, float]) -> dict[str, Any]:
@@ -177,7 +177,7 @@ def test_local_only_site_keeps_its_adapter_across_rounds_and_is_scored_at_its_ch
     from fedtune.common.model import load_tokenizer
     from fedtune.common.sites import coordinator_test_set, simulated_site
     from fedtune.common.train import evaluate, select_device, train_local
-    from fedtune.simulations.bench import fresh_model
+    from fedtune.simulations.benchmarks.training import fresh_model
 
     # Prepare: the Pima table over 2 sites, 3 local steps of batch 16 per round
     run_config = {

@@ -35,8 +35,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .bench import federated_arm, fresh_model, new_figure, save_figure, torch_threads
-from .benchmarking import write_results
+from .arms import federated_arm
+from .figures import new_figure, save_figure
+from .harness import write_results
+from .training import fresh_model, torch_threads
 
 NAME = "overhead"
 TARGET = 1.20

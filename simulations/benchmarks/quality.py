@@ -9,7 +9,7 @@ budget** (round / epoch 5). For every partition and seed:
 
 - **federated** (``strategy`` in :data:`STRATEGIES`, each at its default settings, which
   ``bench tuning`` chose on validation): one ``fedtune simulate`` of up to ``max_rounds`` rounds
-  (:func:`~fedtune.simulations.bench_curves.federated_curve`);
+  (:func:`~fedtune.simulations.benchmarks.curves.federated_curve`);
 - **centralized**: the same model and training loop on the pooled training splits for up to
   ``max_epochs`` epochs, once per setting of :data:`CENTRAL_GRID` (learning rate, label prior); the
   setting with the best validation macro-F1 is the arm's, chosen per seed and per judging point;
@@ -42,10 +42,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .bench import arms_dir, cached, choose, env_list, resolved, saved, saved_only
-from .bench_curves import Curve, centralized_curve, federated_curve
-from .bench_quality_report import report
-from .benchmarking import write_results
+from .arms import arms_dir, cached, choose, env_list, resolved, saved, saved_only
+from .curves import Curve, centralized_curve, federated_curve
+from .harness import write_results
+from .quality_report import report
 
 NAME = "quality"
 PARTITIONS: dict[str, dict[str, Any]] = {
@@ -214,8 +214,8 @@ def local_only(run_config: Mapping[str, Any], sites: int, rounds: int, budget: i
     from fedtune.common.sites import coordinator_test_set, simulated_site
     from fedtune.common.train import select_device, train_local
 
-    from .bench import bench_threads, fresh_model, torch_threads
-    from .bench_curves import scorer
+    from .curves import scorer
+    from .training import bench_threads, fresh_model, torch_threads
 
     cfg = parse_run_config(dict(run_config))
     test, score = coordinator_test_set(cfg), scorer(cfg)

@@ -29,9 +29,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .bench import arms_dir, cached, choose, env_list, new_figure, resolved, save_figure
-from .bench_curves import centralized_curve, federated_curve, summary
-from .benchmarking import write_results
+from .arms import arms_dir, cached, choose, env_list, resolved
+from .curves import centralized_curve, federated_curve, summary
+from .figures import new_figure, save_figure
+from .harness import write_results
 
 NAME = "tuning"
 # the local recipe: label-skew correction, local work per round, peak rate and its schedule

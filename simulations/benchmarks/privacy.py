@@ -29,8 +29,9 @@ from typing import Any
 
 from fedtune.common.run_folder import RunFolder
 
-from .bench import federated_arm, new_figure, save_figure
-from .benchmarking import console, write_results
+from .arms import federated_arm
+from .figures import new_figure, save_figure
+from .harness import console, write_results
 
 NAME = "privacy"
 EPSILONS: tuple[float, ...] = (math.inf, 8.0, 2.0)

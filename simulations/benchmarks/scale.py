@@ -5,7 +5,7 @@ N = 10, 100 and 1,000 hospitals, each holding ~20 examples (``max-examples = 20 
 scoring costs the same), ``fraction-train = 10/N`` and ``min-clients=10`` (10 sites train each
 round), ``fraction-evaluate=0``, ``audit=false``, LoRA r=8, SecAgg+ on, 4 rounds. Measured for the
 ``fedtune simulate`` process and all its descendants (Ray's processes and actors included), by
-:class:`fedtune.simulations.benchmarking.PeakRss`: peak summed RSS, seconds per round (mean over
+:class:`fedtune.simulations.benchmarks.harness.PeakRss`: peak summed RSS, seconds per round (mean over
 rounds 2..) and the growth of both against the smallest N of the same invocation. Summed RSS counts
 memory shared between processes (Ray's object store, shared libraries) once per process, so it
 overstates the real footprint. Targets: 100 hospitals <= 4 GB, 1,000 within 6 GB.
@@ -19,8 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .bench import federated_arm, new_figure, save_figure
-from .benchmarking import write_results
+from .arms import federated_arm
+from .figures import new_figure, save_figure
+from .harness import write_results
 
 NAME = "scale"
 SAMPLED, PER_SITE, HOLDOUT = 10, 20, 200

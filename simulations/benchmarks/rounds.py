@@ -26,17 +26,10 @@ from typing import Any
 
 from fedtune.common.records import RoundRecord, records_from_json
 
-from .bench import (
-    arms_dir,
-    cached,
-    concat,
-    federated_arm,
-    new_figure,
-    resolved,
-    save_figure,
-    train_and_score,
-)
-from .benchmarking import write_results
+from .arms import arms_dir, cached, federated_arm, resolved
+from .figures import new_figure, save_figure
+from .harness import write_results
+from .training import concat, train_and_score
 
 NAME = "rounds"
 GAP_TARGET, LIFT_TARGET = 0.02, 0.10  # macro-F1, as fractions

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from fedtune.common.run_folder import RunFolder
 
-from .bench import bench_threads, concat, federated_arm, fresh_model, torch_threads, train_central
+from .arms import federated_arm
+from .training import bench_threads, concat, fresh_model, torch_threads, train_central
 
 if TYPE_CHECKING:
     from fedtune.common.config import FedConfig

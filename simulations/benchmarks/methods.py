@@ -23,9 +23,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .bench import federated_arm, mean_over_rounds, new_figure, per_site_mean, run_meta, save_figure
-from .bench_comm import METHODS, QUICK_METHODS
-from .benchmarking import write_results
+from .arms import federated_arm
+from .comm import METHODS, QUICK_METHODS
+from .figures import new_figure, save_figure
+from .harness import write_results
+from .stats import mean_over_rounds, per_site_mean
+from .training import run_meta
 
 NAME = "methods"
 

@@ -3,7 +3,7 @@
 Arms (same site files, same run config, same seed)
     simulation
         ``fedtune simulate``-style run (Flower's simulation engine, Ray) in which simulated site ``i``
-        reads ``site-i.csv`` (:func:`fedtune.simulations.bench_diabetes.federate_site_files`).
+        reads ``site-i.csv`` (:func:`fedtune.simulations.benchmarks.diabetes.federate_site_files`).
     deployment, sites have the model
         ``fedtune deploy-local``: a SuperLink and one SuperNode per site as separate processes over
         TLS with SuperNode authentication; the sites hold the packaged base model, so the coordinator
@@ -34,9 +34,11 @@ import numpy as np
 from fedtune.common.records import RoundRecord, read_records
 from fedtune.common.run_folder import RunFolder
 
-from .bench import mean_over_rounds, new_figure, per_site_mean, save_figure, work_dir
-from .bench_diabetes import federate_site_files, run_config, write_site_files
-from .benchmarking import console, write_results
+from .arms import work_dir
+from .diabetes import federate_site_files, run_config, write_site_files
+from .figures import new_figure, save_figure
+from .harness import console, write_results
+from .stats import mean_over_rounds, per_site_mean
 
 NAME = "deploy"
 
@@ -98,7 +100,7 @@ def run(quick: bool) -> Path:
     """Run the three arms; write ``results/deploy.{json,md}`` and ``results/deploy_round_time.png``."""
     from fedtune.common.model import base_model_nbytes, fingerprint
 
-    from .deploy.local import deploy_local
+    from ..deploy.local import deploy_local
 
     s = settings(quick)
     work = work_dir(NAME)

@@ -20,8 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .bench import federated_arm, new_figure, per_site_mean, run_meta, save_figure
-from .benchmarking import write_results
+from .arms import federated_arm
+from .figures import new_figure, save_figure
+from .harness import write_results
+from .stats import per_site_mean
+from .training import run_meta
 
 NAME = "comm"
 METHODS: dict[str, dict[str, Any]] = {

@@ -7,7 +7,7 @@ Data and skew (seed 42)
     ``task=diabetes`` (768 Pima patients, rows serialised as ``"Pregnancies: 6; Glucose: 148; ..."``).
     A stratified 15% is held out first (:func:`fedtune.common.data.split`), so the held-out set spans
     every age. The rest is sorted by the ``Age`` parsed from each row's text and cut into contiguous
-    blocks (:func:`fedtune.simulations.bench.skewed_split`): hospital 0 holds the youngest patients,
+    blocks (:func:`fedtune.simulations.benchmarks.data.skewed_split`): hospital 0 holds the youngest patients,
     the last hospital the oldest. Each hospital keeps 20% of its block as a local test split
     (``test-fraction``), as every fedtune site does.
 
@@ -18,7 +18,7 @@ How the federated arm gets that split
     its own file (node config ``data-path`` -> :func:`fedtune.common.sites.deployed_site`), the
     coordinator scores on ``test-data-path`` = the held-out rows. The run is the real Flower
     simulation (Ray, SecAgg+) of :func:`fedtune.simulations.simulate.simulate`, started in a
-    subprocess by ``python -m fedtune.simulations.bench_diabetes federate ...``; the only difference
+    subprocess by ``python -m fedtune.simulations.benchmarks.diabetes federate ...``; the only difference
     from ``fedtune simulate`` is the site's ``client_fn``, which maps ``partition-id`` to that file.
 
 Arms
@@ -49,21 +49,15 @@ from typing import Any
 
 import numpy as np
 
-from .bench import (
-    bootstrap_auc_ci,
-    concat,
-    feature_value,
-    new_figure,
-    save_figure,
-    shared_adapter_probs,
-    skewed_split,
-    train_and_score,
-    work_dir,
-)
-from .benchmarking import Arm, simulate_arm, write_results
+from .arms import work_dir
+from .data import feature_value, skewed_split
+from .figures import new_figure, save_figure
+from .harness import Arm, simulate_arm, write_results
+from .stats import bootstrap_auc_ci
+from .training import concat, shared_adapter_probs, train_and_score
 
 NAME = "diabetes"
-FEDERATE = ("fedtune.simulations.bench_diabetes", "federate", "--overwrite")  # a federated arm's entry
+FEDERATE = ("fedtune.simulations.benchmarks.diabetes", "federate", "--overwrite")  # a federated arm's entry
 SKEW_FEATURE = "Age"
 SEED = 42
 HOLDOUT = 0.15
@@ -252,7 +246,7 @@ def site_file_node_config(sites_dir: str):  # noqa: ANN201 - a node-config funct
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedtune.simulations.bench_diabetes")
+    parser = argparse.ArgumentParser(prog="python -m fedtune.simulations.benchmarks.diabetes")
     sub = parser.add_subparsers(dest="command", required=True)
     fed = sub.add_parser("federate", help="Simulate with each site reading SITES_DIR/site-<i>.csv.")
     fed.add_argument("--sites-dir", required=True)
@@ -265,7 +259,7 @@ def _main(argv: list[str] | None = None) -> int:
     import fedtune.client.app as client_app
     from fedtune.common.config import parse_overrides
 
-    from .simulate import resolve, simulate
+    from ..simulate import resolve, simulate
 
     sites_dir = str(Path(args.sites_dir).resolve())
     # simulate() builds its ClientApp with client_app.make_client_app: give it the site files

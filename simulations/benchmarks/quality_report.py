@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .bench import mean_std, new_figure, pm, save_figure
-from .bench_curves import summary
+from .curves import summary
+from .figures import new_figure, save_figure
+from .stats import mean_std, pm
 
 TARGET_GAPS: dict[str, float] = {"dirichlet-0.3": 3.0, "iid": 1.5, "specialty": 5.0}  # macro-F1 points
 LIFT_PARTITION, LIFT_TARGET = "dirichlet-0.3", 10.0  # points above the mean local-only site

@@ -25,8 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from .bench import adapter_tensors, federated_arm, new_figure, per_site_mean, save_figure
-from .benchmarking import write_results
+from .arms import federated_arm
+from .figures import new_figure, save_figure
+from .harness import write_results
+from .stats import per_site_mean
+from .training import adapter_tensors
 
 NAME = "secagg"
 TARGET_SITES, TARGET_RATIO = 20, 1.10

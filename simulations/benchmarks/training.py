@@ -1,0 +1,190 @@
+"""In-process PEFT arms (centralized and single-site) on the same model, loop and data as the sites."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fedtune.common.run_folder import RunFolder
+
+from .harness import console
+
+if TYPE_CHECKING:  # heavy imports only where a benchmark trains in-process
+    from fedtune.common.config import FedConfig
+    from fedtune.common.data import TextDataset
+    from fedtune.common.local_plan import Schedule
+    from fedtune.common.train import TrainResult
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (``None``: leave torch's setting)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def bench_threads() -> int:
+    """Torch CPU threads of the in-process arms: ``$FEDTUNE_BENCH_THREADS``, default 1.
+
+    1 is what a simulated site gets (one Ray actor with ``num_cpus=1``); on a shared CPU more threads
+    than free cores can make PyTorch many times slower, and these arms report quality, not time.
+    """
+    return int(os.environ.get("FEDTUNE_BENCH_THREADS", "1"))
+
+
+def fresh_model(cfg: FedConfig, num_labels: int):  # noqa: ANN201 - a PeftModel
+    """The PEFT model of ``cfg`` at the seeded initialisation the coordinator starts from."""
+    from fedtune.common.model import PeftSpec, build_peft_model, resolve_model_dir
+
+    return build_peft_model(PeftSpec.from_config(cfg, resolve_model_dir(cfg.base_model), num_labels))
+
+
+def concat(parts: Sequence[TextDataset]) -> TextDataset:
+    """One dataset holding every example of ``parts`` (same label names), in order."""
+    return dataclasses.replace(
+        parts[0],
+        texts=tuple(t for p in parts for t in p.texts),
+        labels=np.concatenate([p.labels for p in parts]),
+    )
+
+
+def central_schedule(cfg: FedConfig, examples: int, epochs: int) -> Schedule:
+    """Centralized training's learning-rate schedule: the run config's, over all of its ``epochs``."""
+    from fedtune.common.local_plan import Schedule
+
+    total = epochs * math.ceil(examples / cfg.batch_size)
+    return Schedule(cfg.lr_schedule, total=total, warmup=round(cfg.lr_warmup * total))
+
+
+def train_central(
+    cfg: FedConfig,
+    model: Any,
+    train: TextDataset,
+    *,
+    epochs: int,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``train`` in-process for ``epochs`` with a site's settings of ``cfg``.
+
+    Same optimiser, batch size, learning rate, max length, device and seed as a federated site; the
+    learning-rate schedule runs over all ``epochs`` and ``label-skew`` uses ``train``'s own label prior.
+    """
+    from fedtune.common.model import load_tokenizer, resolve_model_dir
+    from fedtune.common.train import recipe, select_device
+    from fedtune.common.train import train as train_loop
+
+    with torch_threads(bench_threads()):
+        return train_loop(
+            model,
+            load_tokenizer(resolve_model_dir(cfg.base_model)),
+            train,
+            epochs=epochs,
+            device=select_device(cfg.device),
+            seed=cfg.seed,
+            schedule=central_schedule(cfg, len(train), epochs),
+            on_epoch_end=on_epoch_end,
+            **recipe(cfg, train),
+        )
+
+
+def train_and_score(
+    cfg: FedConfig,
+    train: TextDataset,
+    test: TextDataset,
+    *,
+    epochs: int,
+    keep_probs: bool = False,
+    curve_at: Sequence[int] = (),
+) -> dict[str, Any]:
+    """Train a fresh PEFT model of ``cfg`` on ``train`` with :func:`train_central`; score it on ``test``.
+
+    ``curve_at``: epochs after which the model is also scored on ``test`` (one run, the optimiser's
+    state kept), returned as ``curve``: one ``{"epoch", "accuracy", "macro_f1"}`` per such epoch.
+    """
+    from fedtune.common.model import load_tokenizer, resolve_model_dir
+    from fedtune.common.train import predict_proba, score, select_device
+
+    model = fresh_model(cfg, len(train.label_names))
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.base_model))
+    device = select_device(cfg.device)
+    num_labels = len(test.label_names)
+
+    def probs() -> np.ndarray:
+        return predict_proba(
+            model, tokenizer, test, batch_size=cfg.batch_size, max_length=cfg.max_length, device=device
+        )
+
+    curve: list[dict[str, float]] = []
+
+    def on_epoch_end(epoch: int) -> None:
+        if epoch in curve_at:
+            m = score(probs(), test.labels, num_labels).as_metrics()
+            curve.append({"epoch": epoch, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
+
+    res = train_central(cfg, model, train, epochs=epochs, on_epoch_end=on_epoch_end if curve_at else None)
+    with torch_threads(bench_threads()):
+        final = probs()
+    scored = score(final, test.labels, num_labels)
+    console.print(
+        f"[dim]in-process arm: {len(train)} examples x {epochs} epochs in {res.seconds:.0f} s, "
+        f"held-out macro-F1 {scored.macro_f1:.3f}[/dim]"
+    )
+    out: dict[str, Any] = {
+        **scored.as_metrics(),
+        "train_examples": len(train),
+        "examples_seen": res.examples,
+        "train_seconds": res.seconds,
+    }
+    if curve_at:
+        out["curve"] = curve
+    if keep_probs:
+        out["probs"] = final
+    return out
+
+
+def adapter_tensors(out: Path) -> dict[str, np.ndarray]:
+    """The final shared adapter of a run (``OUT/adapter/adapter_model.safetensors``) as numpy arrays."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(RunFolder(out).adapter_weights))
+
+
+def shared_adapter_probs(cfg: FedConfig, out: Path, test: TextDataset) -> np.ndarray:
+    """Class probabilities of a finished run's shared adapter on ``test`` (for a bootstrap CI)."""
+    import torch
+    from fedtune.common.model import load_tokenizer, resolve_model_dir
+    from fedtune.common.train import predict_proba, select_device
+    from peft import set_peft_model_state_dict
+
+    model = fresh_model(cfg, len(test.label_names))
+    state = {k: torch.from_numpy(v) for k, v in adapter_tensors(out).items()}
+    set_peft_model_state_dict(model, state)
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.base_model))
+    with torch_threads(bench_threads()):
+        return predict_proba(
+            model,
+            tokenizer,
+            test,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            device=select_device(cfg.device),
+        )
+
+
+def run_meta(out: Path) -> dict[str, Any]:
+    """``OUT/adapter/fedtune.json``: adapter bytes, trainable share, base-model bytes, ..."""
+    return json.loads(RunFolder(out).adapter_metadata.read_text())
