@@ -29,6 +29,7 @@ import numpy as np
 
 from .audit import WireLog, load_arrays
 from .audit_integrity import Numbered, integrity_check, record_problems
+from .audit_render import CORRELATION_MASKED, render_markdown, render_plots
 from .audit_stats import attack_auc, one_run_epsilon, tpr_at_fpr
 from .canaries import make_canaries
 from .config import FedConfig, parse_run_config
@@ -45,7 +46,6 @@ from .run_folder import (
 
 ADAPTER_RECORD = re.compile(r"^(fitres|fitins|evaluateins)\.parameters\.(\d+)$")
 MASKED = re.compile(r"^secaggplus_configs\.masked_params\[(\d+)\]$")  # Flower's Key.MASKED_PARAMETERS
-CORRELATION_MASKED = 0.1  # |correlation| below this for every site and round = masked
 
 
 class AuditError(ValueError):
@@ -333,165 +333,16 @@ def build_report(out_dir: Path) -> dict[str, Any]:
     return report
 
 
-def _plots(report: dict[str, Any], plot_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    sites = report["tensors_exchanged"]["per_site"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    names = [f"node …{n[-4:]}" for n in sites]
-    ax.bar(np.arange(len(sites)) - 0.2, [v["up"] / 1e6 for v in sites.values()], 0.4, label="site -> server")
-    ax.bar(
-        np.arange(len(sites)) + 0.2, [v["down"] / 1e6 for v in sites.values()], 0.4, label="server -> site"
-    )
-    ax.set(
-        xticks=np.arange(len(sites)),
-        xticklabels=names,
-        ylabel="MB (whole run)",
-        title="Bytes exchanged per site",
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plot_dir / "bytes_per_site.png", dpi=110)
-    plt.close(fig)
-    written.append("bytes_per_site.png")
-    rows = report["secagg"]["per_site_round"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.scatter([r["round"] for r in rows], [r["correlation"] for r in rows])
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set(
-        ylim=(-1.05, 1.05),
-        xlabel="round",
-        ylabel="correlation",
-        title="What the server received vs true updates",
-    )
-    fig.tight_layout()
-    fig.savefig(plot_dir / "secagg_correlation.png", dpi=110)
-    plt.close(fig)
-    written.append("secagg_correlation.png")
-    mia = report.get("membership_inference")
-    if mia:
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        scores, members = mia["_scores"], mia["_members"]
-        bins = np.histogram_bin_edges(scores, bins=30)
-        ax.hist(scores[members], bins=bins, alpha=0.6, label="trained on (members)")
-        ax.hist(scores[~members], bins=bins, alpha=0.6, label="never seen")
-        ax.set(
-            xlabel="loss drop (initial - shared adapter)", ylabel="canaries", title="Canary membership scores"
-        )
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(plot_dir / "mia_scores.png", dpi=110)
-        plt.close(fig)
-        written.append("mia_scores.png")
-    return written
-
-
-def _markdown(report: dict[str, Any], plots: list[str]) -> str:
-    tx, sa = report["tensors_exchanged"], report["secagg"]
-    ok = "yes" if report["only_adapter_left_sites"] else "**NO**"
-    lines = [
-        f"# fedtune privacy audit: `{report['run']}`",
-        "",
-        f"- Base model fingerprint: `{report['base_model_fingerprint']}`",
-        f"- Shared adapter fingerprint: `{report['adapter_fingerprint']}` ({report['peft_method']})",
-        f"- Sites whose own records were audited: {report['sites_recorded']}",
-        "",
-        "## What left the sites",
-        "",
-        f"Only the adapter left the sites: {ok}.",
-    ]
-    if report["offending_tensors"]:
-        lines += ["", "| node | round | stage | tensor | shape | dtype |", "|---|---|---|---|---|---|"]
-        lines += [
-            f"| {o['node']} | {o['round']} | {o['stage']} | {o['name']} | {o['shape']} | {o['dtype']} |"
-            for o in report["offending_tensors"]
-        ]
-    integrity = report["integrity"]
-    lines += [
-        "Site records match what the coordinator received (SHA-256 and bytes): "
-        f"{report['site_and_server_records_agree']}.",
-        "",
-        "## Audit trail consistency",
-        "",
-        "Every record, each site's record against the coordinator's, `metrics.json` totals against the "
-        f"wire records: {'consistent' if integrity['consistent'] else '**INCONSISTENT**'}.",
-        *(f"- {m}" for m in integrity["mismatches"]),
-        "",
-        "| direction | messages | tensors | bytes | per site per round | vs full model |",
-        "|---|---|---|---|---|---|",
-    ]
-    for d, label in (("up", "sites -> server"), ("down", "server -> sites")):
-        t = tx["totals"][d]
-        per = tx["bytes_per_site_per_round"][d]
-        lines.append(
-            f"| {label} | {t['messages']} | {t['tensors']} | {t['bytes']:,} | {per:,.0f} | "
-            f"{tx[f'{d}_ratio_to_full_model']:.4f} |"
-        )
-    lines += [
-        "",
-        f"Full fine-tuning would move the whole base model ({tx['base_model_bytes']:,} bytes) "
-        "per site per round.",
-        "",
-        "## Secure aggregation",
-        "",
-        f"SecAgg+ on: {sa['secure_aggregation']}. Updates masked "
-        f"(|correlation| < {CORRELATION_MASKED} for every site and round): **{sa['masked']}** "
-        f"(max |correlation| {sa['max_abs_correlation']:.4f}).",
-        f"Unmasked aggregate vs plain weighted average of the true updates: max abs error "
-        f"{sa['aggregate_max_abs_error']:.3g}"
-        + (
-            f" (bound {sa['aggregate_error_bound']:.3g}: within = {sa['aggregate_within_bound']})."
-            if sa["aggregate_error_bound"] is not None
-            else f" ({sa['aggregate_note']})."
-        ),
-        "",
-        "SecAgg+ masks come from Flower's `pseudo_rand_gen` (numpy `RandomState` seeded with 32 bits of "
-        "the shared key): this hides updates from an honest-but-curious coordinator, it is not a "
-        "cryptographic PRG. The number of training examples of each site is visible to the coordinator.",
-        "",
-        "| round | site | correlation |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {r['round']} | {r['site']} | {r['correlation']:.4f} |" for r in sa["per_site_round"]]
-    dp = report["dp"]
-    lines += [
-        "",
-        "## Differential privacy",
-        "",
-        f"Mode: {dp['mode']}; accountant epsilon: {dp['accountant_epsilon']} at delta {dp['delta']:g}.",
-    ]
-    mia = report.get("membership_inference")
-    if mia:
-        e = report["empirical_epsilon"]
-        lines += [
-            "",
-            "## Membership inference (canaries)",
-            "",
-            f"{mia['canaries']} canaries, {mia['members']} planted at site 0. Score: {mia['score']}.",
-            f"Attack AUC {mia['attack_auc']:.4f}; TPR at 1% FPR {mia['tpr_at_1pct_fpr']:.4f}.",
-            f"Empirical epsilon (Steinke, Nasr, Jagielski 2023, one run, {e['confidence']:.0%} confidence): "
-            f"**{e['lower_bound']:.3f}** ({e['correct']}/{e['guesses']} guesses correct) vs accountant "
-            f"epsilon {e['accountant_epsilon']}.",
-        ]
-    lines += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
-    return "\n".join(lines) + "\n"
-
-
 def write_report(out_dir: Path) -> dict[str, Any]:
     """Build the audit of ``out_dir`` and write ``audit/report.json``, ``audit/report.md`` and plots."""
     report = build_report(Path(out_dir))
     run = RunFolder(Path(out_dir))
-    plots = _plots(report, run.audit_plots)
+    plots = render_plots(report, run.audit_plots)
     public = {k: v for k, v in report.items()}
     if "membership_inference" in public:
         public["membership_inference"] = {
             k: v for k, v in public["membership_inference"].items() if k[0] != "_"
         }
     write_text_atomic(run.audit_report, json.dumps(public, indent=2, default=float) + "\n")
-    write_text_atomic(run.audit_report_md, _markdown(report, plots))
+    write_text_atomic(run.audit_report_md, render_markdown(report, plots))
     return public

