@@ -468,3 +468,27 @@ def test_tuning_choice_is_made_on_validation_and_judges_the_targets_on_held_out(
     assert "`centralized-lr5e-3` epoch 4 held-out 0.450" in notes[2] and "+14.0 points" in notes[2]
     assert "missed" in notes[2]
     assert bench_tuning.choice_notes(rows[:2]) == []
+
+
+def test_overhead_rows_are_each_timing_against_its_baseline() -> None:
+    from fedtune.simulations.benchmarks.overhead import _rows
+
+    # Prepare: a 12 s round; the slower site alone 8 s; both sites 14 s on 1 thread, 10 s on 2
+    timing = {
+        "fed_round": 12.0,
+        "slowest_site": 8.0,
+        "slowest_examples": 400,
+        "both_one": 14.0,
+        "both_many": 10.0,
+        "examples": 700,
+        "cores": 2,
+        "site_eps": 25.0,
+    }
+
+    # Execute
+    rows = _rows(timing)
+
+    # Assert
+    assert [r["ratio"] for r in rows] == pytest.approx([1.5, 1.0, 1.2, 1.4, 1.0, 2.0])
+    assert [r["seconds"] for r in rows] == [12.0, 8.0, 12.0, 14.0, 10.0, None]
+    assert rows[1]["examples_per_s"] == 50.0 and rows[4]["compared"].endswith("direct, 2 threads")

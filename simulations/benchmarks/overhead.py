@@ -95,6 +95,55 @@ def after_first(values: list[float]) -> float:
     return sum(rest) / len(rest)
 
 
+def _row(compared: str, seconds: float | None, eps: float, ratio: float, baseline: str) -> dict[str, Any]:
+    return {
+        "compared": compared,
+        "seconds": seconds,
+        "examples_per_s": eps,
+        "ratio": ratio,
+        "baseline": baseline,
+    }
+
+
+def _rows(timing: dict[str, Any]) -> list[dict[str, Any]]:
+    """The compared timings, each as a ratio to its baseline (see the notes)."""
+    fed, slowest, one, many = (
+        timing["fed_round"],
+        timing["slowest_site"],
+        timing["both_one"],
+        timing["both_many"],
+    )
+    examples, whole = timing["examples"], min(one, many)
+    both = "both sites, direct, faster of 1 / all threads"
+    federated = "federated round (train + SecAgg+ + evaluation)"
+    return [
+        _row(federated, fed, examples / fed, fed / slowest, "slower site, direct, 1 thread"),
+        _row(
+            "slower site's training, direct, 1 thread",
+            slowest,
+            timing["slowest_examples"] / slowest,
+            1.0,
+            "-",
+        ),
+        _row(federated, fed, examples / fed, fed / whole, both),
+        _row("both sites' training, direct, 1 thread", one, examples / one, one / whole, both),
+        _row(
+            f"both sites' training, direct, {timing['cores']} threads",
+            many,
+            examples / many,
+            many / whole,
+            both,
+        ),
+        _row(
+            "site training inside its Ray actor (time per example)",
+            None,
+            timing["site_eps"],
+            (examples / one) / timing["site_eps"],
+            "both sites, direct, 1 thread",
+        ),
+    ]
+
+
 def run(quick: bool) -> Path:
     """Run the federation and the direct loops; write ``results/overhead.{json,md}`` and a plot."""
     import torch
@@ -116,59 +165,21 @@ def run(quick: bool) -> Path:
     arm = federated_arm(NAME, "federated", sites, rc)
     site_examples = arm.final.site_train_examples
     examples = sum(site_examples) * s["epochs"]  # trained per round, both sites
-    fed_round = arm.mean_round_seconds()
-    site_eps = after_first([r.site_examples_per_second for r in arm.records[1:]])
     cores = torch.get_num_threads()
     one = direct_loop(rc, sites, s["rounds"], threads=1)
     many = direct_loop(rc, sites, s["rounds"], threads=None)
-    slowest_site = after_first([max(rep) for rep in one])
-    both_one, both_many = after_first([sum(rep) for rep in one]), after_first([sum(rep) for rep in many])
-    whole = min(both_one, both_many)
-    direct_eps = examples / both_one
-    rows = [
+    rows = _rows(
         {
-            "compared": "federated round (train + SecAgg+ + evaluation)",
-            "seconds": fed_round,
-            "examples_per_s": examples / fed_round,
-            "ratio": fed_round / slowest_site,
-            "baseline": "slower site, direct, 1 thread",
-        },
-        {
-            "compared": "slower site's training, direct, 1 thread",
-            "seconds": slowest_site,
-            "examples_per_s": max(site_examples) * s["epochs"] / slowest_site,
-            "ratio": 1.0,
-            "baseline": "-",
-        },
-        {
-            "compared": "federated round (train + SecAgg+ + evaluation)",
-            "seconds": fed_round,
-            "examples_per_s": examples / fed_round,
-            "ratio": fed_round / whole,
-            "baseline": "both sites, direct, faster of 1 / all threads",
-        },
-        {
-            "compared": "both sites' training, direct, 1 thread",
-            "seconds": both_one,
-            "examples_per_s": examples / both_one,
-            "ratio": both_one / whole,
-            "baseline": "both sites, direct, faster of 1 / all threads",
-        },
-        {
-            "compared": f"both sites' training, direct, {cores} threads",
-            "seconds": both_many,
-            "examples_per_s": examples / both_many,
-            "ratio": both_many / whole,
-            "baseline": "both sites, direct, faster of 1 / all threads",
-        },
-        {
-            "compared": "site training inside its Ray actor (time per example)",
-            "seconds": None,
-            "examples_per_s": site_eps,
-            "ratio": direct_eps / site_eps,
-            "baseline": "both sites, direct, 1 thread",
-        },
-    ]
+            "fed_round": arm.mean_round_seconds(),
+            "slowest_site": after_first([max(rep) for rep in one]),
+            "slowest_examples": max(site_examples) * s["epochs"],
+            "both_one": after_first([sum(rep) for rep in one]),
+            "both_many": after_first([sum(rep) for rep in many]),
+            "examples": examples,
+            "cores": cores,
+            "site_eps": after_first([r.site_examples_per_second for r in arm.records[1:]]),
+        }
+    )
     ratio = rows[0]["ratio"]
     notes = [
         f"2 hospitals (SecAgg+ needs 2; sites of {' and '.join(map(str, site_examples))} training examples), "
