@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from fedtune.common.site_config import SiteConfig
 from flwr.app import Context
 from flwr.client import Client
 from flwr.clientapp import ClientApp
@@ -14,7 +15,7 @@ from .errors import make_site_errors_mod
 from .mods import dp_mod, secure_aggregation_mod
 from .site import SiteClient
 
-NodeConfigFn = Callable[[dict], dict]
+NodeConfigFn = Callable[[SiteConfig], SiteConfig]
 
 
 def make_client_app(
@@ -34,7 +35,7 @@ def make_client_app(
         Simulation: the coordinator's ``base-model`` folder, which the simulated sites share
         (deployment: each site's node config ``base-model``, its model cache or the packaged model).
     node_config_fn
-        Maps a node config to the one the site uses (a benchmark gives simulated sites their files).
+        Maps a site's config to the one it uses (a benchmark gives simulated sites their files).
     site_log_dir
         Simulation: where simulated site ``i`` logs the details of its errors (``site-i.log``); the
         coordinator only learns their category (:mod:`fedtune.client.errors`).
@@ -42,10 +43,10 @@ def make_client_app(
     wire_mod, capture_mod = make_audit_mods(audit_dir)
 
     def client_fn(context: Context) -> Client:
-        node_config = dict(context.node_config)
+        site = SiteConfig.parse(context.node_config)
         if node_config_fn is not None:
-            node_config = node_config_fn(node_config)
-        return SiteClient(node_config, base_model).to_client()
+            site = node_config_fn(site)
+        return SiteClient(site, base_model).to_client()
 
     mods = [
         make_site_errors_mod(site_log_dir),

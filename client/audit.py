@@ -12,13 +12,12 @@ from pathlib import Path
 from fedtune.common import instructions
 from fedtune.common.audit import WireLog, message_record, payload_bytes, save_arrays, secagg_stage
 from fedtune.common.run_folder import WIRE_LOG, global_round_name, sent_round_name, site_audit_dir
+from fedtune.common.site_config import SiteConfig
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
-
-AUDIT_DIR = "audit-dir"  # node-config key of a deployed site's audit folder
 
 
 def _stage(msg: Message) -> str:
@@ -29,10 +28,11 @@ def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
     """``(wire_mod, capture_mod)`` writing to ``audit_dir`` (or the node config's ``audit-dir``)."""
 
     def folder(ctxt: Context) -> Path | None:
-        root = audit_dir or ctxt.node_config.get(AUDIT_DIR)
+        site = SiteConfig.parse(ctxt.node_config)
+        root = audit_dir or site.audit_dir
         if not root:
             return None
-        return site_audit_dir(Path(str(root)), str(ctxt.node_config.get("partition-id", ctxt.node_id)))
+        return site_audit_dir(Path(root), site.label(ctxt.node_id))
 
     def wire_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         out_dir = folder(ctxt)

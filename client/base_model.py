@@ -18,9 +18,7 @@ fingerprints named. Every other message passes through.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from fedtune.common.model_store import (
     CHUNK_RECORD,
@@ -30,21 +28,18 @@ from fedtune.common.model_store import (
     default_cache_dir,
     find_base_model,
 )
+from fedtune.common.site_config import SiteConfig
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-BASE_MODEL = "base-model"  # node config: the site's own model folder
-MODEL_CACHE_DIR = "model-cache-dir"  # node config: where received models are kept
 
-
-def cache_dir(node_config: Mapping[str, Any]) -> Path:
+def cache_dir(site: SiteConfig) -> Path:
     """The site's model cache: node config ``model-cache-dir``, else :func:`default_cache_dir`."""
-    value = node_config.get(MODEL_CACHE_DIR)
-    return Path(str(value)).expanduser() if value else default_cache_dir()
+    return site.cache_dir or default_cache_dir()
 
 
-def site_model_dir(node_config: Mapping[str, Any], expected: str, default_base_model: str = "") -> Path:
+def site_model_dir(site: SiteConfig, expected: str, default_base_model: str = "") -> Path:
     """The site's base model with fingerprint ``expected``.
 
     ``default_base_model`` stands in for a missing node-config ``base-model`` (simulated sites share
@@ -57,14 +52,13 @@ def site_model_dir(node_config: Mapping[str, Any], expected: str, default_base_m
     FingerprintMismatchError
         When the site's own copy holds other weights.
     """
-    explicit = str(node_config.get(BASE_MODEL, default_base_model))
-    found = find_base_model(expected, explicit, cache_dir(node_config))
+    found = find_base_model(expected, site.base_model or default_base_model, cache_dir(site))
     if found is None:
         raise FileNotFoundError(
-            f"This site has no base model with fingerprint {expected} (no node config `{BASE_MODEL}`, none "
-            f"in the model cache {cache_dir(node_config)}, the packaged model differs). The coordinator "
+            f"This site has no base model with fingerprint {expected} (no node config `base-model`, none "
+            f"in the model cache {cache_dir(site)}, the packaged model differs). The coordinator "
             "sends it before the site's first round when `distribute-base-model` is true; else install "
-            f"it and give its folder as node config `{BASE_MODEL}`."
+            "it and give its folder as node config `base-model`."
         )
     return found
 
@@ -77,12 +71,13 @@ def make_base_model_mod(default_base_model: str = "") -> Mod:
             return call_next(msg, ctxt)
         req = msg.content.config_records[RECORD]
         expected = str(req["fingerprint"])
-        node_config = ctxt.node_config
-        incoming = IncomingModel(cache_dir(node_config), expected, ctxt.node_id)
+        site = SiteConfig.parse(ctxt.node_config)
+        incoming = IncomingModel(cache_dir(site), expected, ctxt.node_id)
         op = str(req["op"])
         if op == "status":
-            explicit = str(node_config.get(BASE_MODEL, default_base_model))
-            have = find_base_model(expected, explicit, cache_dir(node_config)) is not None
+            have = (
+                find_base_model(expected, site.base_model or default_base_model, cache_dir(site)) is not None
+            )
             received = [] if have else incoming.received(int(req["chunk-bytes"]))
             reply = {"have": have, "received": ",".join(map(str, received))}
         elif op == "chunk":

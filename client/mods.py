@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from fedtune.common import instructions
 from fedtune.common.adapters import update_defect
+from fedtune.common.site_config import SiteConfig
 from fedtune.common.site_errors import SecAggRequiredError, UpdateRefusedError
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
@@ -19,8 +20,6 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
-
-REQUIRE_SECAGG = "require-secure-aggregation"
 
 
 def check_secagg_range(arrays: list[np.ndarray], num_examples: int, max_weight: float, clip: float) -> None:
@@ -75,10 +74,10 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        if str(ctxt.node_config.get(REQUIRE_SECAGG, "false")).lower() == "true":
+        if SiteConfig.parse(ctxt.node_config).require_secure_aggregation:
             raise SecAggRequiredError(
-                f"Node {ctxt.node_id} requires secure aggregation (`{REQUIRE_SECAGG}`) but the server "
-                "asked for an unmasked update; set `secure-aggregation=true` on the server."
+                f"Node {ctxt.node_id} requires secure aggregation (`require-secure-aggregation`) but the "
+                "server asked for an unmasked update; set `secure-aggregation=true` on the server."
             )
         return call_next(msg, ctxt)
 

@@ -10,6 +10,7 @@ from fedtune.common import instructions
 from fedtune.common.adapters import frozen_adapter_fingerprint, get_adapter_arrays, set_adapter_arrays
 from fedtune.common.config import FedConfig
 from fedtune.common.model import FingerprintMismatchError, PeftSpec, build_peft_model, load_tokenizer
+from fedtune.common.site_config import SiteConfig
 from fedtune.common.sites import SiteData, site_data
 from fedtune.common.train import evaluate, select_device, train_local
 from flwr.client import NumPyClient
@@ -22,14 +23,14 @@ log = logging.getLogger(__name__)
 class SiteClient(NumPyClient):
     """One site: its private data stays here; only the PEFT state goes back."""
 
-    def __init__(self, node_config: dict[str, Any], default_base_model: str = "") -> None:
-        self.node_config = node_config
+    def __init__(self, site: SiteConfig, default_base_model: str = "") -> None:
+        self.site = site
         self.default_base_model = default_base_model  # simulation: the coordinator's (shared) folder
 
     def _prepare(self, parameters: list[np.ndarray], config: dict[str, Any]):  # noqa: ANN202
         ins = instructions.decode(config)
-        model_dir = site_model_dir(self.node_config, ins.base_fingerprint, self.default_base_model)
-        data: SiteData = site_data(ins.cfg, self.node_config)
+        model_dir = site_model_dir(self.site, ins.base_fingerprint, self.default_base_model)
+        data: SiteData = site_data(ins.cfg, self.site)
         model = build_peft_model(PeftSpec.from_config(ins.cfg, model_dir, len(data.train.label_names)))
         local = frozen_adapter_fingerprint(model)
         if local != ins.frozen_fingerprint:

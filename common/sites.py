@@ -17,6 +17,7 @@ from .canaries import CANARY_SITE, make_canaries, with_members
 from .config import FedConfig
 from .data import TextDataset, load_task, split
 from .partition import Partitioner, make_partitioner
+from .site_config import SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +84,20 @@ def deployed_site(cfg: FedConfig, data_path: str) -> SiteData:
     return SiteData(train=train, test=test)
 
 
-def site_data(cfg: FedConfig, node_config: dict) -> SiteData:
-    """Resolve a site's data from its Flower node config.
+def site_data(cfg: FedConfig, site: SiteConfig) -> SiteData:
+    """Resolve a site's data from its node config.
 
     Raises
     ------
     ValueError
         When the node config has neither ``partition-id`` (simulation) nor ``data-path`` (deployment).
     """
-    if "partition-id" in node_config:
-        return simulated_site(cfg, int(node_config["partition-id"]), int(node_config["num-partitions"]))
-    if "data-path" in node_config:
-        return deployed_site(cfg, str(node_config["data-path"]))
+    if site.data_path:
+        return deployed_site(cfg, site.data_path)
+    if site.partition_id is not None and site.num_partitions is not None:
+        return simulated_site(cfg, site.partition_id, site.num_partitions)
     raise ValueError(
-        f"Node config {sorted(node_config)} names no data: give the SuperNode "
+        f"Node config {sorted(site.node_config())} names no data: give the SuperNode "
         "`--node-config \"data-path='/path/site.csv'\"`."
     )
 

@@ -236,7 +236,7 @@ def test_a_site_whose_update_is_refused_drops_out_and_the_others_aggregate(
 
     def fit_nan_at_site_2(self: SiteClient, parameters: list, config: dict) -> tuple:
         arrays, n, metrics = fit(self, parameters, config)
-        if self.node_config["partition-id"] == 2:
+        if self.site.partition_id == 2:
             arrays = [np.full_like(a, np.nan) for a in arrays]
         return arrays, n, metrics
 

@@ -21,6 +21,7 @@ import tomli
 from fedtune.common.config import ConfigError, parse_run_config
 from fedtune.common.data import serialise_row
 from fedtune.common.model import fingerprint
+from fedtune.common.site_config import SiteConfig
 from fedtune.common.sites import coordinator_max_weight, coordinator_test_set
 from fedtune.simulations.deploy.certs import make_certs
 from fedtune.simulations.deploy.flower import (
@@ -234,12 +235,12 @@ def test_node_config_is_what_flower_parses() -> None:
     from flwr.common.config import parse_config_args
 
     # Execute
-    text = node_config(data_path=Path("/data/my site/a.csv"), audit_dir="/out/audit")
+    text = node_config(SiteConfig(data_path="/data/my site/a.csv", audit_dir="/out/audit"))
 
     # Assert
     assert parse_config_args([text]) == {"data-path": "/data/my site/a.csv", "audit-dir": "/out/audit"}
     with pytest.raises(DeployError, match="data-path.*quote"):
-        node_config(data_path="/data/o'brien.csv")
+        node_config(SiteConfig(data_path="/data/o'brien.csv"))
 
 
 def test_flower_env_has_its_own_home_no_network_and_a_thread_cap(tmp_path: Path) -> None:
@@ -454,7 +455,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Path) 
             cmd = [tool("flower-supernode"), "--superlink", summary["superlink"]]
             cmd += ["--root-certificates", str(out / "certs" / "ca.crt")]
             cmd += ["--auth-supernode-private-key", str(intruder_key), "--port", str(free_port())]
-            cmd += ["--node-config", node_config(data_path=sites[0]), "--max-retries", "3"]
+            cmd += ["--node-config", node_config(SiteConfig(data_path=str(sites[0]))), "--max-retries", "3"]
             intruder = group.start("intruder", cmd, env=flower_env(root / "intruder-home"))
             try:
                 intruder.wait(timeout=120)

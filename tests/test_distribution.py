@@ -26,6 +26,7 @@ from fedtune.common.model_store import (
     plan_transfer,
     sha256,
 )
+from fedtune.common.site_config import SiteConfig
 from fedtune.server.distribution import Distributor
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from safetensors.torch import save_file
@@ -211,7 +212,7 @@ def test_site_looks_in_its_own_folder_then_its_cache_then_the_packaged_model(
 
 def test_site_without_the_model_says_how_it_gets_it(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="distribute-base-model") as err:
-        site_model_dir({"model-cache-dir": str(tmp_path)}, "a" * 64)
+        site_model_dir(SiteConfig(model_cache_dir=str(tmp_path)), "a" * 64)
     assert "a" * 64 in str(err.value)
 
 
@@ -300,7 +301,7 @@ def test_coordinator_sends_the_model_only_to_sites_that_lack_it(
     assert fingerprint(tmp_path / "lacks" / expected) == expected
     assert expected in result[12].error and fingerprint(other_model) in result[12].error
     assert "FingerprintMismatchError" in result[13].error and not (tmp_path / "flaky" / expected).exists()
-    assert site_model_dir(grid.sites[11], expected) == tmp_path / "lacks" / expected
+    assert site_model_dir(SiteConfig.parse(grid.sites[11]), expected) == tmp_path / "lacks" / expected
 
 
 def test_no_site_path_or_data_goes_back_to_the_coordinator(coordinator_model, tmp_path) -> None:

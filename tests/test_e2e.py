@@ -344,7 +344,7 @@ try:
     run_simulation(
         server_app=make_server_app(cfg.to_run_config(), show_progress=False),
         client_app=ClientApp(
-            client_fn=lambda context: SiteClient(dict(context.node_config)).to_client(),
+            client_fn=lambda context: SiteClient(SiteConfig.parse(context.node_config)).to_client(),
             mods=[make_base_model_mod(), secure_aggregation_mod, poison_mod],
         ),
         num_supernodes=3,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fedtune.client import site as site_module
-from fedtune.client.mods import REQUIRE_SECAGG, secure_aggregation_mod
+from fedtune.client.mods import secure_aggregation_mod
 from fedtune.client.site import SiteClient
 from fedtune.common import instructions
 from fedtune.common.adapters import adapter_names, frozen_adapter_fingerprint, get_adapter_arrays
@@ -17,6 +17,7 @@ from fedtune.common.model import (
     fingerprint,
     resolve_model_dir,
 )
+from fedtune.common.site_config import SiteConfig
 from fedtune.common.sites import simulated_site
 from fedtune.common.train import TrainResult
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -43,7 +44,7 @@ def test_site_refuses_a_foreign_base_model_naming_both_fingerprints(start, tmp_p
 
     # Execute / Assert
     with pytest.raises(FingerprintMismatchError) as err:
-        SiteClient(node).fit(arrays, config)
+        SiteClient(SiteConfig.parse(node)).fit(arrays, config)
     assert foreign in str(err.value) and fingerprint(resolve_model_dir("")) in str(err.value)
 
 
@@ -54,7 +55,7 @@ def test_site_lacking_the_pinned_model_refuses_to_train(start, tmp_path) -> None
 
     # Execute / Assert
     with pytest.raises(FileNotFoundError, match="no base model with fingerprint f{64}"):
-        SiteClient({**NODE, "model-cache-dir": str(tmp_path)}).fit(arrays, config)
+        SiteClient(SiteConfig.parse({**NODE, "model-cache-dir": str(tmp_path)})).fit(arrays, config)
 
 
 def test_site_returns_only_a_trained_adapter_of_the_same_shapes(start) -> None:
@@ -63,7 +64,7 @@ def test_site_returns_only_a_trained_adapter_of_the_same_shapes(start) -> None:
     config = instructions.encode(CFG, 1, fingerprint(resolve_model_dir("")))
 
     # Execute
-    new, num_examples, metrics = SiteClient(NODE).fit([a.copy() for a in arrays], config)
+    new, num_examples, metrics = SiteClient(SiteConfig.parse(NODE)).fit([a.copy() for a in arrays], config)
 
     # Assert: same tensors (PEFT state only), changed values, examples counted (not batches)
     assert [a.shape for a in new] == [a.shape for a in arrays]
@@ -85,7 +86,7 @@ def test_site_trains_at_the_round_of_its_instruction(start, monkeypatch: pytest.
     config = instructions.encode(CFG, 4, fingerprint(resolve_model_dir("")))
 
     # Execute
-    _, _, metrics = SiteClient(NODE).fit(arrays, config)
+    _, _, metrics = SiteClient(SiteConfig.parse(NODE)).fit(arrays, config)
 
     # Assert: the schedule's round and the reported steps come from this round's instruction
     assert calls[0]["server_round"] == 4 and calls[0]["seed"] == CFG.seed + 4
@@ -98,7 +99,7 @@ def test_site_evaluate_scores_its_local_test_split(start) -> None:
     config = instructions.encode(CFG, 1, fingerprint(resolve_model_dir("")))
 
     # Execute
-    loss, n, metrics = SiteClient(NODE).evaluate(arrays, config)
+    loss, n, metrics = SiteClient(SiteConfig.parse(NODE)).evaluate(arrays, config)
 
     # Assert: every example of this site's local split, none of its training data
     split = simulated_site(CFG, 1, 3).test
@@ -132,7 +133,7 @@ def test_site_trains_from_the_coordinators_adapter_with_its_settings(
         config = {**config, instructions.PROXIMAL_MU: cfg.fedprox_mu}
 
     # Execute
-    _, num_examples, _ = SiteClient(NODE).fit(sent, config)
+    _, num_examples, _ = SiteClient(SiteConfig.parse(NODE)).fit(sent, config)
 
     # Assert: training starts from the adapter sent; FedProx's mu reaches it; DP weighs every site 1
     start_arrays, kwargs = seen[0]
@@ -150,12 +151,16 @@ def _train_message(with_secagg: bool) -> Message:
 def test_mod_refuses_unmasked_training_when_the_site_requires_secagg() -> None:
     # Prepare
     ctxt = Context(
-        run_id=1, node_id=7, node_config={REQUIRE_SECAGG: "true"}, state=RecordDict(), run_config={}
+        run_id=1,
+        node_id=7,
+        node_config={"require-secure-aggregation": "true"},
+        state=RecordDict(),
+        run_config={},
     )
     called = []
 
     # Execute / Assert
-    with pytest.raises(PermissionError, match=REQUIRE_SECAGG):
+    with pytest.raises(PermissionError, match="require-secure-aggregation"):
         secure_aggregation_mod(_train_message(False), ctxt, lambda m, c: called.append(m))
     assert not called
 
@@ -182,7 +187,7 @@ def test_ffa_site_trains_when_its_frozen_a_is_the_coordinators() -> None:
     config = instructions.encode(FFA, 1, fingerprint(resolve_model_dir("")), frozen_fingerprint=sent)
 
     # Execute
-    new, _, _ = SiteClient(NODE).fit(get_adapter_arrays(model), config)
+    new, _, _ = SiteClient(SiteConfig.parse(NODE)).fit(get_adapter_arrays(model), config)
 
     # Assert: B and the head only, and A still the one the coordinator fingerprinted
     assert len(sent) == 64 and not any("lora_A" in n for n in adapter_names(model))
@@ -196,7 +201,7 @@ def test_ffa_site_refuses_a_frozen_a_other_than_the_coordinators() -> None:
 
     # Execute / Assert
     with pytest.raises(FingerprintMismatchError, match="frozen LoRA A matrices .* coordinator's e{64}"):
-        SiteClient(NODE).fit(get_adapter_arrays(model), config)
+        SiteClient(SiteConfig.parse(NODE)).fit(get_adapter_arrays(model), config)
 
 
 def test_a_standard_lora_site_has_no_frozen_fingerprint(start) -> None:
@@ -205,4 +210,4 @@ def test_a_standard_lora_site_has_no_frozen_fingerprint(start) -> None:
     assert frozen_adapter_fingerprint(model) == ""
     config = instructions.encode(CFG, 1, fingerprint(resolve_model_dir("")), frozen_fingerprint="e" * 64)
     with pytest.raises(FingerprintMismatchError, match="have fingerprint none"):
-        SiteClient(NODE).fit(arrays, config)
+        SiteClient(SiteConfig.parse(NODE)).fit(arrays, config)

@@ -42,12 +42,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fedtune.common.site_config import SiteConfig
 
 from .arms import work_dir
 from .data import feature_value, skewed_split
@@ -239,8 +241,8 @@ def federate_site_files(out: Path, data: Path, sites: int, rc: dict[str, Any]) -
 def site_file_node_config(sites_dir: str):  # noqa: ANN201 - a node-config function
     """Node config function: simulated site ``i`` reads ``sites_dir/site-i.csv`` (as a deployed site)."""
 
-    def node_config_fn(node_config: dict) -> dict:
-        return {"data-path": str(Path(sites_dir) / f"site-{int(node_config['partition-id'])}.csv")}
+    def node_config_fn(site: SiteConfig) -> SiteConfig:
+        return dataclasses.replace(site, data_path=str(Path(sites_dir) / f"site-{site.partition_id}.csv"))
 
     return node_config_fn
 

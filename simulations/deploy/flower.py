@@ -15,7 +15,7 @@ from pathlib import Path
 
 import tomli
 import tomli_w
-from fedtune.common.config import key_of
+from fedtune.common.site_config import SiteConfig
 
 CONNECTION = "fedtune-local"  # name of the SuperLink connection in OUT/flwr/cli/config.toml
 _QUIET_FLOWER = {
@@ -113,7 +113,7 @@ def write_connection(flwr_home: Path, address: str, root_certificates: Path) -> 
     return path
 
 
-def node_config(**values: str | Path) -> str:
+def node_config(site: SiteConfig) -> str:
     """``--node-config`` text: ``key='value'`` pairs (TOML literal strings, kebab-case keys).
 
     Raises
@@ -122,11 +122,8 @@ def node_config(**values: str | Path) -> str:
         A value contains a single quote or a line break (Flower's parser cannot carry it).
     """
     items = []
-    for key, value in values.items():
-        text = str(value)
+    for key, text in site.node_config().items():
         if "'" in text or "\n" in text:
-            raise DeployError(
-                f"Node config `{key_of(key)}` {text!r} contains a quote or line break; rename it."
-            )
-        items.append(f"{key_of(key)}='{text}'")
+            raise DeployError(f"Node config `{key}` {text!r} contains a quote or line break; rename it.")
+        items.append(f"{key}='{text}'")
     return " ".join(items)

@@ -29,6 +29,7 @@ from fedtune.common.config import ConfigError, FedConfig, key_of
 from fedtune.common.files import write_json_atomic
 from fedtune.common.records import RoundRecord, read_records
 from fedtune.common.run_folder import RunFolder, holds_run, outputs_discarded_on_failure
+from fedtune.common.site_config import SiteConfig
 
 from .certs import CertFiles, make_certs
 from .flower import DeployError, DeployInputError, node_config, write_app
@@ -201,7 +202,11 @@ def _start_sites(
             certs.site_key(i),
             # each site keeps a model cache of its own, as on its own machine
             node_config(
-                data_path=path, audit_dir=RunFolder(out_dir).audit, model_cache_dir=out_dir / "models" / name
+                SiteConfig(
+                    data_path=str(path),
+                    audit_dir=str(RunFolder(out_dir).audit),
+                    model_cache_dir=str(out_dir / "models" / name),
+                )
             ),
         )
         sites.append({"site": i, "node_id": str(node_id), "pid": pid, "log": str(dep.procs.log_path(name))})

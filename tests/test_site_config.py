@@ -1,0 +1,71 @@
+"""A site's node config is typed once; a key no site knows is refused naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fedtune.client.app import make_client_app
+from fedtune.common.config import ConfigError
+from fedtune.common.site_config import KEYS, SiteConfig
+from fedtune.common.site_errors import SiteError
+from flwr.app import Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+
+
+def test_simulation_and_deployment_node_configs_are_typed() -> None:
+    # Execute
+    simulated = SiteConfig.parse({"partition-id": "2", "num-partitions": 5})
+    deployed = SiteConfig.parse(
+        {"data-path": "/d/a.csv", "model-cache-dir": "~/cache", "require-secure-aggregation": "True"}
+    )
+
+    # Assert
+    assert (simulated.partition_id, simulated.num_partitions, simulated.data_path) == (2, 5, "")
+    assert simulated.label(node_id=99) == "2" and deployed.label(node_id=99) == "99"
+    assert deployed.require_secure_aggregation is True and simulated.require_secure_aggregation is False
+    assert str(deployed.cache_dir).endswith("/cache") and "~" not in str(deployed.cache_dir)
+    assert simulated.cache_dir is None
+
+
+def test_node_config_round_trips_through_its_items() -> None:
+    site = SiteConfig(data_path="/d/a.csv", audit_dir="/out/audit", require_secure_aggregation=True)
+
+    assert site.node_config() == {
+        "data-path": "/d/a.csv",
+        "audit-dir": "/out/audit",
+        "require-secure-aggregation": "true",
+    }
+    assert SiteConfig.parse(site.node_config()) == site
+    assert set(KEYS) == {"partition-id", "num-partitions", "data-path", "audit-dir", "model-cache-dir"} | {
+        "base-model",
+        "require-secure-aggregation",
+    }
+
+
+@pytest.mark.parametrize(
+    ("node_config", "message"),
+    [
+        ({"data_path": "/d/a.csv"}, "`data_path` unknown to a fedtune site; valid: `partition-id`"),
+        ({"partition-id": "two"}, "`partition-id` must be a whole number, got 'two'"),
+        ({"require-secure-aggregation": "yes"}, "`require-secure-aggregation` must be true or false"),
+    ],
+)
+def test_a_bad_node_config_is_refused_naming_the_key(node_config: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        SiteConfig.parse(node_config)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_client_app_refuses_a_misspelt_node_config_key(tmp_path: Path) -> None:
+    # Prepare: a deployed site's operator wrote data_path for data-path
+    app = make_client_app(site_log_dir=str(tmp_path))
+    msg = Message(RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN, group_id="1")
+    ctxt = Context(
+        run_id=1, node_id=7, node_config={"data_path": "/d/a.csv"}, state=RecordDict(), run_config={}
+    )
+
+    # Execute / Assert: no training on a silently ignored key; the coordinator learns only the category
+    with pytest.raises(SiteError, match=r"site error \[config\]"):
+        app(msg, ctxt)
+    assert "`data_path` unknown to a fedtune site" in (tmp_path / "site-7.log").read_text()
