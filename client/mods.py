@@ -50,10 +50,6 @@ def _train_ins(msg: Message) -> FitIns:
     return compat.recorddict_to_fitins(msg.content, keep_input=True)
 
 
-def _train_config(msg: Message) -> dict:
-    return _train_ins(msg).config
-
-
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Run train messages of a SecAgg+ round through ``secaggplus_mod``; pass others through.
 
@@ -116,13 +112,12 @@ def dp_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message
     """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
-    config = _train_config(msg)
-    mode = str(config.get("dp-mode", "off"))
-    if mode == "off":
+    ins = instructions.decode(_train_ins(msg).config)
+    if ins.cfg.dp_mode == "off":
         return call_next(msg, ctxt)
     out = fixedclipping_mod(msg, ctxt, call_next)
-    std = float(config.get(instructions.DP_NOISE_STD, 0.0))
-    if mode != "distributed" or out.has_error() or std == 0.0:
+    std = ins.dp_noise_std
+    if ins.cfg.dp_mode != "distributed" or out.has_error() or std == 0.0:
         return out
     fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
     rng = np.random.default_rng()  # fresh OS entropy every round; never seeded from the run config
