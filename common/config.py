@@ -18,18 +18,9 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
-PeftMethod = Literal["lora", "prefix"]
-Task = Literal["icd10-chapter", "diabetes", "csv"]
-Partitioning = Literal["iid", "dirichlet", "specialty"]
-StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"]
-LoraVariant = Literal["standard", "ffa"]
-LabelSkew = Literal["none", "logit-adjust", "restricted-softmax"]
-LrSchedule = Literal["constant", "cosine"]
-Device = Literal["auto", "cpu", "cuda"]
-DpMode = Literal["off", "distributed", "central"]
-Accountant = Literal["rdp", "pld"]
+from . import options
 
 
 class ConfigError(ValueError):
@@ -53,9 +44,7 @@ class FedConfig:
         1.0, "Fraction of connected sites sampled to evaluate locally.", min=0.0, max=1.0
     )
     min_clients: int = _opt(2, "Sites that must be connected (and sampled) before a round starts.", min=1)
-    strategy: StrategyName = _opt(
-        "fedavg", "Server aggregation (Flower's strategies): fedavg, fedprox, fedavgm, fedadam or fedyogi."
-    )
+    strategy: str = _opt("fedavg", "Server aggregation (Flower's strategies).", choices=options.STRATEGIES)
     fedprox_mu: float = _opt(0.01, "FedProx proximal weight on the PEFT parameters.", min=0.0)
     fedavgm_lr: float = _opt(1.0, "FedAvgM server learning rate (1 with momentum 0 = FedAvg).", min=0.0)
     fedavgm_momentum: float = _opt(0.5, "FedAvgM server momentum.", min=0.0, max=0.999)
@@ -85,10 +74,8 @@ class FedConfig:
         min=0.0,
     )
     # --- client-level differential privacy --------------------------------------------
-    dp_mode: DpMode = _opt(
-        "off",
-        "Client-level DP: off; distributed (each site clips and adds its share of the noise before "
-        "SecAgg+); central (sites clip, the server adds the noise: Flower's client-side-clipping wrapper).",
+    dp_mode: str = _opt(
+        "off", "Client-level DP (the whole site is the privacy unit).", choices=options.DP_MODES
     )
     dp_noise_multiplier: float = _opt(
         1.0, "Noise std as a multiple of `dp-clipping-norm` (on the sum).", min=0.0
@@ -98,7 +85,7 @@ class FedConfig:
     dp_target_epsilon: float = _opt(
         0.0, "Stop before a round would exceed this epsilon; 0 = no budget.", min=0.0
     )
-    dp_accountant: Accountant = _opt("rdp", "dp-accounting accountant: rdp or pld.")
+    dp_accountant: str = _opt("rdp", "Privacy accountant.", choices=options.ACCOUNTANTS)
     # --- audit -------------------------------------------------------------------------
     audit: bool = _opt(
         True, "Record every exchanged message and each site's true update under `out-dir`/audit."
@@ -122,15 +109,13 @@ class FedConfig:
     base_model_timeout: float = _opt(
         600.0, "Seconds to wait for each site's reply to a base-model transfer message.", min=1.0
     )
-    peft_method: PeftMethod = _opt("lora", "PEFT method trained at the sites: lora or prefix.")
+    peft_method: str = _opt("lora", "PEFT method trained at the sites.", choices=options.PEFT_METHODS)
     lora_r: int = _opt(8, "LoRA rank.", min=1)
     lora_alpha: int = _opt(16, "LoRA scaling alpha.", min=1)
     lora_dropout: float = _opt(0.05, "LoRA dropout.", min=0.0, max=1.0)
     lora_target_modules: str = _opt("query,value", "Comma-separated module names LoRA adapts.")
-    lora_variant: LoraVariant = _opt(
-        "standard",
-        "standard (A and B trained and exchanged) or ffa (FFA-LoRA, Sun et al. 2024: A frozen at the shared "
-        "seeded init, only B trained and exchanged, so the average of the sites' updates is exact).",
+    lora_variant: str = _opt(
+        "standard", "LoRA variant (Sun et al. 2024 for ffa).", choices=options.LORA_VARIANTS
     )
     prefix_virtual_tokens: int = _opt(10, "Prefix-tuning virtual tokens per layer.", min=1)
     prefix_projection: bool = _opt(
@@ -151,27 +136,26 @@ class FedConfig:
     )
     batch_size: int = _opt(32, "Local mini-batch size.", min=1)
     learning_rate: float = _opt(5e-3, "Local AdamW peak learning rate (adapter and head).", min=0.0)
-    lr_schedule: LrSchedule = _opt(
+    lr_schedule: str = _opt(
         "constant",
-        "Local learning rate over the whole run's local steps (driven by the server round): constant, or "
-        "cosine (linear warm-up, then cosine decay to 0 at the last round's last step).",
+        "Local learning rate over the whole run's local steps (driven by the server round; cosine decays "
+        "to 0 at the last round's last step).",
+        choices=options.LR_SCHEDULES,
     )
     lr_warmup: float = _opt(
         0.0, "Share of the run's local steps spent warming up (cosine).", min=0.0, max=0.5
     )
     weight_decay: float = _opt(0.0, "Local AdamW weight decay.", min=0.0)
-    label_skew: LabelSkew = _opt(
-        "logit-adjust",
-        "Label-skew correction in local training: none; logit-adjust (train against the site's label prior, "
-        "Menon et al. 2021 / FedLC); restricted-softmax (scale the logits of labels the site lacks, FedRS).",
+    label_skew: str = _opt(
+        "logit-adjust", "Label-skew correction in local training.", choices=options.LABEL_SKEW
     )
     logit_adjust_tau: float = _opt(1.0, "Logit adjustment: weight of the log label prior.", min=0.0)
     restricted_softmax_alpha: float = _opt(
         0.5, "Restricted softmax: factor on the logits of labels absent at the site.", min=0.0, max=1.0
     )
-    device: Device = _opt("auto", "Where sites train: auto (CUDA if present, else CPU), cpu or cuda.")
+    device: str = _opt("auto", "Where sites train.", choices=options.DEVICES)
     # --- data ---------------------------------------------------------------------------
-    task: Task = _opt("icd10-chapter", "Task: icd10-chapter, diabetes or csv.")
+    task: str = _opt("icd10-chapter", "Task.", choices=options.TASKS)
     data_path: str = _opt(
         "", "CSV/JSONL file for task=csv (a deployed site's own file comes from its node config)."
     )
@@ -190,9 +174,7 @@ class FedConfig:
     test_fraction: float = _opt(
         0.2, "Share of each site's data kept as its local test split.", min=0.0, max=0.9
     )
-    partitioning: Partitioning = _opt(
-        "dirichlet", "How simulated sites split the data: iid, dirichlet, specialty."
-    )
+    partitioning: str = _opt("dirichlet", "How simulated sites split the data.", choices=options.PARTITIONERS)
     dirichlet_alpha: float = _opt(1.0, "Dirichlet concentration over labels (smaller = more skewed).", gt=0.0)
     specialty_labels: int = _opt(2, "Dominant labels per specialty site.", min=1)
     specialty_share: float = _opt(
@@ -271,7 +253,7 @@ VALID_KEYS: tuple[str, ...] = tuple(sorted(_FIELDS))
 def _coerce(key: str, raw: Any) -> Any:
     f = _FIELDS[key]
     hint = _HINTS[f.name]
-    choices = get_args(hint) if typing.get_origin(hint) is Literal else ()
+    choices = tuple(f.metadata.get("choices", ()))
     text = raw.strip() if isinstance(raw, str) else raw
     try:
         if hint is bool:
@@ -312,6 +294,22 @@ def _coerce(key: str, raw: Any) -> Any:
         bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ConfigError(f"Run-config key `{key}` must be {bounds}, got {value!r}.")
     return value
+
+
+def config_table() -> str:
+    """Every run-config key as a Markdown table: key, default, meaning (with the valid values).
+
+    ``fedtune config`` prints it and README's "Run config" section holds it verbatim.
+    """
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, f in _FIELDS.items():
+        default = ("true" if f.default else "false") if isinstance(f.default, bool) else repr(f.default)
+        meaning = f.metadata["help"]
+        choices = f.metadata.get("choices")
+        if choices:
+            meaning += " " + "; ".join(f"`{name}`: {what}" for name, what in choices.items()) + "."
+        rows.append(f"| `{key}` | {default} | {meaning} |")
+    return "\n".join(rows)
 
 
 def parse_run_config(run_config: Mapping[str, Any]) -> FedConfig:

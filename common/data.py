@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import options
 from .tables import DataError, Table, read_table, read_table_cached
 
 logger = logging.getLogger(__name__)
 
-TASKS: tuple[str, ...] = ("icd10-chapter", "diabetes", "csv")
 
 # ICD-10-CM chapters as CMS publishes them: first and last 3-character category, short name.
 # Categories compare as strings, so ``C4A`` falls in C00-D49 and ``O9A`` ends the pregnancy chapter.
@@ -131,7 +131,7 @@ def load_task(
     Parameters
     ----------
     task
-        One of :data:`TASKS`.
+        One of :data:`fedtune.common.options.TASKS`.
     data_path, text_column, label_column
         For ``task="csv"`` only: the file, the text column (empty = serialise every other column as
         ``name: value; ...``) and the label column.
@@ -166,7 +166,7 @@ def load_task(
             raise DataError("Task `csv` needs a data file: set `data-path` to a .csv or .jsonl file.")
         ds = _build(read_table(Path(data_path)), data_path, text_column, label_column, labels)
     else:
-        raise DataError(f"Unknown task {task!r}; valid tasks: {', '.join(TASKS)}.")
+        raise DataError(f"Unknown task {task!r}; valid tasks: {', '.join(options.TASKS)}.")
     if labels and labels != ds.label_names:
         raise DataError(
             f"Task `{task}` has the fixed labels {', '.join(ds.label_names)}; got `labels` = "

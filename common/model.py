@@ -123,62 +123,58 @@ def verify_fingerprint(model_dir: Path, expected: str) -> None:
         )
 
 
+# the run-config fields that shape the PEFT model (declared once, in FedConfig)
+PEFT_FIELDS: tuple[str, ...] = (
+    "peft_method",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_variant",
+    "prefix_virtual_tokens",
+    "prefix_projection",
+    "seed",
+)
+
+
 @dataclass(frozen=True)
 class PeftSpec:
-    """Everything that shapes the PEFT model (hashable: it keys the per-process model cache)."""
+    """Everything that shapes the PEFT model (hashable: it keys the per-process model cache).
+
+    ``peft`` holds the run config's :data:`PEFT_FIELDS`, every other field at its default, so two
+    runs that differ only in, say, the learning rate share one cached model.
+    """
 
     model_dir: Path
-    method: str
     num_labels: int
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("query", "value")
-    lora_variant: str = "standard"
-    virtual_tokens: int = 10
-    prefix_projection: bool = False
-    seed: int = 0
+    peft: FedConfig
 
     @classmethod
     def from_config(cls, cfg: FedConfig, model_dir: Path, num_labels: int) -> PeftSpec:
-        """Build the spec from the run config's model fields."""
-        return cls(
-            model_dir=model_dir,
-            method=cfg.peft_method,
-            num_labels=num_labels,
-            lora_r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.target_modules,
-            lora_variant=cfg.lora_variant,
-            virtual_tokens=cfg.prefix_virtual_tokens,
-            prefix_projection=cfg.prefix_projection,
-            seed=cfg.seed,
-        )
+        """The spec of ``cfg``'s PEFT fields on the base model in ``model_dir``."""
+        return cls(model_dir, num_labels, FedConfig(**{f: getattr(cfg, f) for f in PEFT_FIELDS}))
 
 
 def _lora(spec: PeftSpec) -> PeftConfig:
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,
-        r=spec.lora_r,
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.lora_dropout,
-        target_modules=list(spec.target_modules),
+        r=spec.peft.lora_r,
+        lora_alpha=spec.peft.lora_alpha,
+        lora_dropout=spec.peft.lora_dropout,
+        target_modules=list(spec.peft.target_modules),
     )
 
 
 def _prefix(spec: PeftSpec) -> PeftConfig:
     return PrefixTuningConfig(
         task_type=TaskType.SEQ_CLS,
-        num_virtual_tokens=spec.virtual_tokens,
-        prefix_projection=spec.prefix_projection,
+        num_virtual_tokens=spec.peft.prefix_virtual_tokens,
+        prefix_projection=spec.peft.prefix_projection,
     )
 
 
 # method name -> PEFT config builder; for SEQ_CLS peft also trains and saves the classifier head.
 PEFT_METHODS: dict[str, Callable[[PeftSpec], PeftConfig]] = {"lora": _lora, "prefix": _prefix}
-# `lora-variant` name -> whether LoRA's A matrices are frozen (FFA-LoRA) and so never exchanged
-LORA_VARIANTS: dict[str, bool] = {"standard": False, "ffa": True}
 
 
 def load_base_model(model_dir: Path, num_labels: int) -> torch.nn.Module:
@@ -213,7 +209,7 @@ def build_peft_model(spec: PeftSpec) -> PeftModel:
     """Base model + PEFT wrapper for ``spec``, at its seeded initial PEFT state.
 
     Built once per process and spec (:func:`_built`); every call resets the head and adapter to the
-    ``spec.seed``-seeded initialisation, so the coordinator's initial adapter is reproducible even in
+    run's ``seed``-seeded initialisation, so the coordinator's initial adapter is reproducible even in
     a process that ran another federation, and a site never starts from what the process trained last.
     """
     model, initial = _built(spec)
@@ -227,17 +223,11 @@ def build_peft_model(spec: PeftSpec) -> PeftModel:
 @functools.cache
 def _built(spec: PeftSpec) -> tuple[PeftModel, dict[str, torch.Tensor]]:
     """The model of ``spec`` and a copy of its seeded initial trainable parameters."""
-    if spec.method not in PEFT_METHODS:
-        raise ValueError(
-            f"`peft-method` {spec.method!r} is not supported; supported: {', '.join(PEFT_METHODS)}."
-        )
-    if spec.lora_variant not in LORA_VARIANTS:
-        raise ValueError(
-            f"`lora-variant` {spec.lora_variant!r} is not supported; supported: {', '.join(LORA_VARIANTS)}."
-        )
-    torch.manual_seed(spec.seed)
-    model = get_peft_model(load_base_model(spec.model_dir, spec.num_labels), PEFT_METHODS[spec.method](spec))
-    frozen_a = spec.method == "lora" and LORA_VARIANTS[spec.lora_variant]
+    peft = spec.peft
+    torch.manual_seed(peft.seed)
+    base = load_base_model(spec.model_dir, spec.num_labels)
+    model = get_peft_model(base, PEFT_METHODS[peft.peft_method](spec))
+    frozen_a = peft.peft_method == "lora" and peft.lora_variant == "ffa"  # FFA-LoRA: A never exchanged
     for name, p in model.named_parameters():
         if frozen_a and "lora_A" in name:
             p.requires_grad_(False)  # FFA-LoRA: A stays at the seeded init every site shares

@@ -12,7 +12,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "specialty")
+from . import options
+
 _FILL_PASSES = 4  # SpecialtyPartitioner step 4
 
 
@@ -312,7 +313,7 @@ def make_partitioner(
     share: float,
     seed: int,
 ) -> Partitioner:
-    """Build the partitioner called ``name`` (one of :data:`PARTITIONERS`).
+    """Build the partitioner called ``name`` (one of :data:`fedtune.common.options.PARTITIONERS`).
 
     ``alpha`` is used by ``dirichlet`` only; ``labels_per_site`` and ``share`` by ``specialty`` only.
 
@@ -327,4 +328,4 @@ def make_partitioner(
         return DirichletPartitioner(labels, num_partitions, alpha, seed)
     if name == "specialty":
         return SpecialtyPartitioner(labels, num_partitions, labels_per_site, share, seed)
-    raise ValueError(f"Unknown partitioning {name!r}; valid: {', '.join(PARTITIONERS)}.")
+    raise ValueError(f"Unknown partitioning {name!r}; valid: {', '.join(options.PARTITIONERS)}.")

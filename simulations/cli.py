@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedtune.common.config import ConfigError, parse_overrides
+from fedtune.common.config import ConfigError, config_table, parse_overrides
 from fedtune.common.records import RoundRecord
 
 from .presets import PRESETS
@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         "--num-clients", type=int, default=None, help="Simulated hospitals (default: the preset's)."
     )
     sim.add_argument(
-        "--run-config", default="", help='Overrides, e.g. "num-server-rounds=5 peft-method=prefix".'
+        "--run-config",
+        default="",
+        help='Overrides, e.g. "num-server-rounds=5 peft-method=prefix" (every key: `fedtune config`).',
     )
     sim.add_argument("--out", default=None, help="Output folder (default: fedtune-out/<date-time>).")
     sim.add_argument("--overwrite", action="store_true", help="Allow an --out folder that holds a run.")
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="Continue the killed run in DIR after its last checkpoint, with its DIR/run_config.json.",
     )
+    sub.add_parser("config", help="Print every run-config key: its default, meaning and valid values.")
     aud = sub.add_parser("audit", help="Write OUT/audit/report.md and report.json for a finished run.")
     aud.add_argument("out", help="The run folder (a simulation's --out, or a deployment's gathered folders).")
     crt = sub.add_parser(
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedtune simulate: {err}", file=sys.stderr)
             return EXIT_FAILED
         return _report_dropped("simulate", records, f"{cfg.out_dir}/site-logs/")
+    elif args.command == "config":
+        print(config_table())
     elif args.command == "audit":
         from fedtune.common.audit_report import AuditError, write_report
 

@@ -16,6 +16,7 @@ from fedtune.common.adapters import (
     save_shared_adapter,
     set_adapter_arrays,
 )
+from fedtune.common.config import FedConfig
 from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer
 from fedtune.common.run_folder import ADAPTER_METADATA
 from peft import PeftModel, get_peft_model_state_dict
@@ -36,7 +37,9 @@ def method(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def model(base_dir: Path, method: str) -> PeftModel:
     # A seed of its own: this module mutates the process-cached model, no other module gets it.
-    return build_peft_model(PeftSpec(model_dir=base_dir, method=method, num_labels=NUM_LABELS, seed=11))
+    return build_peft_model(
+        PeftSpec.from_config(FedConfig(peft_method=method, seed=11), base_dir, NUM_LABELS)
+    )
 
 
 def _random_like(arrays: list[np.ndarray], seed: int) -> list[np.ndarray]:

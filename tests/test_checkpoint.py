@@ -39,7 +39,7 @@ SHAPES = [(2, 3), (4,)]
 @pytest.fixture(scope="module")
 def model() -> PeftModel:
     # A seed of its own: no other module gets this process-cached model.
-    return build_peft_model(PeftSpec(model_dir=resolve_model_dir(""), method="lora", num_labels=2, seed=23))
+    return build_peft_model(PeftSpec.from_config(FedConfig(seed=23), resolve_model_dir(""), num_labels=2))
 
 
 def _fedadam() -> tuple:

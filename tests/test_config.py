@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fedtune.common import options
 from fedtune.common.config import (
     VALID_KEYS,
     ConfigError,
     FedConfig,
+    config_table,
     defaults,
     key_of,
     parse_overrides,
@@ -74,19 +76,40 @@ def test_run_config_keys_are_the_kebab_case_field_names() -> None:
     assert key_of("num_server_rounds") == "num-server-rounds"
 
 
-def test_readme_run_config_table_lists_every_key_with_its_default() -> None:
+def test_readme_run_config_table_is_the_one_fedtune_config_prints(capsys) -> None:
+    from fedtune.simulations.cli import main
+
     # Prepare
     readme = (PYPROJECT.parent / "README.md").read_text(encoding="utf-8")
     start = readme.index("| key | default | meaning |")
-    table = readme[start : readme.index("\n\n", start)]
-    rows = re.findall(r"^\| `([a-z0-9-]+)` \| ([^|]+) \| (.+) \|$", table, flags=re.MULTILINE)
+    documented = readme[start : readme.index("\n\n", start)]
 
     # Execute
-    documented = {key: default.strip() for key, default, _ in rows}
+    assert main(["config"]) == 0
+    printed = capsys.readouterr().out.strip()
 
-    # Assert: the table is FedConfig's (regenerate it from the dataclass when a key or default changes)
+    # Assert: regenerate README's table with `fedtune config` when a key, default or value changes
+    assert documented == printed == config_table()
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| ([^|]+) \| (.+) \|$", printed, flags=re.MULTILINE)
     want = {k: ("true" if v else "false") if isinstance(v, bool) else repr(v) for k, v in defaults().items()}
-    assert documented == want
+    assert {key: default.strip() for key, default, _ in rows} == want
+    assert "`restricted-softmax`: logits of labels absent at the site" in printed
+
+
+def test_each_option_registry_is_what_the_code_implements() -> None:
+    from fedtune.common.model import PEFT_METHODS
+    from fedtune.server.strategy import STRATEGIES
+
+    # Assert: a value the config accepts has an implementation, and no implementation is unreachable
+    assert list(STRATEGIES) == list(options.STRATEGIES)
+    assert list(PEFT_METHODS) == list(options.PEFT_METHODS)
+    for key, registry in [
+        ("strategy", options.STRATEGIES),
+        ("task", options.TASKS),
+        ("device", options.DEVICES),
+    ]:
+        with pytest.raises(ConfigError, match=f"valid values: {', '.join(registry)}"):
+            parse_run_config({key: "nope"})
 
 
 def test_pyproject_app_config_equals_embedded_defaults() -> None:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spec(model_dir: Path, variant: str, seed: int = 31) -> PeftSpec:
-    return PeftSpec(model_dir=model_dir, method="lora", num_labels=2, lora_variant=variant, seed=seed)
+    return PeftSpec.from_config(FedConfig(lora_variant=variant, seed=seed), model_dir, num_labels=2)
 
 
 def _a_matrices(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -120,6 +120,6 @@ def test_ffa_needs_lora() -> None:
     assert FedConfig(lora_variant="ffa").lora_variant == "ffa"
 
 
-def test_unknown_variant_lists_the_supported_ones(tiny_base_model: Path) -> None:
-    with pytest.raises(ValueError, match="supported: standard, ffa"):
-        build_peft_model(_spec(tiny_base_model, "dora"))
+def test_unknown_variant_lists_the_supported_ones() -> None:
+    with pytest.raises(ConfigError, match="`lora-variant` got 'dora'; valid values: standard, ffa"):
+        parse_run_config({"lora-variant": "dora"})

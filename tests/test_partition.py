@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedtune.common import options
 from fedtune.common.partition import (
-    PARTITIONERS,
     DirichletPartitioner,
     IidPartitioner,
     Partitioner,
@@ -36,7 +36,7 @@ def _mean_label_entropy(p: Partitioner, labels: np.ndarray) -> float:
     return float(np.mean(entropies))
 
 
-@pytest.mark.parametrize("name", PARTITIONERS)
+@pytest.mark.parametrize("name", tuple(options.PARTITIONERS))
 @pytest.mark.parametrize(
     ("counts", "num_partitions"),
     [
@@ -68,7 +68,7 @@ def test_partitions_are_disjoint_covering_sorted_and_non_empty(
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
 
 
-@pytest.mark.parametrize("name", PARTITIONERS)
+@pytest.mark.parametrize("name", tuple(options.PARTITIONERS))
 def test_partitions_are_deterministic_per_seed(name: str) -> None:
     # Prepare
     labels = _labels([300, 200, 100, 50])
@@ -203,7 +203,7 @@ def test_a_thousand_partitions_of_sixty_thousand_examples_cover_them_all(name: s
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
 
 
-@pytest.mark.parametrize("name", PARTITIONERS)
+@pytest.mark.parametrize("name", tuple(options.PARTITIONERS))
 def test_more_partitions_than_examples_is_an_error(name: str) -> None:
     # Prepare
     labels = _labels([2, 2])

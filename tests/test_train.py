@@ -77,7 +77,7 @@ def dataset() -> TextDataset:
 @pytest.fixture(scope="module")
 def model_and_start(base_dir: Path) -> tuple[PeftModel, list[np.ndarray]]:
     # A seed of its own: this module trains the process-cached model, no other module gets it.
-    model = build_peft_model(PeftSpec(model_dir=base_dir, method="lora", num_labels=2, seed=21))
+    model = build_peft_model(PeftSpec.from_config(FedConfig(seed=21), base_dir, num_labels=2))
     return model, get_adapter_arrays(model)
 
 

@@ -42,6 +42,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedtune.common import options
+
 from .arms import arms_dir, cached, choose, env_list, resolved, saved, saved_only
 from .curves import Curve, centralized_curve, federated_curve
 from .harness import write_results
@@ -55,7 +57,7 @@ PARTITIONS: dict[str, dict[str, Any]] = {
     "dirichlet-0.1": {"partitioning": "dirichlet", "dirichlet-alpha": 0.1},
     "specialty": {"partitioning": "specialty"},
 }
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox")
+STRATEGIES: tuple[str, ...] = tuple(options.STRATEGIES)
 SEEDS: tuple[int, ...] = (42, 43, 44)
 # centralized settings; validation picks one per seed (the pooled label prior when logit-adjusted)
 CENTRAL_GRID: dict[str, dict[str, Any]] = {
