@@ -57,13 +57,15 @@ class FedConfig:
         True, "Mask site updates with Flower's SecAgg+ (server sees only the sum)."
     )
     secagg_num_shares: int = _opt(
-        3, "SecAgg+ secret shares per site (clamped to the number of sampled sites).", min=2
+        3, "SecAgg+ secret shares per site (clamped to the number of sampled sites).", min=3
     )
     secagg_reconstruction_threshold: int = _opt(2, "SecAgg+ shares needed to unmask a dropped site.", min=2)
     secagg_clipping_range: float = _opt(
         8.0, "SecAgg+ clips every weighted value to +-this before quantising.", min=0.0
     )
-    secagg_quantization_range: int = _opt(2**22, "SecAgg+ quantisation levels.", min=2)
+    secagg_quantization_range: int = _opt(
+        2**22, "SecAgg+ quantisation levels (below Flower's modulus range 2^32).", min=2, max=2**32 - 1
+    )
     secagg_max_weight: float = _opt(
         0.0, "SecAgg+ weight normaliser; 0 = auto (the run's pooled training examples).", min=0.0
     )
@@ -192,10 +194,12 @@ class FedConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.secagg_reconstruction_threshold > self.secagg_num_shares:
+        if self.secagg_reconstruction_threshold >= self.secagg_num_shares:
+            # Flower's SecAggPlusWorkflow refuses the same (its checks at construction)
             raise ConfigError(
-                "`secagg-reconstruction-threshold` must not exceed `secagg-num-shares` "
-                f"({self.secagg_reconstruction_threshold} > {self.secagg_num_shares})."
+                "`secagg-reconstruction-threshold` must be below `secagg-num-shares` "
+                f"({self.secagg_reconstruction_threshold} >= {self.secagg_num_shares}): raise the shares or "
+                "lower the threshold."
             )
         if self.task == "csv" and not self.data_path and not self.test_data_path:
             # a deployed coordinator has no site data: it scores on `test-data-path`

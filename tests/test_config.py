@@ -288,8 +288,9 @@ def test_nan_is_rejected_for_bounded_floats(key: str) -> None:
         ("max-length", 7, ">= 8"),
         ("holdout-fraction", 0.95, "in [0.0, 0.9]"),
         ("test-fraction", "0.91", "in [0.0, 0.9]"),
-        ("secagg-num-shares", 1, ">= 2"),
-        ("secagg-quantization-range", 1, ">= 2"),
+        ("secagg-num-shares", 2, ">= 3"),
+        ("secagg-quantization-range", 1, "in [2, 4294967295]"),
+        ("secagg-quantization-range", 2**32, "in [2, 4294967295]"),
         ("max-examples", -1, ">= 0"),
         ("learning-rate", "-1e-3", ">= 0.0"),
         ("fedopt-beta-1", 1.5, "in [0.0, 1.0]"),
@@ -322,7 +323,8 @@ def test_out_of_range_value_names_key_and_bounds(key: str, value: Any, bounds: s
         ("max-length", 8),
         ("holdout-fraction", 0.9),
         ("max-examples", 0),
-        ("secagg-num-shares", 2),
+        ("secagg-num-shares", 3),
+        ("secagg-quantization-range", 2**32 - 1),
     ],
 )
 def test_bound_values_are_inclusive(key: str, value: Any) -> None:
@@ -341,7 +343,11 @@ def test_bound_values_are_inclusive(key: str, value: Any) -> None:
     [
         (
             {"secagg-num-shares": 3, "secagg-reconstruction-threshold": 4},
-            ("secagg-reconstruction-threshold", "secagg-num-shares", "4 > 3"),
+            ("secagg-reconstruction-threshold", "secagg-num-shares", "4 >= 3"),
+        ),
+        (
+            {"secagg-num-shares": 4, "secagg-reconstruction-threshold": 4},
+            ("secagg-reconstruction-threshold", "must be below", "4 >= 4"),
         ),
         ({"task": "csv"}, ("task=csv", "data-path")),
         ({"task": "icd10-chapter", "test-data-path": "/t.csv"}, ("test-data-path", "task=csv")),
@@ -363,7 +369,7 @@ def test_cross_field_error_names_the_keys(run_config: dict[str, Any], needles: t
 @pytest.mark.parametrize(
     "run_config",
     [
-        {"secagg-num-shares": 4, "secagg-reconstruction-threshold": 4},
+        {"secagg-num-shares": 4, "secagg-reconstruction-threshold": 3},
         {"task": "csv", "data-path": "/d.csv"},
         {"task": "csv", "data-path": "/d.csv", "test-data-path": "/t.csv"},
         {"peft-method": "prefix", "lora-target-modules": ""},
@@ -473,3 +479,48 @@ def test_save_writes_json_that_parses_back(tmp_path: Path) -> None:
     assert list(loaded) == sorted(loaded)
     assert loaded == cfg.to_run_config()
     assert parse_run_config(loaded) == cfg
+
+
+@pytest.mark.parametrize(
+    "run_config",
+    [
+        {"secagg-num-shares": 3, "secagg-reconstruction-threshold": 2},
+        {
+            "secagg-num-shares": 9,
+            "secagg-reconstruction-threshold": 8,
+            "secagg-quantization-range": 2**32 - 1,
+        },
+    ],
+)
+def test_every_secagg_setting_the_config_accepts_flower_accepts(run_config: dict[str, Any]) -> None:
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    # Prepare
+    cfg = parse_run_config(run_config)
+
+    # Execute / Assert: Flower's workflow raises at construction on settings it refuses
+    SecAggPlusWorkflow(
+        num_shares=cfg.secagg_num_shares,
+        reconstruction_threshold=cfg.secagg_reconstruction_threshold,
+        quantization_range=cfg.secagg_quantization_range,
+    )
+
+
+@pytest.mark.parametrize(
+    "run_config",
+    [{"secagg-num-shares": 2}, {"secagg-num-shares": 3, "secagg-reconstruction-threshold": 3}],
+)
+def test_secagg_settings_flower_refuses_are_refused_by_the_config(run_config: dict[str, Any]) -> None:
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    # Prepare: Flower refuses these
+    merged = {"secagg-reconstruction-threshold": 2, **run_config}
+    with pytest.raises(ValueError):
+        SecAggPlusWorkflow(
+            num_shares=merged["secagg-num-shares"],
+            reconstruction_threshold=merged["secagg-reconstruction-threshold"],
+        )
+
+    # Execute / Assert: so does the config, before any run starts
+    with pytest.raises(ConfigError):
+        parse_run_config(run_config)

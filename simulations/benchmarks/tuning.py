@@ -69,6 +69,12 @@ FEDERATED: dict[str, dict[str, Any]] = {
         "fedavgm-lr": 1.0,
         "fedavgm-momentum": 0.5,
     },
+    "fedavgm-m0.8-la-s30-lr5e-3-const": {
+        "strategy": "fedavgm",
+        **CHOSEN,
+        "fedavgm-lr": 1.0,
+        "fedavgm-momentum": 0.8,
+    },
     "fedavgm-lr2-m0-la-s30-lr5e-3-const": {
         "strategy": "fedavgm",
         **CHOSEN,
