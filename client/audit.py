@@ -20,10 +20,6 @@ from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
 
-def _stage(msg: Message) -> str:
-    return secagg_stage(msg.content) if msg.has_content() else ""
-
-
 def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
     """``(wire_mod, capture_mod)`` writing to ``audit_dir`` (or the node config's ``audit-dir``)."""
 
@@ -39,7 +35,7 @@ def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
         if out_dir is None:
             return call_next(msg, ctxt)
         log = WireLog(out_dir / WIRE_LOG)
-        stage = _stage(msg)
+        stage = secagg_stage(msg)
         log.append(
             message_record(
                 msg, node=ctxt.node_id, direction="down", stage=stage, payload_bytes=payload_bytes(msg)

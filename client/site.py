@@ -9,10 +9,10 @@ import numpy as np
 from fedtune.common import instructions
 from fedtune.common.adapters import frozen_adapter_fingerprint, get_adapter_arrays, set_adapter_arrays
 from fedtune.common.config import FedConfig
-from fedtune.common.model import FingerprintMismatchError, PeftSpec, build_peft_model, load_tokenizer
+from fedtune.common.model import FingerprintMismatchError, bring_up
 from fedtune.common.site_config import SiteConfig
 from fedtune.common.sites import SiteData, site_data
-from fedtune.common.train import evaluate, select_device, train_local
+from fedtune.common.train import evaluate, train_local
 from flwr.client import NumPyClient
 
 from .base_model import site_model_dir
@@ -31,8 +31,8 @@ class SiteClient(NumPyClient):
         ins = instructions.decode(config)
         model_dir = site_model_dir(self.site, ins.base_fingerprint, self.default_base_model)
         data: SiteData = site_data(ins.cfg, self.site)
-        model = build_peft_model(PeftSpec.from_config(ins.cfg, model_dir, len(data.train.label_names)))
-        local = frozen_adapter_fingerprint(model)
+        parts = bring_up(ins.cfg, len(data.train.label_names), model_dir)
+        local = frozen_adapter_fingerprint(parts.model)
         if local != ins.frozen_fingerprint:
             raise FingerprintMismatchError(
                 f"This site's frozen LoRA A matrices (`lora-variant=ffa`) have fingerprint "
@@ -40,8 +40,8 @@ class SiteClient(NumPyClient):
                 "initialisation differs "
                 "(another torch version?). Refusing to train: install the coordinator's torch version."
             )
-        set_adapter_arrays(model, parameters)
-        return ins, data, model, load_tokenizer(model_dir), select_device(ins.cfg.device)
+        set_adapter_arrays(parts.model, parameters)
+        return ins, data, parts.model, parts.tokenizer, parts.device
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]):  # noqa: ANN201
         """Train the adapter locally and return it (never the base model, never data)."""

@@ -33,9 +33,11 @@ SECAGG_RECORD = "secaggplus_configs"  # Flower's RECORD_KEY_CONFIGS: the config 
 _ROUND_FILE = re.compile(r"-round-(\d+)")  # received-round-003-node-7.npz, global-round-003.npz, ...
 
 
-def secagg_stage(content: Mapping[str, Mapping[str, Any]]) -> str:
-    """The SecAgg+ stage a request carries ("" outside SecAgg+ and in replies)."""
-    record = content.get(SECAGG_RECORD)
+def secagg_stage(msg: Any) -> str:
+    """The SecAgg+ stage a Flower message's request carries ("" outside SecAgg+, in replies, when empty)."""
+    if not msg.has_content():
+        return ""
+    record = msg.content.get(SECAGG_RECORD)
     return str(record.get("stage", "")) if record is not None else ""
 
 

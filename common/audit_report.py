@@ -19,6 +19,7 @@ operator gathers the sites' ``audit-dir`` folders there), and writes ``OUT/audit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import defaultdict
@@ -251,13 +252,13 @@ def _aggregate_error(
 def membership(out_dir: Path, cfg: FedConfig, meta: dict[str, Any]) -> dict[str, Any]:
     """Loss-based canary scores: loss under the initial adapter minus loss under the shared adapter."""
     from .adapters import set_adapter_arrays
-    from .model import PeftSpec, build_peft_model, load_tokenizer, resolve_model_dir
-    from .train import predict_proba, select_device
+    from .model import bring_up
+    from .train import predict_proba
 
     canaries = make_canaries(cfg.audit_canaries, tuple(meta["label_names"]), cfg.seed)
-    model_dir = resolve_model_dir(cfg.base_model)
-    model = build_peft_model(PeftSpec.from_config(cfg, model_dir, len(meta["label_names"])))
-    tokenizer, device = load_tokenizer(model_dir), select_device("auto")
+    # the audit runs where the report is made: any device there, whatever the run used
+    parts = bring_up(dataclasses.replace(cfg, device="auto"), len(meta["label_names"]))
+    model, tokenizer, device = parts.model, parts.tokenizer, parts.device
     losses = []
     run = RunFolder(out_dir)
     for path in (run.global_round(1), run.global_final):

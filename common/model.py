@@ -246,6 +246,40 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def select_device(preference: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is an error."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("`device=cuda` but no CUDA GPU is visible; use `device=auto` or `device=cpu`.")
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """What scoring or training a run's PEFT model takes: the model, its tokenizer, the device."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    model_dir: Path
+
+
+def bring_up(cfg: FedConfig, num_labels: int, model_dir: Path | None = None) -> ModelParts:
+    """The run's PEFT model at its seeded initialisation, its tokenizer and device.
+
+    ``model_dir`` is the base model's folder (default: ``cfg.base_model`` resolved; a site passes
+    the copy whose fingerprint it checked).
+    """
+    folder = model_dir if model_dir is not None else resolve_model_dir(cfg.base_model)
+    return ModelParts(
+        model=build_peft_model(PeftSpec.from_config(cfg, folder, num_labels)),
+        tokenizer=load_tokenizer(folder),
+        device=select_device(cfg.device),
+        model_dir=folder,
+    )
+
+
 def trainable_counts(model: torch.nn.Module) -> tuple[int, int]:
     """Return ``(trainable, total)`` parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -25,15 +25,6 @@ from .local_plan import LogitTransform, Schedule, skew_transform, steps_per_roun
 from .model import frozen_state_fingerprint
 
 
-def select_device(preference: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is an error."""
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("`device=cuda` but no CUDA GPU is visible; use `device=auto` or `device=cpu`.")
-    if preference in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """Mixed-precision dtype for ``device``: bf16 (or fp16) on CUDA, none on CPU."""
     if device.type != "cuda":

@@ -27,20 +27,12 @@ from fedtune.common.adapters import frozen_adapter_fingerprint, get_adapter_arra
 from fedtune.common.checkpoint import ServerState, set_rng_state
 from fedtune.common.config import FedConfig
 from fedtune.common.data import TextDataset
-from fedtune.common.model import (
-    PeftSpec,
-    base_model_nbytes,
-    build_peft_model,
-    fingerprint,
-    load_tokenizer,
-    resolve_model_dir,
-    trainable_counts,
-)
+from fedtune.common.model import base_model_nbytes, bring_up, fingerprint, resolve_model_dir, trainable_counts
 from fedtune.common.privacy import PrivacyAccountant
 from fedtune.common.records import RoundRecord
 from fedtune.common.run_folder import RunFolder
 from fedtune.common.sites import coordinator_max_weight, coordinator_test_set
-from fedtune.common.train import evaluate, select_device
+from fedtune.common.train import evaluate
 from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from peft import PeftModel
@@ -88,7 +80,8 @@ class SharedModel:
         model_dir = resolve_model_dir(cfg.base_model)
         pinned = fingerprint(model_dir)
         test_set = coordinator_test_set(cfg)
-        model = build_peft_model(PeftSpec.from_config(cfg, model_dir, len(test_set.label_names)))
+        parts = bring_up(cfg, len(test_set.label_names), model_dir)
+        model = parts.model
         if resumed is not None:
             if resumed.base_fingerprint != pinned:
                 raise ValueError(
@@ -102,8 +95,8 @@ class SharedModel:
             model_dir=model_dir,
             fingerprint=pinned,
             model=model,
-            tokenizer=load_tokenizer(model_dir),
-            device=select_device(cfg.device),
+            tokenizer=parts.tokenizer,
+            device=parts.device,
             test_set=test_set,
             # a resumed run starts from the checkpointed arrays exactly as they were (dtype included)
             initial=[np.asarray(a) for a in resumed.global_arrays] if resumed else get_adapter_arrays(model),

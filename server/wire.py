@@ -36,10 +36,6 @@ from flwr.serverapp import Grid
 ProgressFn = Callable[[int, str, int, int], None]
 
 
-def _stage(msg: Message) -> str:
-    return secagg_stage(msg.content) if msg.has_content() else ""
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 ERROR_CHARS = 400
 
@@ -97,7 +93,9 @@ class MeteredGrid(Grid):
     def _record(self, msg: Message, node: int, direction: str, size: int) -> None:
         """Append the message's audit record; keep the arrays a site uploaded in a train reply."""
         has = msg.has_content()
-        stage = self._stages.pop(msg.metadata.reply_to_message_id, "") if direction == "up" else _stage(msg)
+        # a reply is filed under the stage of the request it answers
+        reply_to = msg.metadata.reply_to_message_id
+        stage = self._stages.pop(reply_to, "") if direction == "up" else secagg_stage(msg)
         self._wire_log.append(
             message_record(msg, node=node, direction=direction, stage=stage, payload_bytes=size)
         )
@@ -134,7 +132,7 @@ class MeteredGrid(Grid):
         ids = list(self._grid.push_messages(messages))
         self._sent.update((i, m.metadata.dst_node_id) for i, m in zip(ids, messages, strict=True) if i)
         if self._wire_log is not None:
-            self._stages.update((i, _stage(m)) for i, m in zip(ids, messages, strict=True) if i)
+            self._stages.update((i, secagg_stage(m)) for i, m in zip(ids, messages, strict=True) if i)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102

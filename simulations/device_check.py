@@ -21,15 +21,9 @@ import torch
 from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
 from fedtune.common.config import parse_overrides, parse_run_config
 from fedtune.common.data import split
-from fedtune.common.model import (
-    PeftSpec,
-    build_peft_model,
-    frozen_state_fingerprint,
-    load_tokenizer,
-    resolve_model_dir,
-)
+from fedtune.common.model import bring_up, frozen_state_fingerprint, select_device
 from fedtune.common.sites import load_configured
-from fedtune.common.train import autocast_dtype, evaluate, select_device, train_local
+from fedtune.common.train import autocast_dtype, evaluate, train_local
 
 
 def check(devices: list[str], run_config: dict[str, str]) -> list[dict]:
@@ -37,9 +31,8 @@ def check(devices: list[str], run_config: dict[str, str]) -> list[dict]:
     cfg = parse_run_config(run_config)
     data = load_configured(cfg)
     train_set, test_set = split(data, cfg.test_fraction, cfg.seed)
-    model_dir = resolve_model_dir(cfg.base_model)
-    model = build_peft_model(PeftSpec.from_config(cfg, model_dir, len(data.label_names)))
-    tokenizer = load_tokenizer(model_dir)
+    parts = bring_up(cfg, len(data.label_names))
+    model, tokenizer = parts.model, parts.tokenizer
     initial, frozen = get_adapter_arrays(model), frozen_state_fingerprint(model)
     warm_up = train_set.subset(np.arange(min(len(train_set), 2 * cfg.batch_size)))
     rows = []

@@ -174,10 +174,9 @@ def test_local_only_site_keeps_its_adapter_across_rounds_and_is_scored_at_its_ch
     tiny_base_model: Path,
 ) -> None:
     from fedtune.common.config import parse_run_config
-    from fedtune.common.model import load_tokenizer
+    from fedtune.common.model import bring_up, load_tokenizer, select_device
     from fedtune.common.sites import coordinator_test_set, simulated_site
-    from fedtune.common.train import evaluate, select_device, train_local
-    from fedtune.simulations.benchmarks.training import fresh_model
+    from fedtune.common.train import evaluate, train_local
 
     # Prepare: the Pima table over 2 sites, 3 local steps of batch 16 per round
     run_config = {
@@ -196,7 +195,7 @@ def test_local_only_site_keeps_its_adapter_across_rounds_and_is_scored_at_its_ch
 
     # Assert: site 1 replayed by hand: one adapter trained round after round, judged on its own split
     site = simulated_site(cfg, 1, 2)
-    model = fresh_model(cfg, len(test.label_names))
+    model = bring_up(cfg, len(test.label_names)).model
     val, held_out, losses = [], [], []
     for r in (1, 2, 3):
         train_local(model, tokenizer, site.train, cfg, device=device, seed=cfg.seed + r, server_round=r)

@@ -15,9 +15,16 @@ from fedtune.common import instructions
 from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
 from fedtune.common.audit import load_arrays
 from fedtune.common.checkpoint import read_checkpoint
-from fedtune.common.model import PeftSpec, _built, build_peft_model, fingerprint, load_tokenizer
+from fedtune.common.model import (
+    PeftSpec,
+    _built,
+    build_peft_model,
+    fingerprint,
+    load_tokenizer,
+    select_device,
+)
 from fedtune.common.sites import coordinator_test_set
-from fedtune.common.train import evaluate, select_device
+from fedtune.common.train import evaluate
 from fedtune.server.run_state import RunState
 from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity

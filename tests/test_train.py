@@ -13,7 +13,7 @@ from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
 from fedtune.common.config import FedConfig
 from fedtune.common.data import TextDataset
 from fedtune.common.local_plan import LogitTransform, Schedule
-from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer
+from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer, select_device
 from fedtune.common.train import (
     EvalResult,
     TrainResult,
@@ -21,7 +21,6 @@ from fedtune.common.train import (
     evaluate,
     predict_proba,
     score,
-    select_device,
     train,
     train_local,
 )

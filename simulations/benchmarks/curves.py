@@ -15,14 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from fedtune.common.model import bring_up
 from fedtune.common.run_folder import RunFolder
 
 from .arms import federated_arm
-from .training import bench_threads, concat, fresh_model, torch_threads, train_central
+from .training import bench_threads, concat, torch_threads, train_central
 
 if TYPE_CHECKING:
     from fedtune.common.config import FedConfig
     from fedtune.common.data import TextDataset
+    from fedtune.common.model import ModelParts
 
 Curve = list[dict[str, float]]
 
@@ -35,18 +37,19 @@ def sets(cfg: FedConfig, sites: int) -> tuple[TextDataset, TextDataset, TextData
     return concat([d.train for d in data]), concat([d.test for d in data]), coordinator_test_set(cfg)
 
 
-def scorer(cfg: FedConfig) -> Callable[[Any, TextDataset], dict[str, float]]:
-    """``score(model, dataset) -> metrics`` with the run config's batch size, length and device."""
-    from fedtune.common.model import load_tokenizer, resolve_model_dir
-    from fedtune.common.train import evaluate, select_device
+def scorer(cfg: FedConfig, parts: ModelParts) -> Callable[[TextDataset], dict[str, float]]:
+    """``score(dataset) -> metrics`` of ``parts.model`` as it is then, with the run config's settings."""
+    from fedtune.common.train import evaluate
 
-    tokenizer = load_tokenizer(resolve_model_dir(cfg.base_model))
-    device = select_device(cfg.device)
-
-    def score(model: Any, ds: TextDataset) -> dict[str, float]:
+    def score(ds: TextDataset) -> dict[str, float]:
         with torch_threads(bench_threads()):
             return evaluate(
-                model, tokenizer, ds, batch_size=cfg.batch_size, max_length=cfg.max_length, device=device
+                parts.model,
+                parts.tokenizer,
+                ds,
+                batch_size=cfg.batch_size,
+                max_length=cfg.max_length,
+                device=parts.device,
             ).as_metrics()
 
     return score
@@ -77,15 +80,15 @@ def federated_curve(bench: str, arm: str, run_config: Mapping[str, Any], sites: 
     result = federated_arm(bench, arm, sites, run_config)
     cfg = parse_run_config(dict(run_config))
     _, validation, _ = sets(cfg, sites)
-    score = scorer(cfg)
-    model = fresh_model(cfg, len(validation.label_names))
+    parts = bring_up(cfg, len(validation.label_names))
+    score = scorer(cfg, parts)
     run = RunFolder(result.out)
     curve: Curve = []
     for record in result.records[1:]:  # record 0 is the initial adapter
         r = record.round
         path = run.global_round(r + 1) if r < cfg.num_server_rounds else run.global_final
-        set_adapter_arrays(model, load_arrays(path)[0])
-        curve.append(point(r, score(model, validation), record.to_json()))
+        set_adapter_arrays(parts.model, load_arrays(path)[0])
+        curve.append(point(r, score(validation), record.to_json()))
     return {"curve": curve, "seconds": result.seconds}
 
 
@@ -95,14 +98,14 @@ def centralized_curve(run_config: Mapping[str, Any], sites: int, epochs: int) ->
 
     cfg = parse_run_config(dict(run_config))
     pool, validation, test = sets(cfg, sites)
-    score = scorer(cfg)
-    model = fresh_model(cfg, len(pool.label_names))
+    parts = bring_up(cfg, len(pool.label_names))
+    score = scorer(cfg, parts)
     curve: Curve = []
 
     def on_epoch_end(epoch: int) -> None:
-        curve.append(point(epoch, score(model, validation), score(model, test)))
+        curve.append(point(epoch, score(validation), score(test)))
 
-    res = train_central(cfg, model, pool, epochs=epochs, on_epoch_end=on_epoch_end)
+    res = train_central(cfg, parts, pool, epochs=epochs, on_epoch_end=on_epoch_end)
     return {"curve": curve, "seconds": res.seconds}
 
 

@@ -38,7 +38,7 @@ from typing import Any
 from .arms import federated_arm
 from .figures import new_figure, save_figure
 from .harness import write_results
-from .training import fresh_model, torch_threads
+from .training import torch_threads
 
 NAME = "overhead"
 TARGET = 1.20
@@ -60,27 +60,25 @@ def direct_loop(
     import time
 
     from fedtune.common.config import parse_run_config
-    from fedtune.common.model import load_tokenizer, resolve_model_dir
+    from fedtune.common.model import bring_up
     from fedtune.common.sites import simulated_site
-    from fedtune.common.train import select_device, train_local
+    from fedtune.common.train import train_local
 
     cfg = parse_run_config(run_config)
     data = [simulated_site(cfg, i, sites).train for i in range(sites)]
-    tokenizer = load_tokenizer(resolve_model_dir(cfg.base_model))
-    device = select_device(cfg.device)
     seconds: list[list[float]] = []
     with torch_threads(threads):
         for server_round in range(1, rounds + 1):
             per_site = []
             for ds in data:
-                model = fresh_model(cfg, len(ds.label_names))  # a site starts from the shared adapter
+                parts = bring_up(cfg, len(ds.label_names))  # a site starts from the shared adapter
                 start = time.perf_counter()
                 train_local(
-                    model,
-                    tokenizer,
+                    parts.model,
+                    parts.tokenizer,
                     ds,
                     cfg,
-                    device=device,
+                    device=parts.device,
                     seed=cfg.seed + server_round,
                     server_round=server_round,
                 )

@@ -212,35 +212,41 @@ def local_only(run_config: Mapping[str, Any], sites: int, rounds: int, budget: i
     """
     from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
     from fedtune.common.config import parse_run_config
-    from fedtune.common.model import load_tokenizer, resolve_model_dir
+    from fedtune.common.model import bring_up
     from fedtune.common.sites import coordinator_test_set, simulated_site
-    from fedtune.common.train import select_device, train_local
+    from fedtune.common.train import train_local
 
     from .curves import scorer
-    from .training import bench_threads, fresh_model, torch_threads
+    from .training import bench_threads, torch_threads
 
     cfg = parse_run_config(dict(run_config))
-    test, score = coordinator_test_set(cfg), scorer(cfg)
-    tokenizer, device = load_tokenizer(resolve_model_dir(cfg.base_model)), select_device(cfg.device)
+    test = coordinator_test_set(cfg)
     results = []
     for i in range(sites):
         site = simulated_site(cfg, i, sites)
-        model = fresh_model(cfg, len(test.label_names))
+        parts = bring_up(cfg, len(test.label_names))  # the seeded initial adapter, as at round 1
+        model, score = parts.model, scorer(cfg, parts)
         curve: Curve = []
         kept: dict[int, Any] = {}
         for r in range(1, rounds + 1):
             with torch_threads(bench_threads()):
                 train_local(
-                    model, tokenizer, site.train, cfg, device=device, seed=cfg.seed + r, server_round=r
+                    model,
+                    parts.tokenizer,
+                    site.train,
+                    cfg,
+                    device=parts.device,
+                    seed=cfg.seed + r,
+                    server_round=r,
                 )
-            val = score(model, site.test)
+            val = score(site.test)
             curve.append({"step": r, "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"]})
             kept[r] = get_adapter_arrays(model)
         best = int(max(curve, key=lambda p: p["val_macro_f1"])["step"])
         site_result: dict[str, Any] = {"train_examples": len(site.train), "best": best, "curve": curve}
         for point, r in (("best", best), ("budget", min(budget, rounds))):
             set_adapter_arrays(model, kept[r])
-            held_out = score(model, test)
+            held_out = score(test)
             site_result[f"test_f1_{point}"] = held_out["macro_f1"]
             site_result[f"test_acc_{point}"] = held_out["accuracy"]
             site_result[f"test_loss_{point}"] = held_out["loss"]

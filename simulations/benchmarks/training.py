@@ -16,10 +16,11 @@ from fedtune.common.run_folder import RunFolder
 
 from .harness import console
 
-if TYPE_CHECKING:  # heavy imports only where a benchmark trains in-process
+if TYPE_CHECKING:
     from fedtune.common.config import FedConfig
     from fedtune.common.data import TextDataset
     from fedtune.common.local_plan import Schedule
+    from fedtune.common.model import ModelParts  # heavy imports only where a benchmark trains in-process
     from fedtune.common.train import TrainResult
 
 
@@ -46,13 +47,6 @@ def bench_threads() -> int:
     return int(os.environ.get("FEDTUNE_BENCH_THREADS", "1"))
 
 
-def fresh_model(cfg: FedConfig, num_labels: int):  # noqa: ANN201 - a PeftModel
-    """The PEFT model of ``cfg`` at the seeded initialisation the coordinator starts from."""
-    from fedtune.common.model import PeftSpec, build_peft_model, resolve_model_dir
-
-    return build_peft_model(PeftSpec.from_config(cfg, resolve_model_dir(cfg.base_model), num_labels))
-
-
 def concat(parts: Sequence[TextDataset]) -> TextDataset:
     """One dataset holding every example of ``parts`` (same label names), in order."""
     return dataclasses.replace(
@@ -72,28 +66,27 @@ def central_schedule(cfg: FedConfig, examples: int, epochs: int) -> Schedule:
 
 def train_central(
     cfg: FedConfig,
-    model: Any,
+    parts: ModelParts,
     train: TextDataset,
     *,
     epochs: int,
     on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``train`` in-process for ``epochs`` with a site's settings of ``cfg``.
+    """Train ``parts.model`` on ``train`` in-process for ``epochs`` with a site's settings of ``cfg``.
 
     Same optimiser, batch size, learning rate, max length, device and seed as a federated site; the
     learning-rate schedule runs over all ``epochs`` and ``label-skew`` uses ``train``'s own label prior.
     """
-    from fedtune.common.model import load_tokenizer, resolve_model_dir
-    from fedtune.common.train import recipe, select_device
+    from fedtune.common.train import recipe
     from fedtune.common.train import train as train_loop
 
     with torch_threads(bench_threads()):
         return train_loop(
-            model,
-            load_tokenizer(resolve_model_dir(cfg.base_model)),
+            parts.model,
+            parts.tokenizer,
             train,
             epochs=epochs,
-            device=select_device(cfg.device),
+            device=parts.device,
             seed=cfg.seed,
             schedule=central_schedule(cfg, len(train), epochs),
             on_epoch_end=on_epoch_end,
@@ -115,17 +108,20 @@ def train_and_score(
     ``curve_at``: epochs after which the model is also scored on ``test`` (one run, the optimiser's
     state kept), returned as ``curve``: one ``{"epoch", "accuracy", "macro_f1"}`` per such epoch.
     """
-    from fedtune.common.model import load_tokenizer, resolve_model_dir
-    from fedtune.common.train import predict_proba, score, select_device
+    from fedtune.common.model import bring_up
+    from fedtune.common.train import predict_proba, score
 
-    model = fresh_model(cfg, len(train.label_names))
-    tokenizer = load_tokenizer(resolve_model_dir(cfg.base_model))
-    device = select_device(cfg.device)
+    parts = bring_up(cfg, len(train.label_names))
     num_labels = len(test.label_names)
 
     def probs() -> np.ndarray:
         return predict_proba(
-            model, tokenizer, test, batch_size=cfg.batch_size, max_length=cfg.max_length, device=device
+            parts.model,
+            parts.tokenizer,
+            test,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            device=parts.device,
         )
 
     curve: list[dict[str, float]] = []
@@ -135,7 +131,7 @@ def train_and_score(
             m = score(probs(), test.labels, num_labels).as_metrics()
             curve.append({"epoch": epoch, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
 
-    res = train_central(cfg, model, train, epochs=epochs, on_epoch_end=on_epoch_end if curve_at else None)
+    res = train_central(cfg, parts, train, epochs=epochs, on_epoch_end=on_epoch_end if curve_at else None)
     with torch_threads(bench_threads()):
         final = probs()
     scored = score(final, test.labels, num_labels)
@@ -166,22 +162,21 @@ def adapter_tensors(out: Path) -> dict[str, np.ndarray]:
 def shared_adapter_probs(cfg: FedConfig, out: Path, test: TextDataset) -> np.ndarray:
     """Class probabilities of a finished run's shared adapter on ``test`` (for a bootstrap CI)."""
     import torch
-    from fedtune.common.model import load_tokenizer, resolve_model_dir
-    from fedtune.common.train import predict_proba, select_device
+    from fedtune.common.model import bring_up
+    from fedtune.common.train import predict_proba
     from peft import set_peft_model_state_dict
 
-    model = fresh_model(cfg, len(test.label_names))
+    parts = bring_up(cfg, len(test.label_names))
     state = {k: torch.from_numpy(v) for k, v in adapter_tensors(out).items()}
-    set_peft_model_state_dict(model, state)
-    tokenizer = load_tokenizer(resolve_model_dir(cfg.base_model))
+    set_peft_model_state_dict(parts.model, state)
     with torch_threads(bench_threads()):
         return predict_proba(
-            model,
-            tokenizer,
+            parts.model,
+            parts.tokenizer,
             test,
             batch_size=cfg.batch_size,
             max_length=cfg.max_length,
-            device=select_device(cfg.device),
+            device=parts.device,
         )
 
 
