@@ -93,3 +93,24 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture
+def round_records() -> list:
+    """Two round records as the coordinator writes them: round 0 (scores only) and a trained round."""
+    from fedtune.common.records import RoundRecord
+
+    return [
+        RoundRecord(round=0, accuracy=0.1, macro_f1=0.05, loss=3.0),
+        RoundRecord(
+            round=1,
+            accuracy=0.6,
+            macro_f1=0.3,
+            loss=1.2,
+            train_loss=1.5,
+            sites_accuracy=0.55,
+            bytes_up=2_500_000,
+            bytes_down=3_000_000,
+            seconds=12.34,
+        ),
+    ]

@@ -21,7 +21,7 @@ from fedtune.common.config import (
     parse_run_config,
 )
 
-PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 # ---- defaults ------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from fedtune.common.config import VALID_KEYS
 from fedtune.simulations.cli import main
 from fedtune.simulations.simulate import resolve
 
-PYPROJECT = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+PYPROJECT = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_flower_components_point_at_the_apps() -> None:
 
 def test_the_wheel_holds_only_fedtune_namespaced_packages(tmp_path: Path) -> None:
     # Execute: build the wheel a user would install
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     subprocess.run(
         [
             sys.executable,
@@ -95,7 +95,7 @@ def test_the_wheel_holds_only_fedtune_namespaced_packages(tmp_path: Path) -> Non
 
 def test_common_never_imports_flower() -> None:
     # Assert
-    for path in (Path(__file__).parents[1] / "common").glob("*.py"):
+    for path in (Path(__file__).parents[2] / "common").glob("*.py"):
         text = path.read_text()
         assert "import flwr" not in text and "from flwr" not in text, path.name
 
