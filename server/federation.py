@@ -84,14 +84,7 @@ def run_coordinator(
 
     With ``resume=true`` the run in ``out-dir`` continues after its last checkpoint: the config
     must equal its ``run_config.json``, and the checkpointed adapter, strategy state, records,
-    accountant and random states are restored.
-
-    Raises
-    ------
-    ConfigError
-        A resumed run's config differs from the saved one (names the key).
-    FileNotFoundError
-        A resumed run has no checkpoint.
+    accountant and random states are restored (errors: see :func:`prepare_folder`).
     """
     folder, resumed = prepare_folder(cfg)
     shared = SharedModel.load(cfg, resumed)

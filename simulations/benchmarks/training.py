@@ -94,6 +94,20 @@ def train_central(
         )
 
 
+def predict(cfg: FedConfig, parts: ModelParts, ds: TextDataset) -> np.ndarray:
+    """Class probabilities of ``parts.model`` on ``ds`` with the run config's batch size and length."""
+    from fedtune.common.train import predict_proba
+
+    return predict_proba(
+        parts.model,
+        parts.tokenizer,
+        ds,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        device=parts.device,
+    )
+
+
 def train_and_score(
     cfg: FedConfig,
     train: TextDataset,
@@ -109,20 +123,13 @@ def train_and_score(
     state kept), returned as ``curve``: one ``{"epoch", "accuracy", "macro_f1"}`` per such epoch.
     """
     from fedtune.common.model import bring_up
-    from fedtune.common.train import predict_proba, score
+    from fedtune.common.train import score
 
     parts = bring_up(cfg, len(train.label_names))
     num_labels = len(test.label_names)
 
     def probs() -> np.ndarray:
-        return predict_proba(
-            parts.model,
-            parts.tokenizer,
-            test,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-            device=parts.device,
-        )
+        return predict(cfg, parts, test)
 
     curve: list[dict[str, float]] = []
 
@@ -163,21 +170,13 @@ def shared_adapter_probs(cfg: FedConfig, out: Path, test: TextDataset) -> np.nda
     """Class probabilities of a finished run's shared adapter on ``test`` (for a bootstrap CI)."""
     import torch
     from fedtune.common.model import bring_up
-    from fedtune.common.train import predict_proba
     from peft import set_peft_model_state_dict
 
     parts = bring_up(cfg, len(test.label_names))
     state = {k: torch.from_numpy(v) for k, v in adapter_tensors(out).items()}
     set_peft_model_state_dict(parts.model, state)
     with torch_threads(bench_threads()):
-        return predict_proba(
-            parts.model,
-            parts.tokenizer,
-            test,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-            device=parts.device,
-        )
+        return predict(cfg, parts, test)
 
 
 def run_meta(out: Path) -> dict[str, Any]:
