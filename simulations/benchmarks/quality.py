@@ -171,6 +171,9 @@ def _base_config(s: Mapping[str, Any], part: str, seed: int) -> dict[str, Any]:
         "num-server-rounds": s["max_rounds"],
         "fraction-evaluate": 0.0,  # the sites' own scores are not compared here
         "seed": seed,
+        # pinned: the centralized and local arms aggregate nothing, and their saved results stay
+        # valid when the default strategy changes (federated arms name theirs)
+        "strategy": "fedavg",
         **PARTITIONS[part],
     }
 

@@ -158,6 +158,7 @@ def run(quick: bool) -> Path:
         "dirichlet-alpha": 0.3,
         "fraction-evaluate": 0.0,
         "seed": seed,
+        "strategy": "fedavg",  # pinned for the centralized arms (federated arms name theirs), see quality
     }
     folder = arms_dir(NAME)
     curves: dict[str, list[dict[str, float]]] = {}
