@@ -24,6 +24,7 @@ def test_simulation_and_deployment_node_configs_are_typed() -> None:
     assert (simulated.partition_id, simulated.num_partitions, simulated.data_path) == (2, 5, "")
     assert simulated.label(node_id=99) == "2" and deployed.label(node_id=99) == "99"
     assert deployed.require_secure_aggregation is True and simulated.require_secure_aggregation is False
+    assert SiteConfig.parse({"require-secure-aggregation": " false "}).require_secure_aggregation is False
     assert str(deployed.cache_dir).endswith("/cache") and "~" not in str(deployed.cache_dir)
     assert simulated.cache_dir is None
 
@@ -69,3 +70,31 @@ def test_the_client_app_refuses_a_misspelt_node_config_key(tmp_path: Path) -> No
     with pytest.raises(SiteError, match=r"site error \[config\]"):
         app(msg, ctxt)
     assert "`data_path` unknown to a fedtune site" in (tmp_path / "site-7.log").read_text()
+
+
+def test_a_site_reads_its_own_file_even_when_simulated(tmp_path: Path) -> None:
+    from fedtune.common.config import parse_run_config
+    from fedtune.common.sites import site_data
+
+    # Prepare: a simulated site given a file of its own (as `bench diabetes` gives each site one)
+    path = tmp_path / "site.csv"
+    path.write_text("text,label\n" + "".join(f"note {i},{'ab'[i % 2]}\n" for i in range(40)))
+    cfg = parse_run_config(
+        {"task": "csv", "data-path": str(tmp_path / "pool.csv"), "text-column": "text", "labels": "a,b"}
+    )
+    site = SiteConfig(partition_id=0, num_partitions=3, data_path=str(path))
+
+    # Execute
+    data = site_data(cfg, site)
+
+    # Assert: its rows are those of its own file, split into train and its local test split
+    assert len(data.train) + len(data.test) == 40
+    assert set(data.train.texts) | set(data.test.texts) == {f"note {i}" for i in range(40)}
+
+
+def test_a_node_config_naming_no_data_is_refused() -> None:
+    from fedtune.common.config import parse_run_config
+    from fedtune.common.sites import site_data
+
+    with pytest.raises(ValueError, match="names no data"):
+        site_data(parse_run_config({}), SiteConfig(model_cache_dir="/c"))

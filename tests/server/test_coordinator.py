@@ -75,6 +75,7 @@ def test_the_shared_adapter_is_the_last_global_and_the_checkpoints(plain: RunSta
     for a, b, c in zip(saved, final, state.global_arrays, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
+    assert {p.name for p in plain.folder.plots.iterdir()} == {"quality.png", "loss.png", "bytes.png"}
     first = load_arrays(plain.folder.root / "audit" / "server" / "global-round-001.npz")[0]
     assert any(not np.array_equal(a, b) for a, b in zip(first, final, strict=True))  # training moved it
 
