@@ -102,6 +102,7 @@ FEDERATED: dict[str, dict[str, Any]] = {
         "prefix-projection": True,
     },
 }
+LORA_REFERENCE = "fedavg-la-s30-lr5e-3-const"  # prefix tuning is judged against this LoRA arm
 CENTRALIZED: dict[str, dict[str, Any]] = {
     "centralized-lr5e-3": {"label-skew": "none", "learning-rate": 5e-3, "lr-schedule": "constant"},
     "centralized-lr2e-3": {"label-skew": "none", "learning-rate": 2e-3, "lr-schedule": "constant"},
@@ -220,6 +221,8 @@ def choice_notes(rows: list[dict[str, Any]]) -> list[str]:
     central = [r for r in rows if r["arm"] in CENTRALIZED]
     if not fed or not central:
         return []
+    prefix = [r for r in fed if FEDERATED[r["arm"]].get("peft-method") == "prefix"]
+    fed = [r for r in fed if r not in prefix]  # the default is chosen among LoRA arms
     f = max(fed, key=lambda r: r["val_f1_budget"])
     c_budget = max(central, key=lambda r: r["val_f1_budget"])
     c_best = max(central, key=lambda r: r["val_f1_best"])
@@ -235,6 +238,23 @@ def choice_notes(rows: list[dict[str, Any]]) -> list[str]:
         f"`{c_best['arm']}` epoch {c_best['best']} held-out {c_best['test_f1_best']:.3f}: centralized - "
         f"federated = {gap:+.1f} points (target <= 3: {'met' if gap <= 3 else 'missed'}; federated is "
         "limited to the rounds run here).",
+        *_prefix_note(prefix, rows),
+    ]
+
+
+def _prefix_note(prefix: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[str]:
+    """Prefix tuning's best arm on validation against LoRA with the same recipe and FedAvg, at the budget."""
+    lora = next((r for r in rows if r["arm"] == LORA_REFERENCE), None)
+    if not prefix or lora is None:
+        return []
+    p = max(prefix, key=lambda r: r["val_f1_budget"])
+    gap = 100 * (lora["test_f1_budget"] - p["test_f1_budget"])
+    return [
+        f"Prefix tuning (validation picks `{p['arm']}`: validation {p['val_f1_budget']:.3f}, held-out "
+        f"{p['test_f1_budget']:.3f} at the budget) vs LoRA with the same recipe and FedAvg "
+        f"(`{LORA_REFERENCE}`: {lora['val_f1_budget']:.3f} / {lora['test_f1_budget']:.3f}): LoRA - prefix = "
+        f"{gap:+.1f} held-out "
+        f"points (target <= 5: {'met' if gap <= 5 else 'missed'})."
     ]
 
 

@@ -457,6 +457,10 @@ def test_tuning_choice_is_made_on_validation_and_judges_the_targets_on_held_out(
         row("fedavg-old-defaults", 0.10, 0.35, 0.10, 0.36),
         row("centralized-lr5e-3", 0.35, 0.36, 0.50, 0.45),
         row("centralized-lr2e-3", 0.30, 0.40, 0.40, 0.60),
+        # prefix arms never become the LoRA default, however well they score; the better one on
+        # validation is judged against the LoRA reference
+        row("prefix-la-s30-lr1e-2-const", 0.90, 0.24, 0.90, 0.24),
+        row("prefix-la-s30-lr5e-3-const", 0.20, 0.50, 0.20, 0.50),
     ]
 
     # Execute
@@ -467,6 +471,9 @@ def test_tuning_choice_is_made_on_validation_and_judges_the_targets_on_held_out(
     assert notes[1].endswith("83% (met).")
     assert "`centralized-lr5e-3` epoch 4 held-out 0.450" in notes[2] and "+14.0 points" in notes[2]
     assert "missed" in notes[2]
+    assert "picks `prefix-la-s30-lr1e-2-const`" in notes[3] and "+6.0 held-out points" in notes[3]
+    assert notes[3].endswith("(target <= 5: missed).")
+    assert len(bench_tuning.choice_notes(rows[:4])) == 3
     assert bench_tuning.choice_notes(rows[:2]) == []
 
 
