@@ -184,6 +184,7 @@ def secagg_check(audit_dir: Path, cfg: FedConfig, max_weight: float) -> dict[str
         )
     rows, errors = [], []
     rounds = sorted({r for r, _ in sites})
+    server_step = ServerStep(cfg)
     for server_round in rounds:
         glob, _ = _arrays(run.global_round(server_round))
         contributions = []
@@ -204,11 +205,12 @@ def secagg_check(audit_dir: Path, cfg: FedConfig, max_weight: float) -> dict[str
                 }
             )
             contributions.append((site["weight"], true_update))
-        errors.append(_aggregate_error(server_dir, server_round, rounds, glob, contributions))
+        errors.append(_aggregate_error(server_dir, server_round, glob, contributions, server_step))
     corr = np.array([r["correlation"] for r in rows])
-    applicable = cfg.strategy in ("fedavg", "fedprox") and cfg.dp_mode != "central"
+    # the coordinator's step is recomputed from every round since the first (FedAvgM's momentum)
+    applicable = server_step.known and cfg.dp_mode != "central" and rounds == list(range(1, len(rounds) + 1))
     step = 2 * cfg.secagg_clipping_range / (cfg.secagg_quantization_range - 1)
-    bound = (
+    bound = server_step.error_gain * (
         len({r["node"] for r in rows})
         * step
         * max_weight
@@ -232,14 +234,40 @@ def secagg_check(audit_dir: Path, cfg: FedConfig, max_weight: float) -> dict[str
     }
 
 
+class ServerStep:
+    """The coordinator's step from the weighted average of the sites' updates to the next shared adapter.
+
+    FedAvg and FedProx take the average; FedAvgM (Flower's, as in ``torch.optim.SGD``) takes
+    ``new = old - lr * m`` with ``m = momentum * m_prev + (old - average)`` (``m`` = the first
+    pseudo-gradient in round 1). ``error_gain`` bounds how much of one round's quantisation error
+    reaches the adapter (FedAvgM: ``lr / (1 - momentum)``, the sum of the momentum's geometric series).
+    FedAdam and FedYogi are not recomputed (``known`` is false).
+    """
+
+    def __init__(self, cfg: FedConfig) -> None:
+        self.strategy, self.lr, self.momentum = cfg.strategy, cfg.fedavgm_lr, cfg.fedavgm_momentum
+        self.known = self.strategy in ("fedavg", "fedprox", "fedavgm")
+        self.error_gain = self.lr / (1.0 - self.momentum) if self.strategy == "fedavgm" else 1.0
+        self._velocity: np.ndarray | None = None
+
+    def __call__(self, old: np.ndarray, average: np.ndarray) -> np.ndarray:
+        """The next shared adapter (flat) from the current one and the sites' weighted average."""
+        if self.strategy != "fedavgm":
+            return average
+        pseudo_gradient = old - average
+        first = self._velocity is None or self.momentum == 0.0
+        self._velocity = pseudo_gradient if first else self.momentum * self._velocity + pseudo_gradient
+        return old - self.lr * self._velocity
+
+
 def _aggregate_error(
-    server_dir: Path, server_round: int, rounds: list[int], glob: list[np.ndarray], contrib: list
+    server_dir: Path, server_round: int, glob: list[np.ndarray], contrib: list, server_step: ServerStep
 ) -> dict[str, Any]:
     later = server_dir / global_round_name(server_round + 1)
     new_file = later if later.is_file() else server_dir / GLOBAL_FINAL
     new, _ = _arrays(new_file)
     total = sum(w for w, _ in contrib)
-    expected = _flat(glob) + sum(w * u for w, u in contrib) / total
+    expected = server_step(_flat(glob), _flat(glob) + sum(w * u for w, u in contrib) / total)
     return {
         "round": server_round,
         "max_abs_error": float(np.abs(_flat(new) - expected).max()),

@@ -44,7 +44,11 @@ class FedConfig:
         1.0, "Fraction of connected sites sampled to evaluate locally.", min=0.0, max=1.0
     )
     min_clients: int = _opt(2, "Sites that must be connected (and sampled) before a round starts.", min=1)
-    strategy: str = _opt("fedavg", "Server aggregation (Flower's strategies).", choices=options.STRATEGIES)
+    strategy: str = _opt(
+        "fedavgm",
+        "Server aggregation (Flower's strategies; see `fedtune bench tuning`).",
+        choices=options.STRATEGIES,
+    )
     fedprox_mu: float = _opt(0.01, "FedProx proximal weight on the PEFT parameters.", min=0.0)
     fedavgm_lr: float = _opt(1.0, "FedAvgM server learning rate (1 with momentum 0 = FedAvg).", min=0.0)
     fedavgm_momentum: float = _opt(0.5, "FedAvgM server momentum.", min=0.0, max=0.999)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,49 @@ def test_secagg_check_is_green_for_masked_uploads(tmp_path: Path) -> None:
     # Assert
     assert result["masked"] and result["max_abs_correlation"] < 0.9
     assert result["aggregate_within_bound"] and result["aggregate_max_abs_error"] < 1e-6
+
+
+def _two_rounds(tmp_path: Path, step: Callable[[int, np.ndarray, np.ndarray], np.ndarray]) -> Path:
+    """Two clear rounds of two sites; the coordinator's next adapter is ``step(round, old, average)``."""
+    rng = np.random.default_rng(1)
+    glob = rng.normal(size=12).astype(np.float64)
+    server = tmp_path / "audit" / "server"
+    for r in (1, 2):
+        save_arrays(server / f"global-round-{r:03d}.npz", [glob])
+        sent = [glob + rng.normal(size=12) * 0.1 for _ in range(2)]
+        for node, vec in zip((11, 12), sent, strict=True):
+            site = tmp_path / "audit" / "sites" / f"site-{node}"
+            save_arrays(site / f"global-round-{r:03d}.npz", [glob])
+            save_arrays(site / f"sent-round-{r:03d}.npz", [vec], num_examples=10.0, node=float(node))
+            save_arrays(server / f"received-round-{r:03d}-node-{node}.npz", [vec])
+        glob = step(r, glob, (sent[0] + sent[1]) / 2)
+    save_arrays(server / "global-final.npz", [glob])
+    return tmp_path / "audit"
+
+
+def test_the_aggregate_check_recomputes_fedavgms_momentum_step(tmp_path: Path) -> None:
+    # Prepare: Flower's FedAvgM at lr 1.5, momentum 0.5: m1 = old - avg; m2 = 0.5 m1 + (old - avg)
+    velocity: list[np.ndarray] = []
+
+    def fedavgm(r: int, old: np.ndarray, avg: np.ndarray) -> np.ndarray:
+        velocity.append(old - avg if r == 1 else 0.5 * velocity[-1] + (old - avg))
+        return old - 1.5 * velocity[-1]
+
+    cfg = FedConfig(secure_aggregation=False, strategy="fedavgm", fedavgm_lr=1.5, fedavgm_momentum=0.5)
+    momentum_run = _two_rounds(tmp_path / "m", fedavgm)
+    plain_run = _two_rounds(tmp_path / "p", lambda r, old, avg: avg)
+
+    # Execute
+    checked = secagg_check(momentum_run, cfg, max_weight=20.0)
+    wrong_step = secagg_check(plain_run, cfg, max_weight=20.0)  # a coordinator that skipped the momentum
+
+    # Assert
+    assert checked["aggregate_within_bound"] and checked["aggregate_max_abs_error"] < 1e-9
+    assert checked["aggregate_error_bound"] == pytest.approx(3 * 1e-5)  # lr / (1 - momentum) x 1e-5
+    assert wrong_step["aggregate_within_bound"] is False
+    adam = secagg_check(momentum_run, FedConfig(secure_aggregation=False, strategy="fedadam"), 20.0)
+    assert adam["aggregate_within_bound"] is None
+    assert "not comparable: strategy fedadam" in adam["aggregate_note"]
 
 
 def test_secagg_check_turns_red_for_clear_uploads(tmp_path: Path) -> None:

@@ -140,7 +140,8 @@ def test_random_states_round_trip() -> None:
 def test_fedavg_has_no_state_and_a_foreign_state_is_refused() -> None:
     # Prepare
     fedavg = make_strategy(
-        FedConfig(), initial=[np.zeros(3, np.float32)], on_fit_config_fn=dict, on_evaluate_config_fn=dict,
+        FedConfig(strategy="fedavg"), initial=[np.zeros(3, np.float32)], on_fit_config_fn=dict,
+        on_evaluate_config_fn=dict,
         evaluate_fn=None,
     ).strategy  # fmt: skip
     adam, _ = _fedadam()
