@@ -45,7 +45,7 @@ class FedConfig:
     )
     min_clients: int = _opt(2, "Sites that must be connected (and sampled) before a round starts.", min=1)
     strategy: str = _opt(
-        "fedavgm",
+        "fedavg",
         "Server aggregation (Flower's strategies; see `fedtune bench tuning`).",
         choices=options.STRATEGIES,
     )
