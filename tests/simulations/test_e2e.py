@@ -311,6 +311,7 @@ from fedtune.client.mods import secure_aggregation_mod
 from fedtune.client.site import SiteClient
 from fedtune.common import instructions
 from fedtune.common.config import parse_run_config
+from fedtune.common.site_config import SiteConfig
 from fedtune.server.app import make_server_app
 from flwr.app.message_type import MessageType
 from flwr.clientapp import ClientApp
