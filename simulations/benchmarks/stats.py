@@ -26,6 +26,16 @@ def pm(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def auc_or_nan(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC of ``scores`` for binary ``labels``; NaN when ``labels`` holds a single class."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) != 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
 def bootstrap_auc_ci(
     labels: np.ndarray, scores: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float]:

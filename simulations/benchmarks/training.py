@@ -115,10 +115,14 @@ def train_and_score(
     *,
     epochs: int,
     keep_probs: bool = False,
+    validation: TextDataset | None = None,
     curve_at: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Train a fresh PEFT model of ``cfg`` on ``train`` with :func:`train_central`; score it on ``test``.
 
+    ``keep_probs``: also return the final class probabilities on ``test`` as ``probs`` and, when
+    ``validation`` is given, on ``validation`` as ``validation_probs`` (to choose settings without
+    looking at ``test``).
     ``curve_at``: epochs after which the model is also scored on ``test`` (one run, the optimiser's
     state kept), returned as ``curve``: one ``{"epoch", "accuracy", "macro_f1"}`` per such epoch.
     """
@@ -156,6 +160,9 @@ def train_and_score(
         out["curve"] = curve
     if keep_probs:
         out["probs"] = final
+        if validation is not None:
+            with torch_threads(bench_threads()):
+                out["validation_probs"] = predict(cfg, parts, validation)
     return out
 
 

@@ -293,6 +293,45 @@ def test_diabetes_site_files_are_age_blocks_and_cover_the_pool(tmp_path: Path) -
     assert pool_rows + files["holdout_rows"] == 768
 
 
+def test_diabetes_chooses_each_arms_learning_rate_on_validation_not_on_the_held_out_set() -> None:
+    from fedtune.simulations.benchmarks.diabetes import choose_on_validation
+
+    # Prepare: at lr 1e-3 the held-out AUC is higher, but validation prefers 5e-3; site 0's split is
+    # one-class at 1e-3 (NaN), so 5e-3 wins there too; site 1 ties and keeps the first rate
+    def row(arm: str, lr: float, val: float, held_out: float) -> dict[str, object]:
+        return {"arm": arm, "learning_rate": lr, "validation_auc": val, "auc": held_out}
+
+    rows = [
+        row("federated", 1e-3, 0.70, 0.90),
+        row("site 0", 1e-3, float("nan"), 0.95),
+        row("site 1", 1e-3, 0.60, 0.50),
+        row("federated", 5e-3, 0.80, 0.60),
+        row("site 0", 5e-3, 0.10, 0.40),
+        row("site 1", 5e-3, 0.60, 0.99),
+    ]
+
+    # Execute
+    best = choose_on_validation(rows)
+
+    # Assert
+    assert {arm: r["learning_rate"] for arm, r in best.items()} == {
+        "federated": 5e-3,
+        "site 0": 5e-3,
+        "site 1": 1e-3,
+    }
+
+
+def test_auc_or_nan_is_roc_auc_and_nan_on_a_one_class_split() -> None:
+    from fedtune.simulations.benchmarks.stats import auc_or_nan
+
+    # Prepare
+    labels, scores = np.array([0, 1, 1, 0, 1]), np.array([0.2, 0.7, 0.4, 0.5, 0.9])
+
+    # Execute / Assert
+    assert auc_or_nan(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+    assert np.isnan(auc_or_nan(np.ones(3), np.array([0.1, 0.2, 0.3])))
+
+
 def _point(epoch: int, f1: float) -> dict[str, float]:
     return {"epoch": epoch, "accuracy": f1 + 0.5, "macro_f1": f1}
 
