@@ -302,7 +302,7 @@ def membership(out_dir: Path, cfg: FedConfig, meta: dict[str, Any]) -> dict[str,
         )
         losses.append(-np.log(np.clip(probs[np.arange(len(probs)), canaries.records.labels], 1e-12, None)))
     scores = losses[0] - losses[1]
-    run = one_run_epsilon(scores, canaries.members, delta=cfg.dp_delta)
+    one_run = one_run_epsilon(scores, canaries.members, delta=cfg.dp_delta)
     return {
         "canaries": int(cfg.audit_canaries),
         "members": int(canaries.members.sum()),
@@ -310,11 +310,11 @@ def membership(out_dir: Path, cfg: FedConfig, meta: dict[str, Any]) -> dict[str,
         "tpr_at_1pct_fpr": tpr_at_fpr(scores, canaries.members, 0.01),
         "score": "loss under the initial adapter minus loss under the shared adapter",
         "empirical_epsilon": {
-            "lower_bound": run.epsilon_lower_bound,
-            "confidence": run.confidence,
-            "delta": run.delta,
-            "guesses": run.guesses,
-            "correct": run.correct,
+            "lower_bound": one_run.epsilon_lower_bound,
+            "confidence": one_run.confidence,
+            "delta": one_run.delta,
+            "guesses": one_run.guesses,
+            "correct": one_run.correct,
         },
         "_scores": scores,
         "_members": canaries.members,

@@ -196,7 +196,7 @@ def _arms_at(
     arm = federate_site_files(fed_out, work / "data", s["sites"], rc)
     check = (
         f"lr {lr:g}: the coordinator's own last-round AUC in metrics.json is "
-        f"{arm.final.get('auc'):.4f}; the federation took {arm.seconds:.0f} s."
+        f"{arm.final.auc:.4f}; the federation took {arm.seconds:.0f} s."
     )
     fed = (shared_adapter_probs(cfg, fed_out, test), shared_adapter_probs(cfg, fed_out, pooled_val))
     arms = [("federated", "all", trains, pooled_val, fed)]

@@ -97,7 +97,7 @@ def run(quick: bool) -> Path:
                 "target_epsilon": "inf" if math.isinf(eps) else eps,
                 "noise_multiplier": dp.get("dp-noise-multiplier", 0.0),
                 "accountant_epsilon": emp.get("accountant_epsilon"),
-                "recorded_dp_epsilon": arm.final.get("dp_epsilon"),
+                "recorded_dp_epsilon": arm.final.dp_epsilon,
                 "empirical_epsilon_lb": emp["lower_bound"],
                 "mia_auc": mia["attack_auc"],
                 "tpr_at_1pct_fpr": mia["tpr_at_1pct_fpr"],
