@@ -1,16 +1,18 @@
 """``fedtune bench NAME [--quick]``: the benchmarks, one driver module each, and their registry.
 
-Each benchmark is a module ``simulations/benchmarks/<name>.py`` whose ``run(quick) -> Path`` runs
-the compared arms side by side, prints a table and writes ``results/<name>.json``,
-``results/<name>.md`` and ``results/<name>_*.png`` (:mod:`.harness`). ``--quick`` is a few-minute
-validation on tiny data; the full mode is the configuration the issue asks for. Working folders
-(each federated arm's ``--out`` and log) go under ``results/work/<name>/``.
+Each benchmark is a module ``simulations/benchmarks/<name>.py`` that declares one
+:class:`~.spec.Benchmark` named ``BENCHMARK``: its settings, how it measures its arms, its table's
+columns, its plot and its targets. :meth:`~.spec.Benchmark.run` runs the compared arms side by side,
+prints the table and writes ``results/<name>.json``, ``results/<name>.md`` and
+``results/<name>_*.png``. ``--quick`` is a few-minute validation on tiny data; the full mode is the
+configuration the issue asks for. Working folders (each federated arm's ``--out`` and log) go under
+``results/work/<name>/``.
 
-Shared parts: :mod:`.harness` (subprocess arms, peak memory, result files), :mod:`.arms` (working
-folders, saved arms, arm selection), :mod:`.training` (in-process PEFT arms), :mod:`.stats`,
-:mod:`.data`, :mod:`.figures`, :mod:`.curves` (validation curves) and :mod:`.report`
-(``BENCHMARKS.md``). Driver modules are imported lazily, so ``fedtune bench report`` and the CLI
-stay fast.
+Shared parts: :mod:`.spec` (the description and its run), :mod:`.harness` (subprocess arms, peak
+memory, result files), :mod:`.arms` (working folders, saved arms, arm selection), :mod:`.training`
+(in-process PEFT arms), :mod:`.stats`, :mod:`.data`, :mod:`.figures`, :mod:`.curves` (validation
+curves) and :mod:`.report` (``BENCHMARKS.md``). Driver modules are imported lazily, so
+``fedtune bench report`` and the CLI stay fast.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _loader(name: str) -> Callable[[bool], Path]:
     def run(quick: bool) -> Path:
         if not console.is_terminal:  # a log file: do not squeeze the result table into 80 columns
             console.width = max(console.width, 200)
-        return importlib.import_module(f"fedtune.simulations.benchmarks.{name}").run(quick)
+        return importlib.import_module(f"fedtune.simulations.benchmarks.{name}").BENCHMARK.run(quick)
 
     run.__name__ = run.__qualname__ = f"bench_{name}"
     run.__doc__ = DESCRIPTIONS[name]

@@ -17,12 +17,11 @@ Quick: LoRA r=8 only, 3 sites (2 arms, ~1-2 min).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .arms import federated_arm
 from .figures import new_figure, save_figure
-from .harness import write_results
+from .spec import Benchmark, Outcome
 from .stats import per_site_mean
 from .training import run_meta
 
@@ -37,12 +36,18 @@ METHODS: dict[str, dict[str, Any]] = {
 QUICK_METHODS = ("lora-r8", "prefix-10")
 
 
-def run(quick: bool) -> Path:
-    """Run the arms, write ``results/comm.{json,md}`` and ``results/comm_bytes.png``."""
+def settings(quick: bool) -> dict[str, Any]:
+    """Sites and PEFT methods of the full or quick mode (quick: lora-r8 only, the e2e test)."""
+    return (
+        {"sites": 3, "methods": list(QUICK_METHODS[:1])} if quick else {"sites": 5, "methods": list(METHODS)}
+    )
+
+
+def measure(s: dict[str, Any]) -> Outcome:
+    """Each method with and without SecAgg+: bytes per site per round against full fine-tuning."""
     from fedtune.common.model import base_model_nbytes, resolve_model_dir
 
-    sites = 3 if quick else 5
-    methods = QUICK_METHODS[:1] if quick else tuple(METHODS)  # quick: lora-r8 only (the e2e test)
+    sites = s["sites"]
     base = {
         "num-server-rounds": 1,
         "max-examples": 40 * sites,
@@ -54,7 +59,7 @@ def run(quick: bool) -> Path:
     }
     full_ft = base_model_nbytes(resolve_model_dir(""))
     rows: list[dict[str, Any]] = []
-    for method in methods:
+    for method in s["methods"]:
         plain_up = None
         for secagg in (False, True):
             label = f"{method}-{'secagg' if secagg else 'plain'}"
@@ -79,7 +84,10 @@ def run(quick: bool) -> Path:
                     "secagg_up_overhead": up / plain_up if secagg and plain_up else None,
                 }
             )
-    _plot(rows, full_ft)
+    return Outcome(rows, _notes(rows, sites, full_ft), {"full_ft_bytes": full_ft, "run_config": base})
+
+
+def _notes(rows: list[dict[str, Any]], sites: int, full_ft: int) -> list[str]:
     worst = min(rows, key=lambda r: r["full_ft_over_total"])
     notes = [
         f"{sites} sites, 1 round, `fraction-evaluate=0` (training messages only); bytes = payload bytes "
@@ -96,30 +104,13 @@ def run(quick: bool) -> Path:
             f"SecAgg+ upload overhead vs plain in the same run: {span} (masked values travel as int64, "
             "plus key material and secret shares)."
         )
-    return write_results(
-        NAME,
-        rows,
-        columns=[
-            "method",
-            "secagg",
-            "trainable_percent",
-            "adapter_bytes",
-            "up_bytes_per_site",
-            "down_bytes_per_site",
-            "full_ft_over_up",
-            "full_ft_over_down",
-            "full_ft_over_total",
-            "secagg_up_overhead",
-        ],
-        notes=notes,
-        extra={"sites": sites, "full_ft_bytes": full_ft, "run_config": base},
-        quick=quick,
-    )
+    return notes
 
 
-def _plot(rows: list[dict[str, Any]], full_ft: int) -> None:
+def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
     import numpy as np
 
+    rows, full_ft = outcome.rows, outcome.extra["full_ft_bytes"]
     fig, ax = new_figure(8, 4)
     labels = [f"{r['method']}\n{r['secagg']}" for r in rows]
     x = np.arange(len(rows))
@@ -132,3 +123,23 @@ def _plot(rows: list[dict[str, Any]], full_ft: int) -> None:
     ax.set_title("Bytes on the wire per site per round")
     ax.legend(fontsize=8)
     save_figure(fig, NAME, "bytes")
+
+
+BENCHMARK = Benchmark(
+    name=NAME,
+    settings=settings,
+    measure=measure,
+    columns=(
+        "method",
+        "secagg",
+        "trainable_percent",
+        "adapter_bytes",
+        "up_bytes_per_site",
+        "down_bytes_per_site",
+        "full_ft_over_up",
+        "full_ft_over_down",
+        "full_ft_over_total",
+        "secagg_up_overhead",
+    ),
+    plot=_plot,
+)

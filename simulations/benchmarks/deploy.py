@@ -37,7 +37,8 @@ from fedtune.common.run_folder import RunFolder
 from .arms import work_dir
 from .diabetes import federate_site_files, run_config, write_site_files
 from .figures import new_figure, save_figure
-from .harness import console, write_results
+from .harness import console
+from .spec import Benchmark, Outcome
 from .stats import mean_over_rounds, per_site_mean
 
 NAME = "deploy"
@@ -96,13 +97,12 @@ def _row(arm: str, records: list[RoundRecord], seconds: float, out: Path) -> dic
     return row
 
 
-def run(quick: bool) -> Path:
-    """Run the three arms; write ``results/deploy.{json,md}`` and ``results/deploy_round_time.png``."""
+def measure(s: dict[str, Any]) -> Outcome:
+    """The simulation, then a TLS deployment whose sites have the base model, then one whose sites lack it."""
     from fedtune.common.model import base_model_nbytes, fingerprint
 
     from ..deploy.local import deploy_local
 
-    s = settings(quick)
     work = work_dir(NAME)
     files = write_site_files(work / "data", s["sites"])
     # the deployed coordinator gets no site data: counts and labels come with the config
@@ -140,29 +140,11 @@ def run(quick: bool) -> Path:
         "isolation), which imports torch and loads the base model and the site's data each time; the "
         "simulation keeps them in long-lived Ray actors.",
     ]
-    _plot(rows)
-    return write_results(
-        NAME,
-        rows,
-        columns=[
-            "arm",
-            "round_1_seconds",
-            "later_round_seconds",
-            "round_time_vs_simulation",
-            "total_seconds",
-            "sites_had_model",
-            "sites_received_model",
-            "transfer_bytes_per_site",
-            "transfer_seconds",
-            "auc",
-        ],
-        notes=notes,
-        extra={"settings": s, "run_config": rc, "base_model_bytes": full},
-        quick=quick,
-    )
+    return Outcome(rows, notes, {"run_config": rc, "base_model_bytes": full})
 
 
-def _plot(rows: list[dict[str, Any]]) -> None:
+def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
+    rows = outcome.rows
     fig, ax = new_figure(7, 3.5)
     y = np.arange(len(rows))[::-1]
     first = [r["round_1_seconds"] for r in rows]
@@ -174,3 +156,23 @@ def _plot(rows: list[dict[str, Any]]) -> None:
     ax.set_title("Round time: deployment (TLS, SuperNode auth) vs simulation")
     ax.legend(fontsize=8)
     save_figure(fig, NAME, "round_time")
+
+
+BENCHMARK = Benchmark(
+    name=NAME,
+    settings=settings,
+    measure=measure,
+    columns=(
+        "arm",
+        "round_1_seconds",
+        "later_round_seconds",
+        "round_time_vs_simulation",
+        "total_seconds",
+        "sites_had_model",
+        "sites_received_model",
+        "transfer_bytes_per_site",
+        "transfer_seconds",
+        "auc",
+    ),
+    plot=_plot,
+)

@@ -20,13 +20,12 @@ Full: 5 arms x ~5-6 min on 2 CPU cores (~30 min). Quick: lora-r8 and prefix-10 o
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .arms import federated_arm
 from .comm import METHODS, QUICK_METHODS
 from .figures import new_figure, save_figure
-from .harness import write_results
+from .spec import Benchmark, Outcome
 from .stats import mean_over_rounds, per_site_mean
 from .training import run_meta
 
@@ -38,10 +37,12 @@ def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {
             "sites": 3,
+            "methods": list(QUICK_METHODS),
             "run_config": {"num-server-rounds": 2, "max-examples": 300, "partitioning": "iid"},
         }
     return {
         "sites": 5,
+        "methods": list(METHODS),
         "run_config": {
             "num-server-rounds": 5,
             "max-examples": 4000,
@@ -51,9 +52,8 @@ def settings(quick: bool) -> dict[str, Any]:
     }
 
 
-def run(quick: bool) -> Path:
-    """Run the five arms; write ``results/methods.{json,md}`` and ``results/methods_*.png``."""
-    s = settings(quick)
+def measure(s: dict[str, Any]) -> Outcome:
+    """One federation per PEFT method on the same data: size, bytes, quality and round time."""
     base = {
         **s["run_config"],
         "min-clients": s["sites"],
@@ -62,7 +62,7 @@ def run(quick: bool) -> Path:
         "seed": 42,
     }
     rows = []
-    for method in QUICK_METHODS if quick else METHODS:
+    for method in s["methods"]:
         overrides = METHODS[method]
         arm = federated_arm(NAME, method, s["sites"], {**base, **overrides})
         meta = run_meta(arm.out)
@@ -99,27 +99,11 @@ def run(quick: bool) -> Path:
             if r is not lora8
         ),
     ]
-    _plot(rows)
-    return write_results(
-        NAME,
-        rows,
-        columns=[
-            "method",
-            "trainable_percent",
-            "adapter_bytes",
-            "up_bytes_per_site_round",
-            "down_bytes_per_site_round",
-            "accuracy",
-            "macro_f1",
-            "seconds_per_round",
-        ],
-        notes=notes,
-        extra={"sites": s["sites"], "run_config": base},
-        quick=quick,
-    )
+    return Outcome(rows, notes, {"run_config": base})
 
 
-def _plot(rows: list[dict[str, Any]]) -> None:
+def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
+    rows = outcome.rows
     fig, (ax1, ax2) = new_figure(10, 4, ncols=2)
     for r in rows:
         ax1.scatter(r["up_bytes_per_site_round"], r["macro_f1"], s=40)
@@ -139,3 +123,21 @@ def _plot(rows: list[dict[str, Any]]) -> None:
     ax2.set_title("Time per round")
     ax2.tick_params(axis="x", labelsize=8)
     save_figure(fig, NAME, "tradeoff")
+
+
+BENCHMARK = Benchmark(
+    name=NAME,
+    settings=settings,
+    measure=measure,
+    columns=(
+        "method",
+        "trainable_percent",
+        "adapter_bytes",
+        "up_bytes_per_site_round",
+        "down_bytes_per_site_round",
+        "accuracy",
+        "macro_f1",
+        "seconds_per_round",
+    ),
+    plot=_plot,
+)

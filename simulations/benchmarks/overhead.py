@@ -32,12 +32,11 @@ Quick: E=1, R=2, ``max-examples=600`` (~5 min).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .arms import federated_arm
 from .figures import new_figure, save_figure
-from .harness import write_results
+from .spec import Benchmark, Outcome, target_note
 from .training import torch_threads
 
 NAME = "overhead"
@@ -142,11 +141,10 @@ def _rows(timing: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def run(quick: bool) -> Path:
-    """Run the federation and the direct loops; write ``results/overhead.{json,md}`` and a plot."""
+def measure(s: dict[str, Any]) -> Outcome:
+    """The federation and the same training loop run directly, on 1 thread and on all of them."""
     import torch
 
-    s = settings(quick)
     sites = 2
     rc = {
         "num-server-rounds": s["rounds"],
@@ -178,37 +176,35 @@ def run(quick: bool) -> Path:
             "site_eps": after_first([r.site_examples_per_second for r in arm.records[1:]]),
         }
     )
-    ratio = rows[0]["ratio"]
     notes = [
         f"2 hospitals (SecAgg+ needs 2; sites of {' and '.join(map(str, site_examples))} training examples), "
         f"IID, max-examples {s['max_examples']}, {s['epochs']} local epoch(s), {s['rounds']} rounds; "
         f"{examples} examples trained per round. Means over rounds / repetitions 2.. .",
-        f"Headline: federated round / the slower site's training run directly (1 thread, as in its actor) = "
-        f"{ratio:.2f}x (target <= {TARGET:.2f}x: {'met' if ratio <= TARGET else 'missed'}). The round also "
-        "pays SecAgg+, the coordinator's held-out scoring, the sites' local scoring and the checkpoint.",
+        "Headline: federated round / the slower site's training run directly (1 thread, as in its actor). "
+        "The round also pays SecAgg+, the coordinator's held-out scoring, the sites' local scoring and the "
+        "checkpoint.",
         f"Against the whole workload run directly (both sites one after the other, faster of 1 and {cores} "
         f"threads) the round takes {rows[2]['ratio']:.2f}x; the sites' parallelism in the simulation "
         "flatters this figure.",
         f"Site training: inside its Ray actor a site takes {rows[5]['ratio']:.2f}x the time per example of "
         "the direct loop on 1 thread.",
     ]
-    _plot(rows)
-    return write_results(
-        NAME,
-        rows,
-        columns=["compared", "seconds", "examples_per_s", "ratio", "baseline"],
-        notes=notes,
-        extra={
-            "settings": s,
-            "run_config": rc,
-            "examples_per_round": examples,
-            "direct_seconds": {"one_thread": one, f"{cores}_threads": many},
-        },
-        quick=quick,
-    )
+    extra = {
+        "run_config": rc,
+        "examples_per_round": examples,
+        "direct_seconds": {"one_thread": one, f"{cores}_threads": many},
+    }
+    return Outcome(rows, notes, extra)
 
 
-def _plot(rows: list[dict[str, Any]]) -> None:
+def targets(outcome: Outcome, s: dict[str, Any]) -> list[str]:
+    """The headline ratio: a federated round over the slower site's training run directly."""
+    what = "Federated round / the slower site's training run directly"
+    return [target_note(what, outcome.rows[0]["ratio"], TARGET, at_most=True, unit="x")]
+
+
+def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
+    rows = outcome.rows
     timed = [r for i, r in enumerate(rows) if r["seconds"] is not None and i != 2]  # row 2 repeats row 0
     fig, ax = new_figure(8, 3.5)
     labels = [r["compared"] for r in timed][::-1]
@@ -217,3 +213,13 @@ def _plot(rows: list[dict[str, Any]]) -> None:
     ax.set_title("Federated round vs the same training run directly")
     ax.tick_params(axis="y", labelsize=8)
     save_figure(fig, NAME, "round_time")
+
+
+BENCHMARK = Benchmark(
+    name=NAME,
+    settings=settings,
+    measure=measure,
+    columns=("compared", "seconds", "examples_per_s", "ratio", "baseline"),
+    plot=_plot,
+    targets=targets,
+)

@@ -31,7 +31,8 @@ from fedtune.common.run_folder import RunFolder
 
 from .arms import federated_arm
 from .figures import new_figure, save_figure
-from .harness import console, write_results
+from .harness import console
+from .spec import Benchmark, Outcome
 
 NAME = "privacy"
 EPSILONS: tuple[float, ...] = (math.inf, 8.0, 2.0)
@@ -73,9 +74,8 @@ def audit(out: Path) -> dict[str, Any]:
     return json.loads(RunFolder(out).audit_report.read_text())
 
 
-def run(quick: bool) -> Path:
-    """Run each epsilon and its audit; write ``results/privacy.{json,md}`` and a plot."""
-    s = settings(quick)
+def measure(s: dict[str, Any]) -> Outcome:
+    """A federation and its audit per epsilon: the accountant's, the empirical epsilon and the cost."""
     base = {
         "num-server-rounds": s["rounds"],
         "max-examples": s["max_examples"],
@@ -116,26 +116,7 @@ def run(quick: bool) -> Path:
         "run of the same invocation.",
         *(_row_note(r) for r in rows),
     ]
-    _plot(rows)
-    return write_results(
-        NAME,
-        rows,
-        columns=[
-            "target_epsilon",
-            "noise_multiplier",
-            "accountant_epsilon",
-            "empirical_epsilon_lb",
-            "mia_auc",
-            "tpr_at_1pct_fpr",
-            "accuracy",
-            "macro_f1",
-            "accuracy_cost_points",
-            "macro_f1_cost_points",
-        ],
-        notes=notes,
-        extra={"settings": s, "run_config": base},
-        quick=quick,
-    )
+    return Outcome(rows, notes, {"run_config": base})
 
 
 def _row_note(r: dict[str, Any]) -> str:
@@ -148,7 +129,8 @@ def _row_note(r: dict[str, Any]) -> str:
     return f"epsilon {eps}: empirical lower bound {lb:.3f} vs accountant {acc:.3f} ({verdict}); {tail}"
 
 
-def _plot(rows: list[dict[str, Any]]) -> None:
+def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
+    rows = outcome.rows
     fig, (ax1, ax2) = new_figure(10, 4, ncols=2)
     labels = [f"eps={r['target_epsilon']}" for r in rows]
     ax1.bar(labels, [r["mia_auc"] for r in rows], color="tab:purple")
@@ -160,3 +142,23 @@ def _plot(rows: list[dict[str, Any]]) -> None:
     ax2.set_ylabel("final macro-F1 (held-out)")
     ax2.set_title("Utility")
     save_figure(fig, NAME, "tradeoff")
+
+
+BENCHMARK = Benchmark(
+    name=NAME,
+    settings=settings,
+    measure=measure,
+    columns=(
+        "target_epsilon",
+        "noise_multiplier",
+        "accountant_epsilon",
+        "empirical_epsilon_lb",
+        "mia_auc",
+        "tpr_at_1pct_fpr",
+        "accuracy",
+        "macro_f1",
+        "accuracy_cost_points",
+        "macro_f1_cost_points",
+    ),
+    plot=_plot,
+)

@@ -39,15 +39,14 @@ Quick: 3 sites, ``max-examples=600``, Dirichlet 0.3, 1 seed, 3 rounds / epochs, 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from fedtune.common import options
 
 from .arms import arms_dir, cached, choose, env_list, resolved, saved, saved_only
 from .curves import Curve, centralized_curve, federated_curve
-from .harness import write_results
-from .quality_report import report
+from .quality_report import plot, report
+from .spec import Benchmark, Outcome
 
 NAME = "quality"
 PARTITIONS: dict[str, dict[str, Any]] = {
@@ -118,9 +117,8 @@ def chosen_settings(quick: bool) -> dict[str, Any]:
     return s
 
 
-def run(quick: bool) -> Path:
-    """Run the chosen arms; write ``results/quality.{json,md}`` and ``results/quality_*.png``."""
-    s = chosen_settings(quick)
+def measure(s: dict[str, Any]) -> Outcome:
+    """Every chosen arm per partition and seed (saved arms reused); rows, targets and notes."""
     missing: list[str] = []  # with FEDTUNE_BENCH_SAVED_ONLY=1: arms not saved yet
 
     def reuse_or_run(label: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict | None:
@@ -145,23 +143,7 @@ def run(quick: bool) -> Path:
     rows, notes = report(per_seed, s)
     if missing:
         notes.append(f"Not run yet (assembled from saved arms only): {', '.join(missing)}.")
-    return write_results(
-        NAME,
-        rows,
-        columns=[
-            "partition",
-            "arm",
-            "seeds",
-            "best",
-            "macro_f1_best",
-            "accuracy_best",
-            "macro_f1_budget",
-            "accuracy_budget",
-        ],
-        notes=notes,
-        extra={"settings": s, "per_seed": per_seed, "missing": missing},
-        quick=quick,
-    )
+    return Outcome(rows, notes, {"per_seed": per_seed, "missing": missing})
 
 
 def _base_config(s: Mapping[str, Any], part: str, seed: int) -> dict[str, Any]:
@@ -256,3 +238,21 @@ def local_only(run_config: Mapping[str, Any], sites: int, rounds: int, budget: i
         results.append(site_result)
         print(f"local-only site {i}: best round {best}, held-out macro-F1 {site_result['test_f1_best']:.3f}")
     return {"sites": results}
+
+
+BENCHMARK = Benchmark(
+    name=NAME,
+    settings=chosen_settings,
+    measure=measure,
+    columns=(
+        "partition",
+        "arm",
+        "seeds",
+        "best",
+        "macro_f1_best",
+        "accuracy_best",
+        "macro_f1_budget",
+        "accuracy_budget",
+    ),
+    plot=plot,
+)

@@ -7,6 +7,7 @@ from typing import Any
 
 from .curves import summary
 from .figures import new_figure, save_figure
+from .spec import Outcome, Settings
 from .stats import mean_std, pm
 
 TARGET_GAPS: dict[str, float] = {"dirichlet-0.3": 3.0, "iid": 1.5, "specialty": 5.0}  # macro-F1 points
@@ -49,7 +50,7 @@ def arm_summaries(arms: Mapping[str, Any], budget: int) -> Judged:
 def report(
     per_seed: Mapping[str, Mapping[int, Mapping[str, Any]]], s: Mapping[str, Any]
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """``(rows, notes)``: every arm by partition, mean ± std over seeds; the targets; the plots."""
+    """``(rows, notes)``: every arm by partition, mean ± std over seeds, and the targets."""
     judged = {
         part: {seed: arm_summaries(arms, s["budget"]) for seed, arms in seeds.items()}
         for part, seeds in per_seed.items()
@@ -65,9 +66,13 @@ def report(
         *protocol_cut(s),
         *(note for part, seeds in judged.items() for note in _target_notes(part, _by_arm(seeds), s)),
     ]
-    _plot_curves(per_seed, s)
-    _plot_bars(rows)
     return rows, notes
+
+
+def plot(outcome: Outcome, s: Settings) -> None:
+    """Every arm's validation curves (``quality_curves.png``) and the bars (``quality_macro_f1.png``)."""
+    _plot_curves(outcome.extra["per_seed"], s)
+    _plot_bars(outcome.rows)
 
 
 def protocol_cut(s: Mapping[str, Any]) -> list[str]:

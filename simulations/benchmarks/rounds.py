@@ -21,14 +21,13 @@ the federated and the in-process arms saved in ``results/arms/rounds/``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from fedtune.common.records import RoundRecord, records_from_json
 
 from .arms import arms_dir, cached, federated_arm, resolved
 from .figures import new_figure, save_figure
-from .harness import write_results
+from .spec import Benchmark, Outcome
 from .training import concat, train_and_score
 
 NAME = "rounds"
@@ -42,9 +41,8 @@ def settings(quick: bool) -> dict[str, Any]:
     return {"sites": 10, "max_examples": 4000, "rounds": 20, "checkpoints": [1, 2, 3, 5, 10, 15, 20]}
 
 
-def run(quick: bool) -> Path:
-    """Run the three arms; write ``results/rounds.{json,md}`` and ``results/rounds_macro_f1.png``."""
-    s = settings(quick)
+def measure(s: dict[str, Any]) -> Outcome:
+    """FedAvg, centralized and each site alone, scored at each checkpoint (saved arms reused)."""
     run_config = {
         "num-server-rounds": s["rounds"],
         "local-epochs": 1,
@@ -78,32 +76,13 @@ def run(quick: bool) -> Path:
     train_examples = pooled["train_examples"]
     for r in rows:
         r["examples_seen"] = r["round"] * train_examples
-    _plot(rows, s["sites"])
-    return write_results(
-        NAME,
-        rows,
-        columns=[
-            "round",
-            "examples_seen",
-            "fedavg_macro_f1",
-            "centralized_macro_f1",
-            "local_mean_macro_f1",
-            "local_best_macro_f1",
-            "gap_points",
-            "lift_points",
-            "fedavg_accuracy",
-            "centralized_accuracy",
-        ],
-        notes=[
-            f"{s['sites']} hospitals, Dirichlet alpha 0.3, max-examples {s['max_examples']} "
-            f"({train_examples} training examples over all sites), LoRA r=8, seed 42, FedAvg with 1 local "
-            "epoch per round; centralized and local-only are one run each, scored after the epoch that "
-            "matches the round (same examples seen).",
-            *target_notes(rows),
-        ],
-        extra={"settings": s},
-        quick=quick,
-    )
+    notes = [
+        f"{s['sites']} hospitals, Dirichlet alpha 0.3, max-examples {s['max_examples']} "
+        f"({train_examples} training examples over all sites), LoRA r=8, seed 42, FedAvg with 1 local "
+        "epoch per round; centralized and local-only are one run each, scored after the epoch that "
+        "matches the round (same examples seen).",
+    ]
+    return Outcome(rows, notes)
 
 
 def _pooled_curves(run_config: Mapping[str, Any], sites: int, checkpoints: Sequence[int]) -> dict[str, Any]:
@@ -188,7 +167,8 @@ def target_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return notes
 
 
-def _plot(rows: Sequence[Mapping[str, Any]], sites: int) -> None:
+def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
+    rows, sites = outcome.rows, s["sites"]
     fig, ax = new_figure(7, 4)
     x = [r["round"] for r in rows]
     for column, label, style in (
@@ -203,3 +183,24 @@ def _plot(rows: Sequence[Mapping[str, Any]], sites: int) -> None:
     ax.set_title("ICD-10 chapter, Dirichlet 0.3: the gap over rounds")
     ax.legend(fontsize=8)
     save_figure(fig, NAME, "macro_f1")
+
+
+BENCHMARK = Benchmark(
+    name=NAME,
+    settings=settings,
+    measure=measure,
+    columns=(
+        "round",
+        "examples_seen",
+        "fedavg_macro_f1",
+        "centralized_macro_f1",
+        "local_mean_macro_f1",
+        "local_best_macro_f1",
+        "gap_points",
+        "lift_points",
+        "fedavg_accuracy",
+        "centralized_accuracy",
+    ),
+    plot=_plot,
+    targets=lambda outcome, s: target_notes(outcome.rows),
+)

@@ -16,12 +16,11 @@ not measured).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .arms import federated_arm
 from .figures import new_figure, save_figure
-from .harness import write_results
+from .spec import Benchmark, Outcome, target_note
 
 NAME = "scale"
 SAMPLED, PER_SITE, HOLDOUT = 10, 20, 200
@@ -49,16 +48,15 @@ def run_config(n: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def run(quick: bool) -> Path:
-    """Run each N; write ``results/scale.{json,md}`` and ``results/scale_growth.png``."""
-    s = settings(quick)
+def measure(s: dict[str, Any]) -> Outcome:
+    """One federation per hospital count: peak memory and round time, and their growth."""
     rows = []
     for n in s["sites"]:
         arm = federated_arm(NAME, f"sites{n}", n, run_config(n, s["rounds"]))
         rows.append(
             {
                 "hospitals": n,
-                "sampled_per_round": len(arm.final.site_train_examples),
+                "sampled_per_round": len(arm.final.site_train_examples or ()),
                 "peak_rss_gb": arm.peak_rss_bytes / 2**30,
                 "s_per_round": arm.mean_round_seconds(),
                 "round_1_s": arm.records[1].seconds,  # + start-up and the base-model check of all N
@@ -78,36 +76,21 @@ def run(quick: bool) -> Path:
         "Peak RSS: summed over the `fedtune simulate` process tree (Ray included), sampled every 0.2 s; "
         "shared memory is counted once per process, so this overstates the footprint.",
     ]
+    return Outcome(rows, notes)
+
+
+def targets(outcome: Outcome, s: dict[str, Any]) -> list[str]:
+    """Peak memory at each hospital count of :data:`TARGETS_GB`."""
+    lines = []
     for n, limit in TARGETS_GB.items():
-        row = next((r for r in rows if r["hospitals"] == n), None)
-        if row is None:
-            notes.append(f"Target {n} hospitals <= {limit:g} GB: not measured in this run.")
-        else:
-            verdict = "met" if row["peak_rss_gb"] <= limit else "missed"
-            notes.append(
-                f"{n} hospitals: peak RSS {row['peak_rss_gb']:.2f} GB (target <= {limit:g} GB: {verdict})."
-            )
-    _plot(rows)
-    return write_results(
-        NAME,
-        rows,
-        columns=[
-            "hospitals",
-            "sampled_per_round",
-            "peak_rss_gb",
-            "rss_growth",
-            "s_per_round",
-            "round_time_growth",
-            "round_1_s",
-            "total_s",
-        ],
-        notes=notes,
-        extra={"settings": s},
-        quick=quick,
-    )
+        row = next((r for r in outcome.rows if r["hospitals"] == n), None)
+        peak = None if row is None else row["peak_rss_gb"]
+        lines.append(target_note(f"Peak RSS at {n} hospitals", peak, limit, at_most=True, unit=" GB"))
+    return lines
 
 
-def _plot(rows: list[dict[str, Any]]) -> None:
+def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
+    rows = outcome.rows
     fig, (ax1, ax2) = new_figure(10, 4, ncols=2)
     n = [r["hospitals"] for r in rows]
     ax1.plot(n, [r["peak_rss_gb"] for r in rows], "o-")
@@ -123,3 +106,22 @@ def _plot(rows: list[dict[str, Any]]) -> None:
     ax2.set_ylabel("seconds per round")
     ax2.set_title(f"Round time, {SAMPLED} sampled per round")
     save_figure(fig, NAME, "growth")
+
+
+BENCHMARK = Benchmark(
+    name=NAME,
+    settings=settings,
+    measure=measure,
+    columns=(
+        "hospitals",
+        "sampled_per_round",
+        "peak_rss_gb",
+        "rss_growth",
+        "s_per_round",
+        "round_time_growth",
+        "round_1_s",
+        "total_s",
+    ),
+    plot=_plot,
+    targets=targets,
+)

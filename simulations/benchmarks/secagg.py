@@ -20,14 +20,13 @@ is too noisy a sample.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .arms import federated_arm
 from .figures import new_figure, save_figure
-from .harness import write_results
+from .spec import Benchmark, Outcome, target_note
 from .stats import per_site_mean
 from .training import adapter_tensors
 
@@ -58,9 +57,8 @@ def max_abs_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> fl
     return diff
 
 
-def run(quick: bool) -> Path:
-    """Run the paired arms; write ``results/secagg.{json,md}`` and ``results/secagg_round_time.png``."""
-    s = settings(quick)
+def measure(s: dict[str, Any]) -> Outcome:
+    """Plain and SecAgg+ federations at each site count: round time, bytes and the adapters' difference."""
     rows = []
     for n in s["sites"]:
         base = {
@@ -96,37 +94,17 @@ def run(quick: bool) -> Path:
         "adapters. It is not the error of one aggregation: from round 2 on the sites train from slightly "
         "different adapters and AdamW's normalised steps can amplify tiny differences (up to ~lr per step), "
         "so the final macro-F1 of both runs is shown beside it.",
+        *cost_per_site(rows),
     ]
-    target = next((r for r in rows if r["sites"] == TARGET_SITES), None)
-    if target is None:
-        notes.append(f"Target (<= {TARGET_RATIO:.2f}x at {TARGET_SITES} sites) not measured in this run.")
-    else:
-        verdict = "met" if target["ratio"] <= TARGET_RATIO else "missed"
-        notes.append(
-            f"At {TARGET_SITES} sites SecAgg+ takes {target['ratio']:.2f}x the plain round time "
-            f"(target <= {TARGET_RATIO:.2f}x: {verdict})."
-        )
-    notes += cost_per_site(rows)
-    _plot(rows)
-    return write_results(
-        NAME,
-        rows,
-        columns=[
-            "sites",
-            "plain_s_per_round",
-            "secagg_s_per_round",
-            "ratio",
-            "plain_up_bytes_per_site",
-            "secagg_up_bytes_per_site",
-            "max_abs_diff",
-            "max_abs_value",
-            "plain_macro_f1",
-            "secagg_macro_f1",
-        ],
-        notes=notes,
-        extra={"settings": s},
-        quick=quick,
-    )
+    return Outcome(rows, notes)
+
+
+def targets(outcome: Outcome, s: dict[str, Any]) -> list[str]:
+    """SecAgg+'s round time over plain at :data:`TARGET_SITES` sites."""
+    row = next((r for r in outcome.rows if r["sites"] == TARGET_SITES), None)
+    ratio = None if row is None else row["ratio"]
+    what = f"SecAgg+ round time / plain at {TARGET_SITES} sites"
+    return [target_note(what, ratio, TARGET_RATIO, at_most=True, unit="x")]
 
 
 def cost_per_site(rows: list[dict[str, Any]]) -> list[str]:
@@ -151,7 +129,8 @@ def cost_per_site(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def _plot(rows: list[dict[str, Any]]) -> None:
+def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
+    rows = outcome.rows
     fig, (ax1, ax2) = new_figure(10, 4, ncols=2)
     n = [r["sites"] for r in rows]
     ax1.plot(n, [r["plain_s_per_round"] for r in rows], "o-", label="plain")
@@ -167,3 +146,24 @@ def _plot(rows: list[dict[str, Any]]) -> None:
     ax2.set_title("SecAgg+ overhead")
     ax2.legend()
     save_figure(fig, NAME, "round_time")
+
+
+BENCHMARK = Benchmark(
+    name=NAME,
+    settings=settings,
+    measure=measure,
+    columns=(
+        "sites",
+        "plain_s_per_round",
+        "secagg_s_per_round",
+        "ratio",
+        "plain_up_bytes_per_site",
+        "secagg_up_bytes_per_site",
+        "max_abs_diff",
+        "max_abs_value",
+        "plain_macro_f1",
+        "secagg_macro_f1",
+    ),
+    plot=_plot,
+    targets=targets,
+)

@@ -26,13 +26,12 @@ Quick: 3 sites, 2 rounds, ``max-examples=600``, two federated arms and one centr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from .arms import arms_dir, cached, choose, env_list, resolved
 from .curves import centralized_curve, federated_curve, summary
 from .figures import new_figure, save_figure
-from .harness import write_results
+from .spec import Benchmark, Outcome
 
 NAME = "tuning"
 # the local recipe: label-skew correction, local work per round, peak rate and its schedule
@@ -146,11 +145,19 @@ def settings(quick: bool) -> dict[str, Any]:
     }
 
 
-def run(quick: bool) -> Path:
-    """Run the chosen arms; write ``results/tuning.{json,md}`` and ``results/tuning_curves.png``."""
+def chosen_settings(quick: bool) -> dict[str, Any]:
+    """:func:`settings` with the arms of ``$FEDTUNE_BENCH_ARMS`` and the seed of ``$FEDTUNE_BENCH_SEEDS``."""
     s = settings(quick)
-    arms = choose("FEDTUNE_BENCH_ARMS", env_list("FEDTUNE_BENCH_ARMS", s["arms"]), [*FEDERATED, *CENTRALIZED])
-    (seed,) = env_list("FEDTUNE_BENCH_SEEDS", [s["seed"]], int)[:1]
+    s["arms"] = choose(
+        "FEDTUNE_BENCH_ARMS", env_list("FEDTUNE_BENCH_ARMS", s["arms"]), [*FEDERATED, *CENTRALIZED]
+    )
+    (s["seed"],) = env_list("FEDTUNE_BENCH_SEEDS", [s["seed"]], int)[:1]
+    return s
+
+
+def measure(s: dict[str, Any]) -> Outcome:
+    """Every chosen arm's validation curve (saved arms reused), summarised at its best point and budget."""
+    arms, seed = s["arms"], s["seed"]
     base = {
         "max-examples": s["max_examples"],
         "min-clients": s["sites"],
@@ -182,7 +189,6 @@ def run(quick: bool) -> Path:
             )
         curves[arm] = result["curve"]
     rows = [summary(arm, curve, s["rounds"]) for arm, curve in curves.items()]
-    _plot(curves)
     notes = [
         f"{s['sites']} hospitals, Dirichlet 0.3, max-examples {s['max_examples']}, LoRA r=8 unless named, "
         f"seed {seed}; federated {s['rounds']} rounds, centralized {s['epochs']} epochs. Validation = the "
@@ -190,24 +196,8 @@ def run(quick: bool) -> Path:
         "shown, never used to choose.",
         "`best` is the round (epoch) of the best validation macro-F1; `budget` columns are round (epoch) "
         f"{s['rounds']}.",
-        *choice_notes(rows),
     ]
-    return write_results(
-        NAME,
-        rows,
-        columns=[
-            "arm",
-            "best",
-            "val_f1_best",
-            "test_f1_best",
-            "val_f1_budget",
-            "test_f1_budget",
-            "test_acc_budget",
-        ],
-        notes=notes,
-        extra={"settings": {**s, "arms": arms, "seed": seed}, "curves": curves},
-        quick=quick,
-    )
+    return Outcome(rows, notes, {"curves": curves})
 
 
 def choice_notes(rows: list[dict[str, Any]]) -> list[str]:
@@ -258,7 +248,8 @@ def _prefix_note(prefix: list[dict[str, Any]], rows: list[dict[str, Any]]) -> li
     ]
 
 
-def _plot(curves: Mapping[str, list[dict[str, float]]]) -> None:
+def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
+    curves: Mapping[str, list[dict[str, float]]] = outcome.extra["curves"]
     fig, ax = new_figure(7, 4.5)
     for arm, curve in curves.items():
         style = "--" if arm in CENTRALIZED else "-"
@@ -269,3 +260,21 @@ def _plot(curves: Mapping[str, list[dict[str, float]]]) -> None:
     ax.set_title("ICD-10 chapters, Dirichlet 0.3")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     save_figure(fig, NAME, "curves")
+
+
+BENCHMARK = Benchmark(
+    name=NAME,
+    settings=chosen_settings,
+    measure=measure,
+    columns=(
+        "arm",
+        "best",
+        "val_f1_best",
+        "test_f1_best",
+        "val_f1_budget",
+        "test_f1_budget",
+        "test_acc_budget",
+    ),
+    plot=_plot,
+    targets=lambda outcome, s: choice_notes(outcome.rows),
+)

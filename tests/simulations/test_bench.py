@@ -30,12 +30,15 @@ ALL = [
 ]
 
 
-def test_registry_names_every_benchmark_and_each_has_a_module_with_run() -> None:
+def test_registry_names_every_benchmark_and_each_module_declares_it() -> None:
     # Assert
     assert list(BENCHMARKS) == ALL
     for name in ALL:
-        module = __import__(f"fedtune.simulations.benchmarks.{name}", fromlist=["run"])
-        assert callable(module.run)
+        module = __import__(f"fedtune.simulations.benchmarks.{name}", fromlist=["BENCHMARK"])
+        bench = module.BENCHMARK
+        assert bench.name == name and bench.columns
+        for quick in (True, False):
+            assert isinstance(bench.settings(quick), dict)
 
 
 def test_unknown_benchmark_is_an_error_listing_the_valid_ones() -> None:

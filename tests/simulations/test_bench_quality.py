@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 from fedtune.simulations.benchmarks import quality as bench_quality
-from fedtune.simulations.benchmarks.quality_report import arm_summaries, report
+from fedtune.simulations.benchmarks.quality_report import arm_summaries, plot, report
+from fedtune.simulations.benchmarks.spec import Outcome
 
 
 def _curve(*points: tuple[float, float]) -> dict[str, Any]:
@@ -96,6 +97,11 @@ def test_report_judges_each_target_on_the_mean_over_seeds(tmp_path: Path, monkey
     assert "mean local-only site 10.0, lift +21.0 (target >= 10: met)" in target
     assert "30.0 vs centralized after 2 epochs 36.0 = 83% (target >= 80%: met)" in target
     assert target.endswith("still rising at round 3.")
+
+    # Execute: the benchmark's plot of the same outcome
+    plot(Outcome(rows, notes, {"per_seed": per_seed}), _settings())
+
+    # Assert
     assert (tmp_path / "results" / "quality_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "results" / "quality_macro_f1.png").is_file()
 
@@ -147,8 +153,8 @@ def test_saved_only_assembles_the_saved_arms_and_lists_the_rest(tmp_path: Path, 
         bench_quality, "centralized_curve", lambda *a: _curve((0.3, 0.4), (0.4, 0.5), (0.3, 0.6))
     )
     monkeypatch.setattr(bench_quality, "local_only", lambda *a: {"sites": [_site(1, 0.1, 0.1)]})
-    bench_quality.run(True)
-    bench_quality.run(True)  # resumed: nothing recomputed
+    bench_quality.BENCHMARK.run(True)
+    bench_quality.BENCHMARK.run(True)  # resumed: nothing recomputed
     assert calls == ["dirichlet-0.3-seed42-fedavg"]
     (tmp_path / "results" / "arms" / "quality" / "dirichlet-0.3-seed42-local.json").unlink()
 
@@ -159,7 +165,7 @@ def test_saved_only_assembles_the_saved_arms_and_lists_the_rest(tmp_path: Path, 
     for name in ("federated_curve", "centralized_curve", "local_only"):
         monkeypatch.setattr(bench_quality, name, must_not_run)
     monkeypatch.setenv("FEDTUNE_BENCH_SAVED_ONLY", "1")
-    data = json.loads(bench_quality.run(True).read_text())
+    data = json.loads(bench_quality.BENCHMARK.run(True).read_text())
 
     # Assert
     assert data["missing"] == ["dirichlet-0.3-seed42-local"]
