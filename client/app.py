@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fedtune.common.site_config import SiteConfig
+from fedtune.common.site_config import SiteConfig, site_config
 from flwr.app import Context
 from flwr.client import Client
 from flwr.clientapp import ClientApp
@@ -43,7 +43,7 @@ def make_client_app(
     wire_mod, capture_mod = make_audit_mods(audit_dir)
 
     def client_fn(context: Context) -> Client:
-        site = SiteConfig.parse(context.node_config)
+        site = site_config(context.node_config)
         if node_config_fn is not None:
             site = node_config_fn(site)
         return SiteClient(site, base_model).to_client()

@@ -12,7 +12,7 @@ from pathlib import Path
 from fedtune.common import instructions
 from fedtune.common.audit import WireLog, message_record, payload_bytes, save_arrays, secagg_stage
 from fedtune.common.run_folder import WIRE_LOG, global_round_name, sent_round_name, site_audit_dir
-from fedtune.common.site_config import SiteConfig
+from fedtune.common.site_config import site_config
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -24,7 +24,7 @@ def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
     """``(wire_mod, capture_mod)`` writing to ``audit_dir`` (or the node config's ``audit-dir``)."""
 
     def folder(ctxt: Context) -> Path | None:
-        site = SiteConfig.parse(ctxt.node_config)
+        site = site_config(ctxt.node_config)
         root = audit_dir or site.audit_dir
         if not root:
             return None

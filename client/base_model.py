@@ -28,7 +28,7 @@ from fedtune.common.model_store import (
     default_cache_dir,
     find_base_model,
 )
-from fedtune.common.site_config import SiteConfig
+from fedtune.common.site_config import SiteConfig, site_config
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -71,7 +71,7 @@ def make_base_model_mod(default_base_model: str = "") -> Mod:
             return call_next(msg, ctxt)
         req = msg.content.config_records[RECORD]
         expected = str(req["fingerprint"])
-        site = SiteConfig.parse(ctxt.node_config)
+        site = site_config(ctxt.node_config)
         incoming = IncomingModel(cache_dir(site), expected, ctxt.node_id)
         op = str(req["op"])
         if op == "status":

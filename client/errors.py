@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from fedtune.common.config import ConfigError
-from fedtune.common.site_config import SiteConfig
+from fedtune.common.site_config import site_config
 from fedtune.common.site_errors import SiteError, category_of
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -50,7 +50,7 @@ def make_site_errors_mod(log_dir: str | Path | None = None) -> Mod:
 
 def _append(log_dir: Path, ctxt: Context, line: str) -> None:
     try:
-        site = SiteConfig.parse(ctxt.node_config).label(ctxt.node_id)
+        site = site_config(ctxt.node_config).label(ctxt.node_id)
     except ConfigError:  # the error being logged may be this one
         site = str(ctxt.node_id)
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from fedtune.common import instructions
 from fedtune.common.adapters import update_defect
-from fedtune.common.site_config import SiteConfig
+from fedtune.common.site_config import site_config
 from fedtune.common.site_errors import SecAggRequiredError, UpdateRefusedError
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
@@ -70,7 +70,7 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        if SiteConfig.parse(ctxt.node_config).require_secure_aggregation:
+        if site_config(ctxt.node_config).require_secure_aggregation:
             raise SecAggRequiredError(
                 f"Node {ctxt.node_id} requires secure aggregation (`require-secure-aggregation`) but the "
                 "server asked for an unmasked update; set `secure-aggregation=true` on the server."

@@ -9,6 +9,7 @@ the valid keys (a typo would otherwise silently fall back to a default).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -83,6 +84,20 @@ class SiteConfig:
 
 
 KEYS: dict[str, str] = {f.name.replace("_", "-"): f.name for f in fields(SiteConfig)}
+
+
+def site_config(node_config: Mapping[str, Any]) -> SiteConfig:
+    """:meth:`SiteConfig.parse` of ``node_config``, parsed once per distinct node config.
+
+    The ClientApp and each of its mods read the site's config for every message; the node config of
+    a site does not change, so they share one parse (an invalid one raises every time).
+    """
+    return _parse_items(tuple(sorted(node_config.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_items(items: tuple[tuple[str, Any], ...]) -> SiteConfig:
+    return SiteConfig.parse(dict(items))
 
 
 def _typed(key: str, value: Any) -> Any:

@@ -19,7 +19,7 @@ from fedtune.common.model import bring_up
 from fedtune.common.run_folder import RunFolder
 
 from .arms import federated_arm
-from .training import bench_threads, concat, torch_threads, train_central
+from .training import concat, predict, train_central
 
 if TYPE_CHECKING:
     from fedtune.common.config import FedConfig
@@ -39,18 +39,10 @@ def sets(cfg: FedConfig, sites: int) -> tuple[TextDataset, TextDataset, TextData
 
 def scorer(cfg: FedConfig, parts: ModelParts) -> Callable[[TextDataset], dict[str, float]]:
     """``score(dataset) -> metrics`` of ``parts.model`` as it is then, with the run config's settings."""
-    from fedtune.common.train import evaluate
+    from fedtune.common.train import score as score_probs
 
     def score(ds: TextDataset) -> dict[str, float]:
-        with torch_threads(bench_threads()):
-            return evaluate(
-                parts.model,
-                parts.tokenizer,
-                ds,
-                batch_size=cfg.batch_size,
-                max_length=cfg.max_length,
-                device=parts.device,
-            ).as_metrics()
+        return score_probs(predict(cfg, parts, ds), ds.labels, len(ds.label_names)).as_metrics()
 
     return score
 

@@ -95,17 +95,21 @@ def train_central(
 
 
 def predict(cfg: FedConfig, parts: ModelParts, ds: TextDataset) -> np.ndarray:
-    """Class probabilities of ``parts.model`` on ``ds`` with the run config's batch size and length."""
+    """Class probabilities of ``parts.model`` on ``ds`` with the run config's batch size and length.
+
+    Runs on :func:`bench_threads` torch threads, as the arms train.
+    """
     from fedtune.common.train import predict_proba
 
-    return predict_proba(
-        parts.model,
-        parts.tokenizer,
-        ds,
-        batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-        device=parts.device,
-    )
+    with torch_threads(bench_threads()):
+        return predict_proba(
+            parts.model,
+            parts.tokenizer,
+            ds,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            device=parts.device,
+        )
 
 
 def train_and_score(
@@ -143,8 +147,7 @@ def train_and_score(
             curve.append({"epoch": epoch, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
 
     res = train_central(cfg, parts, train, epochs=epochs, on_epoch_end=on_epoch_end if curve_at else None)
-    with torch_threads(bench_threads()):
-        final = probs()
+    final = probs()
     scored = score(final, test.labels, num_labels)
     console.print(
         f"[dim]in-process arm: {len(train)} examples x {epochs} epochs in {res.seconds:.0f} s, "
@@ -161,8 +164,7 @@ def train_and_score(
     if keep_probs:
         out["probs"] = final
         if validation is not None:
-            with torch_threads(bench_threads()):
-                out["validation_probs"] = predict(cfg, parts, validation)
+            out["validation_probs"] = predict(cfg, parts, validation)
     return out
 
 
@@ -182,8 +184,7 @@ def shared_adapter_probs(cfg: FedConfig, out: Path, test: TextDataset) -> np.nda
     parts = bring_up(cfg, len(test.label_names))
     state = {k: torch.from_numpy(v) for k, v in adapter_tensors(out).items()}
     set_peft_model_state_dict(parts.model, state)
-    with torch_threads(bench_threads()):
-        return predict(cfg, parts, test)
+    return predict(cfg, parts, test)
 
 
 def run_meta(out: Path) -> dict[str, Any]:

@@ -98,3 +98,19 @@ def test_a_node_config_naming_no_data_is_refused() -> None:
 
     with pytest.raises(ValueError, match="names no data"):
         site_data(parse_run_config({}), SiteConfig(model_cache_dir="/c"))
+
+
+def test_site_config_parses_each_distinct_node_config_once_and_refuses_a_bad_one_every_time() -> None:
+    from fedtune.common.site_config import site_config
+
+    # Execute
+    first = site_config({"partition-id": 1, "num-partitions": 3})
+    again = site_config({"num-partitions": 3, "partition-id": 1})  # same items, other order
+    other = site_config({"partition-id": 2, "num-partitions": 3})
+
+    # Assert
+    assert first is again and first == SiteConfig(partition_id=1, num_partitions=3)
+    assert other.partition_id == 2
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="`data-pth`"):
+            site_config({"data-pth": "x.csv"})
