@@ -22,7 +22,7 @@ import functools
 import importlib.util
 import logging
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from . import options
-from .tables import DataError, Table, read_table, read_table_cached
+from .tables import (
+    DataError,
+    Table,
+    check_label_values,
+    read_table,
+    read_table_cached,
+    require_column,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +70,6 @@ _CHAPTERS: tuple[tuple[str, str, str], ...] = (
 )
 _CHAPTER_NAMES: tuple[str, ...] = tuple(f"{lo}-{hi} {name}" for lo, hi, name in _CHAPTERS)
 _DIABETES_LABELS: tuple[str, ...] = ("no diabetes", "diabetes")
-
-
-# A label column read without `labels` is refused as free text (notes, names, record numbers would
-# otherwise become class names, written into the shared adapter's fedtune.json) above these:
-MAX_INFERRED_CLASSES = 100
-MAX_LABEL_CHARS = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -286,52 +287,6 @@ def _load_icd10(db: str) -> TextDataset:
     )
 
 
-def check_label_values(source: str, column: str, labels: Sequence[str]) -> None:
-    """Refuse inferred label values that look like free text rather than classes.
-
-    More than :data:`MAX_INFERRED_CLASSES` distinct values, or one longer than
-    :data:`MAX_LABEL_CHARS` characters, is most likely a text column read as the label (the message
-    names no value: they may be patient text).
-
-    Raises
-    ------
-    DataError
-        Naming the file and column, the count and the longest length, and the fix.
-    """
-    longest = max((len(x) for x in labels), default=0)
-    if len(labels) > MAX_INFERRED_CLASSES or longest > MAX_LABEL_CHARS:
-        raise DataError(
-            f"{source}, column `{column}`: {len(labels)} distinct labels, the longest {longest} characters "
-            f"(limits without `labels`: {MAX_INFERRED_CLASSES} classes, {MAX_LABEL_CHARS} characters); this "
-            "looks like free text, not a class label. Check `label-column` and `text-column`; if these are "
-            "the classes, list them in `labels`."
-        )
-
-
-def file_labels(path: Path, label_column: str) -> tuple[int, tuple[str, ...]]:
-    """``(data rows, sorted distinct non-empty labels)`` of a CSV/JSONL file, read by the site's rules.
-
-    Raises
-    ------
-    DataError
-        The file is missing, unparsable or has no ``label_column`` (names file, line and column).
-    """
-    table = read_table(path)
-    li = _require_column(str(path), table, label_column, "label")
-    labels = {cells[li].strip() for _, cells in table.rows} - {""}
-    return len(table.rows), tuple(sorted(labels))
-
-
-def _require_column(source: str, table: Table, column: str, role: str) -> int:
-    if column not in table.columns:
-        raise DataError(
-            f"{source}, {table.columns_from}: no {role} column `{column}`; columns present: "
-            f"{', '.join(table.columns)}. "
-            f"Set `{role}-column` to one of them."
-        )
-    return table.columns.index(column)
-
-
 def _build(
     table: Table, source: str, text_column: str, label_column: str, labels: tuple[str, ...]
 ) -> TextDataset:
@@ -340,10 +295,10 @@ def _build(
         raise DataError(f"{source}: no label column given; set `label-column`.")
     if len(set(labels)) != len(labels) or len(labels) == 1:
         raise DataError(f"`labels` must name at least 2 distinct classes, got {', '.join(labels)}.")
-    li = _require_column(source, table, label_column, "label")
+    li = require_column(source, table, label_column, "label")
     if text_column == label_column:
         raise DataError(f"{source}: column `{text_column}` cannot be both the text and the label column.")
-    ti = _require_column(source, table, text_column, "text") if text_column else -1
+    ti = require_column(source, table, text_column, "text") if text_column else -1
     where = f"column `{text_column}`" if text_column else f"every column except `{label_column}`"
     class_of = {name: i for i, name in enumerate(labels)}
     texts: list[str] = []

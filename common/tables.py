@@ -1,10 +1,16 @@
-"""The one reader of the sites' CSV and JSONL files: rows with their line numbers, errors that name them."""
+"""The one reader of the sites' CSV and JSONL files: rows with their line numbers, errors that name them.
+
+Also the rules a label column must meet when its classes are inferred from the file
+(:func:`check_label_values`), shared by the sites (:mod:`fedtune.common.data`) and deploy-local's
+check of the site files (:func:`file_labels`).
+"""
 
 from __future__ import annotations
 
 import csv
 import functools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -117,3 +123,56 @@ def _cell(value: object) -> str:
     if value is None:
         return ""
     return value if isinstance(value, str) else json.dumps(value)
+
+
+# A label column read without `labels` is refused as free text (notes, names, record numbers would
+# otherwise become class names, written into the shared adapter's fedtune.json) above these:
+MAX_INFERRED_CLASSES = 100
+MAX_LABEL_CHARS = 64
+
+
+def check_label_values(source: str, column: str, labels: Sequence[str]) -> None:
+    """Refuse inferred label values that look like free text rather than classes.
+
+    More than :data:`MAX_INFERRED_CLASSES` distinct values, or one longer than
+    :data:`MAX_LABEL_CHARS` characters, is most likely a text column read as the label (the message
+    names no value: they may be patient text).
+
+    Raises
+    ------
+    DataError
+        Naming the file and column, the count and the longest length, and the fix.
+    """
+    longest = max((len(x) for x in labels), default=0)
+    if len(labels) > MAX_INFERRED_CLASSES or longest > MAX_LABEL_CHARS:
+        raise DataError(
+            f"{source}, column `{column}`: {len(labels)} distinct labels, the longest {longest} characters "
+            f"(limits without `labels`: {MAX_INFERRED_CLASSES} classes, {MAX_LABEL_CHARS} characters); this "
+            "looks like free text, not a class label. Check `label-column` and `text-column`; if these are "
+            "the classes, list them in `labels`."
+        )
+
+
+def file_labels(path: Path, label_column: str) -> tuple[int, tuple[str, ...]]:
+    """``(data rows, sorted distinct non-empty labels)`` of a CSV/JSONL file, read by the site's rules.
+
+    Raises
+    ------
+    DataError
+        The file is missing, unparsable or has no ``label_column`` (names file, line and column).
+    """
+    table = read_table(path)
+    li = require_column(str(path), table, label_column, "label")
+    labels = {cells[li].strip() for _, cells in table.rows} - {""}
+    return len(table.rows), tuple(sorted(labels))
+
+
+def require_column(source: str, table: Table, column: str, role: str) -> int:
+    """Index of ``column`` in ``table``; a missing one is a :class:`DataError` naming those present."""
+    if column not in table.columns:
+        raise DataError(
+            f"{source}, {table.columns_from}: no {role} column `{column}`; columns present: "
+            f"{', '.join(table.columns)}. "
+            f"Set `{role}-column` to one of them."
+        )
+    return table.columns.index(column)

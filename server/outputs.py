@@ -24,7 +24,7 @@ from fedtune.common.files import write_json_atomic
 from fedtune.common.plots import plot_records
 
 from .run_state import RunState
-from .strategy import strategy_state
+from .strategy_state import strategy_state
 
 
 def metadata(state: RunState) -> dict[str, Any]:

@@ -40,7 +40,8 @@ from transformers import PreTrainedTokenizerBase
 
 from .distribution import Distributor
 from .progress import RunProgress
-from .strategy import UpdateGuard, make_strategy, restore_strategy_state, weighted_mean
+from .strategy import UpdateGuard, make_strategy, weighted_mean
+from .strategy_state import restore_strategy_state
 from .wire import MeteredGrid
 
 

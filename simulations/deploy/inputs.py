@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.common.config import ConfigError, FedConfig, key_of, parse_run_config
-from fedtune.common.data import DataError, check_label_values, file_labels
 from fedtune.common.preflight import PreflightError, check_base_model, check_site_file
 from fedtune.common.sites import coordinator_test_set
+from fedtune.common.tables import DataError, check_label_values, file_labels
 
 from .flower import DeployInputError
 
@@ -31,13 +31,13 @@ class SiteSummary:
 def summarise_sites(paths: Sequence[Path], label_column: str) -> SiteSummary:
     """Total data rows of the site files (CSV or JSONL) and the sorted union of their labels.
 
-    Read by the sites' own rules (:func:`~fedtune.common.data.file_labels`).
+    Read by the sites' own rules (:func:`~fedtune.common.tables.file_labels`).
 
     Raises
     ------
     DeployError
         A file is missing or unparsable or has no ``label_column`` (the message names the file and
-        line), or the labels look like free text (:func:`~fedtune.common.data.check_label_values`).
+        line), or the labels look like free text (:func:`~fedtune.common.tables.check_label_values`).
     """
     rows = 0
     labels: set[str] = set()

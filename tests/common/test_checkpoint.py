@@ -26,7 +26,8 @@ from fedtune.common.model import PeftSpec, build_peft_model, resolve_model_dir
 from fedtune.common.privacy import PrivacyAccountant
 from fedtune.common.records import RoundRecord
 from fedtune.common.run_folder import RunFolder
-from fedtune.server.strategy import make_strategy, restore_strategy_state, strategy_state
+from fedtune.server.strategy import make_strategy
+from fedtune.server.strategy_state import restore_strategy_state, strategy_state
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy

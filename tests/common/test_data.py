@@ -466,7 +466,8 @@ def test_a_label_column_that_looks_like_free_text_is_refused_without_naming_a_va
 ) -> None:
     import csv
 
-    from fedtune.common.data import MAX_INFERRED_CLASSES, load_task
+    from fedtune.common.data import load_task
+    from fedtune.common.tables import MAX_INFERRED_CLASSES
 
     # Prepare
     path = tmp_path / "swapped.csv"
