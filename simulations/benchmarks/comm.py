@@ -26,6 +26,18 @@ from .stats import per_site_mean
 from .training import run_meta
 
 NAME = "comm"
+COLUMNS = (
+    "method",
+    "secagg",
+    "trainable_percent",
+    "adapter_bytes",
+    "up_bytes_per_site",
+    "down_bytes_per_site",
+    "full_ft_over_up",
+    "full_ft_over_down",
+    "full_ft_over_total",
+    "secagg_up_overhead",
+)
 METHODS: dict[str, dict[str, Any]] = {
     "lora-r4": {"peft-method": "lora", "lora-r": 4},
     "lora-r8": {"peft-method": "lora", "lora-r": 8},
@@ -125,21 +137,4 @@ def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
     save_figure(fig, NAME, "bytes")
 
 
-BENCHMARK = Benchmark(
-    name=NAME,
-    settings=settings,
-    measure=measure,
-    columns=(
-        "method",
-        "secagg",
-        "trainable_percent",
-        "adapter_bytes",
-        "up_bytes_per_site",
-        "down_bytes_per_site",
-        "full_ft_over_up",
-        "full_ft_over_down",
-        "full_ft_over_total",
-        "secagg_up_overhead",
-    ),
-    plot=_plot,
-)
+BENCHMARK = Benchmark(NAME, settings, measure, COLUMNS, _plot)

@@ -42,6 +42,18 @@ from .spec import Benchmark, Outcome
 from .stats import mean_over_rounds, per_site_mean
 
 NAME = "deploy"
+COLUMNS = (
+    "arm",
+    "round_1_seconds",
+    "later_round_seconds",
+    "round_time_vs_simulation",
+    "total_seconds",
+    "sites_had_model",
+    "sites_received_model",
+    "transfer_bytes_per_site",
+    "transfer_seconds",
+    "auc",
+)
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -158,21 +170,4 @@ def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
     save_figure(fig, NAME, "round_time")
 
 
-BENCHMARK = Benchmark(
-    name=NAME,
-    settings=settings,
-    measure=measure,
-    columns=(
-        "arm",
-        "round_1_seconds",
-        "later_round_seconds",
-        "round_time_vs_simulation",
-        "total_seconds",
-        "sites_had_model",
-        "sites_received_model",
-        "transfer_bytes_per_site",
-        "transfer_seconds",
-        "auc",
-    ),
-    plot=_plot,
-)
+BENCHMARK = Benchmark(NAME, settings, measure, COLUMNS, _plot)

@@ -62,6 +62,18 @@ from .stats import auc_or_nan, bootstrap_auc_ci
 from .training import concat, shared_adapter_probs, train_and_score
 
 NAME = "diabetes"
+COLUMNS = (
+    "arm",
+    "ages",
+    "learning_rate",
+    "chosen",
+    "train_examples",
+    "validation_rows",
+    "validation_auc",
+    "auc_95ci",
+    "accuracy",
+    "macro_f1",
+)
 FEDERATE = ("fedtune.simulations.benchmarks.diabetes", "federate", "--overwrite")  # a federated arm's entry
 SKEW_FEATURE = "Age"
 SEED = 42
@@ -349,22 +361,4 @@ if __name__ == "__main__":
     sys.exit(_main())
 
 
-BENCHMARK = Benchmark(
-    name=NAME,
-    settings=settings,
-    measure=measure,
-    columns=(
-        "arm",
-        "ages",
-        "learning_rate",
-        "chosen",
-        "train_examples",
-        "validation_rows",
-        "validation_auc",
-        "auc_95ci",
-        "accuracy",
-        "macro_f1",
-    ),
-    plot=_plot,
-    targets=targets,
-)
+BENCHMARK = Benchmark(NAME, settings, measure, COLUMNS, _plot, targets)

@@ -30,6 +30,16 @@ from .stats import mean_over_rounds, per_site_mean
 from .training import run_meta
 
 NAME = "methods"
+COLUMNS = (
+    "method",
+    "trainable_percent",
+    "adapter_bytes",
+    "up_bytes_per_site_round",
+    "down_bytes_per_site_round",
+    "accuracy",
+    "macro_f1",
+    "seconds_per_round",
+)
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -125,19 +135,4 @@ def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
     save_figure(fig, NAME, "tradeoff")
 
 
-BENCHMARK = Benchmark(
-    name=NAME,
-    settings=settings,
-    measure=measure,
-    columns=(
-        "method",
-        "trainable_percent",
-        "adapter_bytes",
-        "up_bytes_per_site_round",
-        "down_bytes_per_site_round",
-        "accuracy",
-        "macro_f1",
-        "seconds_per_round",
-    ),
-    plot=_plot,
-)
+BENCHMARK = Benchmark(NAME, settings, measure, COLUMNS, _plot)

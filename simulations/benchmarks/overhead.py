@@ -40,6 +40,13 @@ from .spec import Benchmark, Outcome, target_note
 from .training import torch_threads
 
 NAME = "overhead"
+COLUMNS = (
+    "compared",
+    "seconds",
+    "examples_per_s",
+    "ratio",
+    "baseline",
+)
 TARGET = 1.20
 
 
@@ -215,11 +222,4 @@ def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
     save_figure(fig, NAME, "round_time")
 
 
-BENCHMARK = Benchmark(
-    name=NAME,
-    settings=settings,
-    measure=measure,
-    columns=("compared", "seconds", "examples_per_s", "ratio", "baseline"),
-    plot=_plot,
-    targets=targets,
-)
+BENCHMARK = Benchmark(NAME, settings, measure, COLUMNS, _plot, targets)

@@ -35,6 +35,18 @@ from .harness import console
 from .spec import Benchmark, Outcome
 
 NAME = "privacy"
+COLUMNS = (
+    "target_epsilon",
+    "noise_multiplier",
+    "accountant_epsilon",
+    "empirical_epsilon_lb",
+    "mia_auc",
+    "tpr_at_1pct_fpr",
+    "accuracy",
+    "macro_f1",
+    "accuracy_cost_points",
+    "macro_f1_cost_points",
+)
 EPSILONS: tuple[float, ...] = (math.inf, 8.0, 2.0)
 DELTA = 1e-5
 CLIPPING_NORM = 0.5
@@ -144,21 +156,4 @@ def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
     save_figure(fig, NAME, "tradeoff")
 
 
-BENCHMARK = Benchmark(
-    name=NAME,
-    settings=settings,
-    measure=measure,
-    columns=(
-        "target_epsilon",
-        "noise_multiplier",
-        "accountant_epsilon",
-        "empirical_epsilon_lb",
-        "mia_auc",
-        "tpr_at_1pct_fpr",
-        "accuracy",
-        "macro_f1",
-        "accuracy_cost_points",
-        "macro_f1_cost_points",
-    ),
-    plot=_plot,
-)
+BENCHMARK = Benchmark(NAME, settings, measure, COLUMNS, _plot)

@@ -49,6 +49,16 @@ from .quality_report import plot, report
 from .spec import Benchmark, Outcome
 
 NAME = "quality"
+COLUMNS = (
+    "partition",
+    "arm",
+    "seeds",
+    "best",
+    "macro_f1_best",
+    "accuracy_best",
+    "macro_f1_budget",
+    "accuracy_budget",
+)
 PARTITIONS: dict[str, dict[str, Any]] = {
     "iid": {"partitioning": "iid"},
     "dirichlet-1.0": {"partitioning": "dirichlet", "dirichlet-alpha": 1.0},
@@ -240,19 +250,4 @@ def local_only(run_config: Mapping[str, Any], sites: int, rounds: int, budget: i
     return {"sites": results}
 
 
-BENCHMARK = Benchmark(
-    name=NAME,
-    settings=chosen_settings,
-    measure=measure,
-    columns=(
-        "partition",
-        "arm",
-        "seeds",
-        "best",
-        "macro_f1_best",
-        "accuracy_best",
-        "macro_f1_budget",
-        "accuracy_budget",
-    ),
-    plot=plot,
-)
+BENCHMARK = Benchmark(NAME, chosen_settings, measure, COLUMNS, plot)

@@ -31,6 +31,18 @@ from .spec import Benchmark, Outcome
 from .training import concat, train_and_score
 
 NAME = "rounds"
+COLUMNS = (
+    "round",
+    "examples_seen",
+    "fedavg_macro_f1",
+    "centralized_macro_f1",
+    "local_mean_macro_f1",
+    "local_best_macro_f1",
+    "gap_points",
+    "lift_points",
+    "fedavg_accuracy",
+    "centralized_accuracy",
+)
 GAP_TARGET, LIFT_TARGET = 0.02, 0.10  # macro-F1, as fractions
 
 
@@ -185,22 +197,4 @@ def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
     save_figure(fig, NAME, "macro_f1")
 
 
-BENCHMARK = Benchmark(
-    name=NAME,
-    settings=settings,
-    measure=measure,
-    columns=(
-        "round",
-        "examples_seen",
-        "fedavg_macro_f1",
-        "centralized_macro_f1",
-        "local_mean_macro_f1",
-        "local_best_macro_f1",
-        "gap_points",
-        "lift_points",
-        "fedavg_accuracy",
-        "centralized_accuracy",
-    ),
-    plot=_plot,
-    targets=lambda outcome, s: target_notes(outcome.rows),
-)
+BENCHMARK = Benchmark(NAME, settings, measure, COLUMNS, _plot, lambda o, s: target_notes(o.rows))

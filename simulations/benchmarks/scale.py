@@ -23,6 +23,16 @@ from .figures import new_figure, save_figure
 from .spec import Benchmark, Outcome, target_note
 
 NAME = "scale"
+COLUMNS = (
+    "hospitals",
+    "sampled_per_round",
+    "peak_rss_gb",
+    "rss_growth",
+    "s_per_round",
+    "round_time_growth",
+    "round_1_s",
+    "total_s",
+)
 SAMPLED, PER_SITE, HOLDOUT = 10, 20, 200
 TARGETS_GB = {100: 4.0, 1000: 6.0}
 
@@ -108,20 +118,4 @@ def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
     save_figure(fig, NAME, "growth")
 
 
-BENCHMARK = Benchmark(
-    name=NAME,
-    settings=settings,
-    measure=measure,
-    columns=(
-        "hospitals",
-        "sampled_per_round",
-        "peak_rss_gb",
-        "rss_growth",
-        "s_per_round",
-        "round_time_growth",
-        "round_1_s",
-        "total_s",
-    ),
-    plot=_plot,
-    targets=targets,
-)
+BENCHMARK = Benchmark(NAME, settings, measure, COLUMNS, _plot, targets)

@@ -31,6 +31,18 @@ from .stats import per_site_mean
 from .training import adapter_tensors
 
 NAME = "secagg"
+COLUMNS = (
+    "sites",
+    "plain_s_per_round",
+    "secagg_s_per_round",
+    "ratio",
+    "plain_up_bytes_per_site",
+    "secagg_up_bytes_per_site",
+    "max_abs_diff",
+    "max_abs_value",
+    "plain_macro_f1",
+    "secagg_macro_f1",
+)
 TARGET_SITES, TARGET_RATIO = 20, 1.10
 
 
@@ -148,22 +160,4 @@ def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
     save_figure(fig, NAME, "round_time")
 
 
-BENCHMARK = Benchmark(
-    name=NAME,
-    settings=settings,
-    measure=measure,
-    columns=(
-        "sites",
-        "plain_s_per_round",
-        "secagg_s_per_round",
-        "ratio",
-        "plain_up_bytes_per_site",
-        "secagg_up_bytes_per_site",
-        "max_abs_diff",
-        "max_abs_value",
-        "plain_macro_f1",
-        "secagg_macro_f1",
-    ),
-    plot=_plot,
-    targets=targets,
-)
+BENCHMARK = Benchmark(NAME, settings, measure, COLUMNS, _plot, targets)

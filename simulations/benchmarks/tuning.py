@@ -34,6 +34,15 @@ from .figures import new_figure, save_figure
 from .spec import Benchmark, Outcome
 
 NAME = "tuning"
+COLUMNS = (
+    "arm",
+    "best",
+    "val_f1_best",
+    "test_f1_best",
+    "val_f1_budget",
+    "test_f1_budget",
+    "test_acc_budget",
+)
 # the local recipe: label-skew correction, local work per round, peak rate and its schedule
 OLD = {
     "label-skew": "none",
@@ -262,19 +271,4 @@ def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
     save_figure(fig, NAME, "curves")
 
 
-BENCHMARK = Benchmark(
-    name=NAME,
-    settings=chosen_settings,
-    measure=measure,
-    columns=(
-        "arm",
-        "best",
-        "val_f1_best",
-        "test_f1_best",
-        "val_f1_budget",
-        "test_f1_budget",
-        "test_acc_budget",
-    ),
-    plot=_plot,
-    targets=lambda outcome, s: choice_notes(outcome.rows),
-)
+BENCHMARK = Benchmark(NAME, chosen_settings, measure, COLUMNS, _plot, lambda o, s: choice_notes(o.rows))

@@ -81,6 +81,12 @@ def model_and_start(base_dir: Path) -> tuple[PeftModel, list[np.ndarray]]:
 
 
 @pytest.fixture
+def start(model_and_start: tuple[PeftModel, list[np.ndarray]]) -> list[np.ndarray]:
+    """The adapter every test's model starts from (the fixture ``model`` is reset to it)."""
+    return model_and_start[1]
+
+
+@pytest.fixture
 def model(model_and_start: tuple[PeftModel, list[np.ndarray]]) -> PeftModel:
     """The module's model, reset to its initial adapter before each test."""
     model, start = model_and_start
@@ -151,13 +157,10 @@ def test_loss_decreases_on_a_separable_task(
 
 def test_same_seed_and_start_give_identical_adapters(
     model: PeftModel,
-    model_and_start: tuple[PeftModel, list[np.ndarray]],
+    start: list[np.ndarray],
     tokenizer: PreTrainedTokenizerBase,
     dataset: TextDataset,
 ) -> None:
-    # Prepare
-    _, start = model_and_start
-
     # Execute
     _train(model, tokenizer, dataset, seed=5)
     first = get_adapter_arrays(model)
@@ -172,13 +175,10 @@ def test_same_seed_and_start_give_identical_adapters(
 
 def test_fedprox_keeps_the_adapter_near_the_global_one(
     model: PeftModel,
-    model_and_start: tuple[PeftModel, list[np.ndarray]],
+    start: list[np.ndarray],
     tokenizer: PreTrainedTokenizerBase,
     dataset: TextDataset,
 ) -> None:
-    # Prepare
-    _, start = model_and_start
-
     # Execute
     free = _train(model, tokenizer, dataset, epochs=2, seed=3, proximal_mu=0.0)
     free_distance = _distance(get_adapter_arrays(model), start)
@@ -193,12 +193,11 @@ def test_fedprox_keeps_the_adapter_near_the_global_one(
 
 def test_scoring_after_each_epoch_leaves_training_unchanged(
     model: PeftModel,
-    model_and_start: tuple[PeftModel, list[np.ndarray]],
+    start: list[np.ndarray],
     tokenizer: PreTrainedTokenizerBase,
     dataset: TextDataset,
 ) -> None:
     # Prepare: the callback scores the model (moves it to CPU, eval mode), as a learning curve does
-    _, start = model_and_start
     calls: list[tuple[int, bool]] = []
     curve: list[np.ndarray] = []
 
@@ -408,12 +407,11 @@ def test_the_schedule_sets_each_steps_learning_rate(
 
 def test_a_zero_schedule_leaves_the_adapter_where_it_was(
     model: PeftModel,
-    model_and_start: tuple[PeftModel, list[np.ndarray]],
+    start: list[np.ndarray],
     tokenizer: PreTrainedTokenizerBase,
     dataset: TextDataset,
 ) -> None:
     # Prepare: a schedule past its end gives every step factor 0
-    _, start = model_and_start
     spent = Schedule("cosine", total=4, offset=4)
 
     # Execute
@@ -466,12 +464,11 @@ def test_train_local_follows_the_round_its_site_is_in(
 
 def test_train_local_corrects_the_training_logits_with_the_sites_labels(
     model: PeftModel,
-    model_and_start: tuple[PeftModel, list[np.ndarray]],
+    start: list[np.ndarray],
     tokenizer: PreTrainedTokenizerBase,
     dataset: TextDataset,
 ) -> None:
     # Prepare: a site holding only label 1; logit adjustment with a large tau makes its loss tiny
-    _, start = model_and_start
     half = len(dataset) // 2
     one_label = dataclasses.replace(dataset, texts=dataset.texts[:half], labels=dataset.labels[:half])
     plain_cfg = FedConfig(local_steps=1, batch_size=8, max_length=MAX_LENGTH, label_skew="none")

@@ -76,13 +76,19 @@ def test_simulation_adapter_loads_with_plain_peft_and_scores_as_recorded(
     assert 0 < meta["trainable_percent"] < 1
 
     # Assert: plain transformers + peft (no fedtune) reproduce the recorded held-out accuracy
+    accuracy, test_rows = _plain_peft_accuracy(out)
+    assert abs(accuracy - records[-1]["accuracy"]) <= 1.0 / test_rows + 1e-9
+
+
+def _plain_peft_accuracy(out: Path) -> tuple[float, int]:
+    """``(accuracy, rows)`` of a run's shared adapter on its held-out set, loaded with plain peft."""
+    meta = json.loads((out / "adapter" / "fedtune.json").read_text())
     base = AutoModelForSequenceClassification.from_pretrained(
         meta["base_model"], num_labels=len(meta["label_names"])
     )
     model = PeftModel.from_pretrained(base, out / "adapter").eval()
     tokenizer = AutoTokenizer.from_pretrained(meta["base_model"])
-    cfg = parse_run_config(json.loads((out / "run_config.json").read_text()))
-    test = coordinator_test_set(cfg)
+    test = coordinator_test_set(parse_run_config(json.loads((out / "run_config.json").read_text())))
     with torch.no_grad():
         enc = tokenizer(
             list(test.texts),
@@ -92,8 +98,7 @@ def test_simulation_adapter_loads_with_plain_peft_and_scores_as_recorded(
             return_tensors="pt",
         )
         pred = model(**enc).logits.argmax(-1).numpy()
-    accuracy = float((pred == test.labels).mean())
-    assert abs(accuracy - records[-1]["accuracy"]) <= 1.0 / len(test) + 1e-9
+    return float((pred == test.labels).mean()), len(test)
 
 
 def test_the_default_recipe_learns_clearly_beyond_its_first_round_under_label_skew(tmp_path: Path) -> None:
@@ -285,22 +290,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_every_round_recorded_once
     assert meta["rounds"] == 3 and json.loads((out / "checkpoint" / "fedtune.json").read_text())["round"] == 3
 
     # Assert: the final adapter loads with plain peft and scores as recorded
-    base = AutoModelForSequenceClassification.from_pretrained(
-        meta["base_model"], num_labels=len(meta["label_names"])
-    )
-    model = PeftModel.from_pretrained(base, out / "adapter").eval()
-    tokenizer = AutoTokenizer.from_pretrained(meta["base_model"])
-    test = coordinator_test_set(parse_run_config(json.loads((out / "run_config.json").read_text())))
-    with torch.no_grad():
-        enc = tokenizer(
-            list(test.texts),
-            truncation=True,
-            max_length=meta["max_length"],
-            padding=True,
-            return_tensors="pt",
-        )
-        accuracy = float((model(**enc).logits.argmax(-1).numpy() == test.labels).mean())
-    assert abs(accuracy - records[-1]["accuracy"]) <= 1.0 / len(test) + 1e-9
+    accuracy, test_rows = _plain_peft_accuracy(out)
+    assert abs(accuracy - records[-1]["accuracy"]) <= 1.0 / test_rows + 1e-9
 
 
 POISONED_RUN = """
