@@ -7,14 +7,11 @@ import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedtune.common.files import write_json_atomic
 
 from .harness import RESULTS, Arm, simulate_arm
-
-if TYPE_CHECKING:  # heavy imports only where a benchmark trains in-process
-    pass
 
 
 def work_dir(name: str) -> Path:
@@ -80,6 +77,22 @@ def saved_only() -> bool:
     yet are listed in the results.
     """
     return os.environ.get("FEDTUNE_BENCH_SAVED_ONLY") == "1"
+
+
+def reuse_or_run(
+    path: Path, key: Mapping[str, Any], compute: Callable[[], dict[str, Any]], missing: list[str]
+) -> dict[str, Any] | None:
+    """:func:`cached`; under :func:`saved_only`, the saved result only.
+
+    An arm not saved yet (or saved under another key) is then ``None`` and its file's stem is appended
+    to ``missing``, for the results to list.
+    """
+    if not saved_only():
+        return cached(path, key, compute)
+    result = saved(path, key)
+    if result is None:
+        missing.append(path.stem)
+    return result
 
 
 def _jsonable(key: Mapping[str, Any]) -> Any:

@@ -12,13 +12,15 @@ best-validation point and its point at the default budget.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from fedtune.common.model import bring_up
 from fedtune.common.run_folder import RunFolder
 
 from .arms import federated_arm
+from .stats import mean_std
 from .training import concat, predict, train_central
 
 if TYPE_CHECKING:
@@ -115,3 +117,24 @@ def summary(arm: str, curve: Curve, budget: int) -> dict[str, Any]:
         "test_f1_budget": at["test_macro_f1"],
         "test_acc_budget": at["test_accuracy"],
     }
+
+
+def over_seeds(arm: str, per_seed: Mapping[int, Curve], budget: int) -> dict[str, Any]:
+    """:func:`summary` of each seed's curve, averaged; ``seeds`` and ``val_f1_budget_std`` beside them."""
+    runs = [summary(arm, curve, budget) for curve in per_seed.values()]
+    row: dict[str, Any] = {"arm": arm, "seeds": len(runs)}
+    for key in runs[0]:
+        if key != "arm":
+            row[key] = float(np.mean([r[key] for r in runs]))
+    row["val_f1_budget_std"] = mean_std([r["val_f1_budget"] for r in runs])[1]
+    return row
+
+
+def mean_curve(curves: Iterable[Curve], key: str) -> tuple[list[float], list[float]]:
+    """``(steps, mean of key at each step)`` over curves; a step only some curves reach averages those."""
+    values: dict[float, list[float]] = {}
+    for curve in curves:
+        for p in curve:
+            values.setdefault(p["step"], []).append(p[key])
+    steps = sorted(values)
+    return steps, [float(np.mean(values[step])) for step in steps]

@@ -43,7 +43,7 @@ from typing import Any
 
 from fedtune.common import options
 
-from .arms import arms_dir, cached, choose, env_list, resolved, saved, saved_only
+from .arms import arms_dir, choose, env_list, resolved, reuse_or_run
 from .curves import Curve, centralized_curve, federated_curve
 from .quality_report import plot, report
 from .spec import Benchmark, Outcome
@@ -131,15 +131,6 @@ def measure(s: dict[str, Any]) -> Outcome:
     """Every chosen arm per partition and seed (saved arms reused); rows, targets and notes."""
     missing: list[str] = []  # with FEDTUNE_BENCH_SAVED_ONLY=1: arms not saved yet
 
-    def reuse_or_run(label: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict | None:
-        path = arms_dir(NAME) / f"{label}.json"
-        if not saved_only():
-            return cached(path, key, compute)
-        result = saved(path, key)
-        if result is None:
-            missing.append(label)
-        return result
-
     # per_seed[partition][seed][arm] -> {"curve": ...} (federated, centralized) or {"sites": ...}
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
     for part in s["partitions"]:
@@ -147,7 +138,7 @@ def measure(s: dict[str, Any]) -> Outcome:
             arms = per_seed.setdefault(part, {}).setdefault(seed, {})
             base = _base_config(s, part, seed)
             for name, (label, key, compute) in _arm_plan(s, part, seed, base).items():
-                result = reuse_or_run(label, key, compute)
+                result = reuse_or_run(arms_dir(NAME) / f"{label}.json", key, compute, missing)
                 if result is not None:
                     arms[name] = result
     rows, notes = report(per_seed, s)

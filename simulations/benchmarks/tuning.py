@@ -1,11 +1,11 @@
 """``fedtune bench tuning``: choose the local recipe and the server optimiser on validation data.
 
 The quality benchmark's target setting (10 hospitals, Dirichlet 0.3 over the ICD-10 chapters,
-``max-examples=4000``, LoRA r=8), one seed (a grid may use one seed; the final quality table uses
-three). Every arm is judged on a **validation set carved from the sites' data**: the union of the
-sites' local splits (``test-fraction`` of each site's partition, which the sites never train on and
-the coordinator never sees). The coordinator's held-out test set is reported beside it, never used
-to choose.
+``max-examples=4000``, LoRA r=8), seed 42 (a grid may use one seed; the final quality table uses
+three), more seeds for the arms a choice hangs on. Every arm is judged on a **validation set carved
+from the sites' data**: the union of the sites' local splits (``test-fraction`` of each site's
+partition, which the sites never train on and the coordinator never sees). The coordinator's
+held-out test set is reported beside it, never used to choose.
 
 - **Federated arms** (:data:`FEDERATED`): ``fedtune simulate`` with the arm's overrides; the shared
   adapter after every round (the audit's ``global-round-NNN.npz`` files) is scored on the validation
@@ -15,31 +15,35 @@ to choose.
 
 Reported per arm: the round (epoch) with the best validation macro-F1, the validation and held-out
 macro-F1 there, and both at the default budget (round / epoch ``rounds``); the validation curves are
-plotted. Pick arms with ``FEDTUNE_BENCH_ARMS`` (comma-separated names), the seed with
-``FEDTUNE_BENCH_SEEDS``; ``FEDTUNE_BENCH_RESUME=1`` reuses saved arms.
+plotted. Pick arms with ``FEDTUNE_BENCH_ARMS`` (comma-separated names), seeds with
+``FEDTUNE_BENCH_SEEDS`` (a row is the mean over the seeds its arm has); ``FEDTUNE_BENCH_RESUME=1``
+reuses saved arms and ``FEDTUNE_BENCH_SAVED_ONLY=1`` assembles the table from them alone (an arm
+run at more seeds than another, for a choice that needs them, is so reported beside the grid).
 
 Full: 5 rounds (centralized: 10 epochs), 9-15 min per federated arm and ~9 min per centralized arm on
-2 CPU cores (~1 h 50 min for the default arms).
+2 CPU cores (~3 h for the default arms at one seed).
 Quick: 3 sites, 2 rounds, ``max-examples=600``, two federated arms and one centralized arm.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from .arms import arms_dir, cached, choose, env_list, resolved
-from .curves import centralized_curve, federated_curve, summary
+from .arms import arms_dir, choose, env_list, resolved, reuse_or_run
+from .curves import Curve, centralized_curve, federated_curve, mean_curve, over_seeds
 from .figures import new_figure, save_figure
 from .spec import Benchmark, Outcome
 
 NAME = "tuning"
 COLUMNS = (
     "arm",
+    "seeds",
     "best",
     "val_f1_best",
     "test_f1_best",
     "val_f1_budget",
+    "val_f1_budget_std",
     "test_f1_budget",
     "test_acc_budget",
 )
@@ -123,25 +127,31 @@ CENTRALIZED: dict[str, dict[str, Any]] = {
 DEFAULT_ARMS = (
     "fedavg-la-e3-lr2e-3",
     "fedavg-la-s30-lr2e-3",
+    "fedavg-la-s30-lr2e-3-const",
     "fedavg-la-s30-lr5e-3-const",
     "fedavg-la-b16-s60-lr5e-3-const",
     "fedavg-none-s30-lr5e-3-const",
     "fedavg-la-s30-lr1e-2-const",
-    "fedadam-eta1e-2-la-s30-lr5e-3-const",
     "fedavg-la-s30-lr5e-3-const-ffa",
+    "fedadam-eta1e-2-la-s30-lr5e-3-const",
+    "fedavgm-m0.5-la-s30-lr5e-3-const",
+    "fedavgm-m0.8-la-s30-lr5e-3-const",
+    "fedavgm-lr2-m0-la-s30-lr5e-3-const",
+    "prefix-la-s30-lr5e-3-const",
+    "prefix-la-s30-lr1e-2-const",
     "centralized-lr5e-3",
 )
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    """Sites, rounds, centralized epochs, data size, seed and arms of the full or quick mode."""
+    """Sites, rounds, centralized epochs, data size, seeds and arms of the full or quick mode."""
     if quick:
         return {
             "sites": 3,
             "rounds": 2,
             "epochs": 2,
             "max_examples": 600,
-            "seed": 42,
+            "seeds": [42],
             "arms": ["fedavg-old-defaults", "fedavg-la-e3-lr2e-3", "centralized-lr2e-3"],
         }
     return {
@@ -149,24 +159,48 @@ def settings(quick: bool) -> dict[str, Any]:
         "rounds": 5,
         "epochs": 10,
         "max_examples": 4000,
-        "seed": 42,
+        "seeds": [42],
         "arms": list(DEFAULT_ARMS),
     }
 
 
 def chosen_settings(quick: bool) -> dict[str, Any]:
-    """:func:`settings` with the arms of ``$FEDTUNE_BENCH_ARMS`` and the seed of ``$FEDTUNE_BENCH_SEEDS``."""
+    """:func:`settings` with the arms of ``$FEDTUNE_BENCH_ARMS`` and the seeds of ``$FEDTUNE_BENCH_SEEDS``."""
     s = settings(quick)
     s["arms"] = choose(
         "FEDTUNE_BENCH_ARMS", env_list("FEDTUNE_BENCH_ARMS", s["arms"]), [*FEDERATED, *CENTRALIZED]
     )
-    (s["seed"],) = env_list("FEDTUNE_BENCH_SEEDS", [s["seed"]], int)[:1]
+    s["seeds"] = env_list("FEDTUNE_BENCH_SEEDS", s["seeds"], int)
     return s
 
 
 def measure(s: dict[str, Any]) -> Outcome:
-    """Every chosen arm's validation curve (saved arms reused), summarised at its best point and budget."""
-    arms, seed = s["arms"], s["seed"]
+    """Every chosen arm's validation curve at each seed (saved arms reused), averaged over the seeds."""
+    missing: list[str] = []  # with FEDTUNE_BENCH_SAVED_ONLY=1: arms not saved yet
+    curves: dict[str, dict[int, Curve]] = {}
+    for arm in s["arms"]:
+        for seed in s["seeds"]:
+            key, compute = _plan(arm, seed, s)
+            result = reuse_or_run(arms_dir(NAME) / f"{arm}-seed{seed}.json", key, compute, missing)
+            if result is not None:
+                curves.setdefault(arm, {})[seed] = result["curve"]
+    rows = [over_seeds(arm, per_seed, s["rounds"]) for arm, per_seed in curves.items()]
+    notes = [
+        f"{s['sites']} hospitals, Dirichlet 0.3, max-examples {s['max_examples']}, LoRA r=8 unless named, "
+        f"seeds {', '.join(map(str, s['seeds']))} (a row is the mean over the seeds its arm has, `seeds`; "
+        f"`val_f1_budget_std` their spread); federated {s['rounds']} rounds, centralized {s['epochs']} "
+        "epochs. Validation = the union of the sites' local splits (never trained on); held-out = the "
+        "coordinator's test set, shown, never used to choose.",
+        "`best` is the round (epoch) of the best validation macro-F1 (mean over seeds); `budget` columns "
+        f"are round (epoch) {s['rounds']}.",
+    ]
+    if missing:
+        notes.append(f"Not run yet (assembled from saved arms only): {', '.join(missing)}.")
+    return Outcome(rows, notes, {"curves": curves, "missing": missing})
+
+
+def _plan(arm: str, seed: int, s: Mapping[str, Any]) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:
+    """``(saved result's key, compute)`` of one arm at one seed."""
     base = {
         "max-examples": s["max_examples"],
         "min-clients": s["sites"],
@@ -177,36 +211,14 @@ def measure(s: dict[str, Any]) -> Outcome:
         "seed": seed,
         "strategy": "fedavg",  # pinned for the centralized arms (federated arms name theirs), see quality
     }
-    folder = arms_dir(NAME)
-    curves: dict[str, list[dict[str, float]]] = {}
-    for arm in arms:
-        if arm in FEDERATED:
-            config = {**base, **FEDERATED[arm], "audit": "true"}
-            key = {"sites": s["sites"], "config": resolved(config)}
-            result = cached(
-                folder / f"{arm}-seed{seed}.json",
-                key,
-                lambda arm=arm, config=config: federated_curve(NAME, arm, config, s["sites"]),
-            )
-        else:
-            config = {**base, **CENTRALIZED[arm]}
-            key = {"sites": s["sites"], "epochs": s["epochs"], "config": resolved(config)}
-            result = cached(
-                folder / f"{arm}-seed{seed}.json",
-                key,
-                lambda config=config: centralized_curve(config, s["sites"], s["epochs"]),
-            )
-        curves[arm] = result["curve"]
-    rows = [summary(arm, curve, s["rounds"]) for arm, curve in curves.items()]
-    notes = [
-        f"{s['sites']} hospitals, Dirichlet 0.3, max-examples {s['max_examples']}, LoRA r=8 unless named, "
-        f"seed {seed}; federated {s['rounds']} rounds, centralized {s['epochs']} epochs. Validation = the "
-        "union of the sites' local splits (never trained on); held-out = the coordinator's test set, "
-        "shown, never used to choose.",
-        "`best` is the round (epoch) of the best validation macro-F1; `budget` columns are round (epoch) "
-        f"{s['rounds']}.",
-    ]
-    return Outcome(rows, notes, {"curves": curves})
+    if arm in FEDERATED:
+        config = {**base, **FEDERATED[arm], "audit": "true"}
+        return {"sites": s["sites"], "config": resolved(config)}, lambda: federated_curve(
+            NAME, arm, config, s["sites"]
+        )
+    config = {**base, **CENTRALIZED[arm]}
+    key = {"sites": s["sites"], "epochs": s["epochs"], "config": resolved(config)}
+    return key, lambda: centralized_curve(config, s["sites"], s["epochs"])
 
 
 def choice_notes(rows: list[dict[str, Any]]) -> list[str]:
@@ -258,13 +270,13 @@ def _prefix_note(prefix: list[dict[str, Any]], rows: list[dict[str, Any]]) -> li
 
 
 def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
-    curves: Mapping[str, list[dict[str, float]]] = outcome.extra["curves"]
+    curves: Mapping[str, Mapping[int, Curve]] = outcome.extra["curves"]
     fig, ax = new_figure(7, 4.5)
-    for arm, curve in curves.items():
-        style = "--" if arm in CENTRALIZED else "-"
-        ax.plot([p["step"] for p in curve], [p["val_macro_f1"] for p in curve], style, marker="o", label=arm)
+    for arm, per_seed in curves.items():
+        steps, val = mean_curve(per_seed.values(), "val_macro_f1")
+        ax.plot(steps, val, "--" if arm in CENTRALIZED else "-", marker="o", label=arm)
     ax.set_xlabel("round (federated) / epoch (centralized)")
-    ax.set_ylabel("validation macro-F1")
+    ax.set_ylabel("validation macro-F1 (mean over seeds)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title("ICD-10 chapters, Dirichlet 0.3")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))

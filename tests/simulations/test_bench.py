@@ -458,6 +458,75 @@ def test_tuning_summary_takes_the_best_validation_point_not_the_best_test_point(
     assert bench_curves.summary("arm", curve[:2], budget=5)["val_f1_budget"] == 0.30  # short curve: its end
 
 
+def _tuning_point(step: int, val: float, test: float) -> dict[str, float]:
+    return {"step": step, "val_macro_f1": val, "test_macro_f1": test, "test_accuracy": test + 0.5}
+
+
+def test_over_seeds_averages_each_seeds_summary_and_mean_curve_each_step() -> None:
+    # Prepare: seed 42 peaks at round 2, seed 43 at round 1
+    per_seed = {
+        42: [_tuning_point(1, 0.20, 0.40), _tuning_point(2, 0.30, 0.20)],
+        43: [_tuning_point(1, 0.50, 0.10), _tuning_point(2, 0.40, 0.30)],
+    }
+
+    # Execute
+    row = bench_curves.over_seeds("arm", per_seed, budget=2)
+    steps, val = bench_curves.mean_curve(per_seed.values(), "val_macro_f1")
+
+    # Assert
+    assert row["seeds"] == 2 and row["best"] == 1.5
+    assert row["val_f1_best"] == pytest.approx(0.40) and row["test_f1_best"] == pytest.approx(0.15)
+    assert row["val_f1_budget"] == pytest.approx(0.35) and row["test_f1_budget"] == pytest.approx(0.25)
+    assert row["val_f1_budget_std"] == pytest.approx(np.std([0.30, 0.40], ddof=1))
+    assert steps == [1, 2] and val == pytest.approx([0.35, 0.35])
+
+
+def test_tuning_runs_each_arm_at_each_seed_and_assembles_saved_arms_only_on_request(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # Prepare: arms computed in-process by stand-ins that record their seed
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDTUNE_BENCH_RESUME", "1")
+    computed: list[tuple[str, int]] = []
+
+    def fed(bench: str, label: str, config: dict, sites: int) -> dict:
+        computed.append((label, config["seed"]))
+        return {"curve": [_tuning_point(1, 0.1, 0.2), _tuning_point(2, config["seed"] / 100, 0.3)]}
+
+    monkeypatch.setattr(bench_tuning, "federated_curve", fed)
+    monkeypatch.setattr(bench_tuning, "centralized_curve", lambda *a: {"curve": [_tuning_point(1, 0.3, 0.3)]})
+    s = {**bench_tuning.settings(quick=True), "seeds": [42, 43]}
+
+    # Execute
+    first = bench_tuning.measure(s)
+    again = bench_tuning.measure(s)  # resumed: nothing recomputed
+
+    # Assert
+    assert computed == [
+        ("fedavg-old-defaults", 42),
+        ("fedavg-old-defaults", 43),
+        ("fedavg-la-e3-lr2e-3", 42),
+        ("fedavg-la-e3-lr2e-3", 43),
+    ]
+    assert [r["seeds"] for r in first.rows] == [2, 2, 2] and again.rows == first.rows
+    assert first.rows[0]["val_f1_budget"] == pytest.approx(0.425)
+
+    # Execute: a third seed, from saved arms only
+    monkeypatch.setenv("FEDTUNE_BENCH_SAVED_ONLY", "1")
+    partial = bench_tuning.measure({**s, "seeds": [42, 43, 44]})
+
+    # Assert: the rows stand on the saved seeds; the missing arms are named
+    assert len(computed) == 4 and [r["seeds"] for r in partial.rows] == [2, 2, 2]
+    assert partial.extra["missing"] == [
+        "fedavg-old-defaults-seed44",
+        "fedavg-la-e3-lr2e-3-seed44",
+        "centralized-lr2e-3-seed44",
+    ]
+    assert partial.notes[-1].startswith(
+        "Not run yet (assembled from saved arms only): fedavg-old-defaults-seed44"
+    )
+
+
 @pytest.mark.e2e
 def test_bench_tuning_quick_scores_every_round_on_the_sites_validation_splits(tmp_path: Path) -> None:
     # Execute
@@ -469,15 +538,15 @@ def test_bench_tuning_quick_scores_every_round_on_the_sites_validation_splits(tm
     arms = data["settings"]["arms"]
     assert [r["arm"] for r in data["rows"]] == arms
     for arm in arms:
-        assert [p["step"] for p in data["curves"][arm]] == [1, 2]
+        assert [p["step"] for p in data["curves"][arm]["42"]] == [1, 2]
     arm = "fedavg-la-e3-lr2e-3"
     records = json.loads((results / "work" / "tuning" / arm / "metrics.json").read_text())
-    assert [p["test_macro_f1"] for p in data["curves"][arm]] == [r["macro_f1"] for r in records[1:]]
+    assert [p["test_macro_f1"] for p in data["curves"][arm]["42"]] == [r["macro_f1"] for r in records[1:]]
     cfg = parse_run_config(json.loads((results / "work" / "tuning" / arm / "run_config.json").read_text()))
     validation = training.concat([simulated_site(cfg, i, 3).test for i in range(3)])
     probs = training.shared_adapter_probs(cfg, results / "work" / "tuning" / arm, validation)
     final = score(probs, validation.labels, len(validation.label_names))
-    assert data["curves"][arm][-1]["val_macro_f1"] == pytest.approx(final.macro_f1)
+    assert data["curves"][arm]["42"][-1]["val_macro_f1"] == pytest.approx(final.macro_f1)
     assert (results / "tuning_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
