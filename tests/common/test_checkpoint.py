@@ -6,7 +6,6 @@ import json
 import os
 import random
 from pathlib import Path
-from unittest.mock import Mock
 
 import numpy as np
 import pytest
@@ -26,44 +25,17 @@ from fedtune.common.model import PeftSpec, build_peft_model, resolve_model_dir
 from fedtune.common.privacy import PrivacyAccountant
 from fedtune.common.records import RoundRecord
 from fedtune.common.run_folder import RunFolder
-from fedtune.server.strategy import make_strategy
 from fedtune.server.strategy_state import restore_strategy_state, strategy_state
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import Strategy
+from flwr.common import parameters_to_ndarrays
 from peft import PeftModel
 from safetensors.numpy import load_file
-
-SHAPES = [(2, 3), (4,)]
+from server_strategies import fedadam, fit_results
 
 
 @pytest.fixture(scope="module")
 def model() -> PeftModel:
     # A seed of its own: no other module gets this process-cached model.
     return build_peft_model(PeftSpec.from_config(FedConfig(seed=23), resolve_model_dir(""), num_labels=2))
-
-
-def _fedadam() -> tuple:
-    initial = [np.full(s, 0.5, np.float32) for s in SHAPES]
-    wrapped = make_strategy(
-        FedConfig(strategy="fedadam", fedopt_eta=0.1, fedopt_tau=1e-3),
-        initial=initial,
-        on_fit_config_fn=lambda r: {},
-        on_evaluate_config_fn=lambda r: {},
-        evaluate_fn=None,
-    )
-    return wrapped.strategy, initial
-
-
-def _results(seed: int) -> list[tuple[ClientProxy, FitRes]]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for node, n in ((1, 10), (2, 30)):
-        proxy = Mock(spec=ClientProxy)
-        proxy.node_id = node
-        arrays = [rng.normal(0, 1, s).astype(np.float32) for s in SHAPES]
-        out.append((proxy, FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(arrays), n, {})))
-    return out
 
 
 def _state(
@@ -84,9 +56,9 @@ def test_checkpoint_round_trip_continues_fedadam_and_the_accountant_exactly(
     tmp_path: Path, model: PeftModel
 ) -> None:
     # Prepare: two FedAdam rounds and two accounted rounds
-    strategy, _ = _fedadam()
+    strategy, _ = fedadam()
     for server_round in (1, 2):
-        strategy.aggregate_fit(server_round, _results(server_round), [])
+        strategy.aggregate_fit(server_round, fit_results(server_round), [])
     accountant = PrivacyAccountant(noise_multiplier=1.1, delta=1e-5)
     accountant.step(1.0)
     accountant.step(0.5)
@@ -108,10 +80,10 @@ def test_checkpoint_round_trip_continues_fedadam_and_the_accountant_exactly(
     assert restored.history == accountant.history and restored.epsilon() == accountant.epsilon()
 
     # Assert: a fresh FedAdam restored from the checkpoint takes round 3 exactly as the original
-    fresh, _ = _fedadam()
+    fresh, _ = fedadam()
     restore_strategy_state(fresh, back.strategy_arrays)
-    want, _ = strategy.aggregate_fit(3, _results(3), [])
-    got, _ = fresh.aggregate_fit(3, _results(3), [])
+    want, _ = strategy.aggregate_fit(3, fit_results(3), [])
+    got, _ = fresh.aggregate_fit(3, fit_results(3), [])
     for a, b in zip(parameters_to_ndarrays(got), parameters_to_ndarrays(want), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -138,28 +110,11 @@ def test_random_states_round_trip() -> None:
     assert (random.random(), np.random.rand()) == want
 
 
-def test_fedavg_has_no_state_and_a_foreign_state_is_refused() -> None:
-    # Prepare
-    fedavg = make_strategy(
-        FedConfig(strategy="fedavg"), initial=[np.zeros(3, np.float32)], on_fit_config_fn=dict,
-        on_evaluate_config_fn=dict,
-        evaluate_fn=None,
-    ).strategy  # fmt: skip
-    adam, _ = _fedadam()
-
-    # Execute / Assert
-    assert strategy_state(fedavg) == {}
-    with pytest.raises(ValueError, match="does not belong to a FedAvg strategy"):
-        restore_strategy_state(fedavg, {"m_t": [np.zeros(3)]})
-    with pytest.raises(ValueError, match="lacks FedAdam's `current_weights`"):
-        restore_strategy_state(adam, {})
-
-
 def test_a_crash_while_writing_leaves_the_previous_checkpoint_intact(
     tmp_path: Path, model: PeftModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: round 1 is checkpointed
-    strategy, _ = _fedadam()
+    strategy, _ = fedadam()
     write_checkpoint(tmp_path / "checkpoint", model, {}, _state(1, strategy, model, None))
 
     def crash(*args: object, **kwargs: object) -> None:
@@ -249,41 +204,3 @@ def test_trim_audit_drops_the_rounds_a_resumed_run_redoes(tmp_path: Path) -> Non
     # Assert
     assert wire.read_text() == "".join(line + "\n" for line in kept)
     assert sorted(p.name for p in tmp_path.rglob("*.npz")) == ["received-round-001-node-5.npz"]
-
-
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        FedConfig(strategy="fedavgm", fedavgm_lr=0.8, fedavgm_momentum=0.9),
-        FedConfig(strategy="fedyogi", fedopt_eta=0.05, fedopt_tau=1e-3),
-    ],
-    ids=["fedavgm", "fedyogi"],
-)
-def test_a_server_optimiser_restored_from_its_state_takes_the_next_round_exactly(cfg: FedConfig) -> None:
-    # Prepare: two rounds, then the state through JSON-free arrays as the checkpoint keeps it
-    def build() -> Strategy:
-        initial = [np.full(s, 0.5, np.float32) for s in SHAPES]
-        return make_strategy(
-            cfg, initial=initial, on_fit_config_fn=dict, on_evaluate_config_fn=dict, evaluate_fn=None
-        ).strategy
-
-    strategy = build()
-    for server_round in (1, 2):
-        strategy.aggregate_fit(server_round, _results(server_round), [])
-    state = strategy_state(strategy)
-
-    # Execute
-    fresh = build()
-    restore_strategy_state(fresh, state)
-    want, _ = strategy.aggregate_fit(3, _results(3), [])
-    got, _ = fresh.aggregate_fit(3, _results(3), [])
-
-    # Assert
-    assert state and all(state.values())
-    for a, b in zip(parameters_to_ndarrays(got), parameters_to_ndarrays(want), strict=True):
-        np.testing.assert_array_equal(a, b)
-    unrestored, _ = build().aggregate_fit(1, _results(3), [])  # the same results without the history
-    assert any(
-        not np.array_equal(a, b)
-        for a, b in zip(parameters_to_ndarrays(unrestored), parameters_to_ndarrays(want), strict=True)
-    )
