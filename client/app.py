@@ -46,7 +46,7 @@ def make_client_app(
         site = site_config(context.node_config)
         if node_config_fn is not None:
             site = node_config_fn(site)
-        return SiteClient(site, base_model).to_client()
+        return SiteClient(site, base_model, context.node_id).to_client()
 
     mods = [
         make_site_errors_mod(site_log_dir),

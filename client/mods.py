@@ -113,11 +113,11 @@ def dp_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
     ins = instructions.decode(_train_ins(msg).config)
-    if ins.cfg.dp_mode == "off":
+    if ins.cfg.client_dp == "off":
         return call_next(msg, ctxt)
     out = fixedclipping_mod(msg, ctxt, call_next)
     std = ins.dp_noise_std
-    if ins.cfg.dp_mode != "distributed" or out.has_error() or std == 0.0:
+    if ins.cfg.client_dp != "distributed" or out.has_error() or std == 0.0:
         return out
     fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
     rng = np.random.default_rng()  # fresh OS entropy every round; never seeded from the run config

@@ -9,6 +9,7 @@ import numpy as np
 from fedtune.common import instructions
 from fedtune.common.adapters import frozen_adapter_fingerprint, get_adapter_arrays, set_adapter_arrays
 from fedtune.common.config import FedConfig
+from fedtune.common.dp_sgd import SITE_LABEL, example_dp, site_metrics
 from fedtune.common.model import FingerprintMismatchError, bring_up
 from fedtune.common.site_config import SiteConfig
 from fedtune.common.sites import SiteData, site_data
@@ -23,9 +24,10 @@ log = logging.getLogger(__name__)
 class SiteClient(NumPyClient):
     """One site: its private data stays here; only the PEFT state goes back."""
 
-    def __init__(self, site: SiteConfig, default_base_model: str = "") -> None:
+    def __init__(self, site: SiteConfig, default_base_model: str = "", node_id: int = 0) -> None:
         self.site = site
         self.default_base_model = default_base_model  # simulation: the coordinator's (shared) folder
+        self.label = site.label(node_id)  # how records name this site
 
     def _prepare(self, parameters: list[np.ndarray], config: dict[str, Any]):  # noqa: ANN202
         ins = instructions.decode(config)
@@ -47,6 +49,8 @@ class SiteClient(NumPyClient):
         """Train the adapter locally and return it (never the base model, never data)."""
         ins, data, model, tokenizer, device = self._prepare(parameters, config)
         cfg: FedConfig = ins.cfg
+        dp = example_dp(cfg, len(data.train)) if cfg.example_dp else None
+        epsilon = dp.check_budget(ins.server_round) if dp else 0.0  # refuses a round past the budget
         result = train_local(
             model,
             tokenizer,
@@ -56,16 +60,19 @@ class SiteClient(NumPyClient):
             seed=cfg.seed + ins.server_round,
             server_round=ins.server_round,
             proximal_mu=ins.proximal_mu,
+            example_dp=dp,
         )
         arrays = get_adapter_arrays(model)
-        metrics = {
+        metrics: dict[str, Any] = {
             "train_loss": result.loss,
             "train_seconds": result.seconds,
             "train_steps": result.steps,
             "examples_per_second": result.examples / result.seconds,
         }
+        if dp is not None:
+            metrics |= {SITE_LABEL: self.label, **site_metrics(dp, ins.server_round, epsilon)}
         # Client-level DP averages sites uniformly (each site's weight is 1), else weight = examples.
-        return arrays, 1 if cfg.dp_mode != "off" else len(data.train), metrics
+        return arrays, 1 if cfg.client_dp != "off" else len(data.train), metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]):  # noqa: ANN201
         """Score the shared adapter on this site's local test split."""

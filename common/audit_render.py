@@ -160,6 +160,15 @@ def _privacy(report: dict[str, Any]) -> list[str]:
         "",
         f"Mode: {dp['mode']}; accountant epsilon: {dp['accountant_epsilon']} at delta {dp['delta']:g}.",
     ]
+    if dp.get("example_epsilon_by_site"):
+        lines += [
+            "",
+            "Patient-level (DP-SGD) epsilon per site, each site's own accountant:",
+            "",
+            "| site | epsilon |",
+            "|---|---|",
+            *(f"| {site} | {eps:.3f} |" for site, eps in dp["example_epsilon_by_site"].items()),
+        ]
     mia = report.get("membership_inference")
     if mia:
         e = report["empirical_epsilon"]
@@ -171,7 +180,12 @@ def _privacy(report: dict[str, Any]) -> list[str]:
             f"Attack AUC {mia['attack_auc']:.4f}; TPR at 1% FPR {mia['tpr_at_1pct_fpr']:.4f}.",
             f"Empirical epsilon (Steinke, Nasr, Jagielski 2023, one run, {e['confidence']:.0%} confidence): "
             f"**{e['lower_bound']:.3f}** ({e['correct']}/{e['guesses']} guesses correct) vs accountant "
-            f"epsilon {e['accountant_epsilon']}.",
+            f"epsilon {e['accountant_epsilon']}"
+            + (
+                f"; the canary site's patient-level epsilon {e['canary_site_example_epsilon']:.3f}."
+                if e.get("canary_site_example_epsilon") is not None
+                else "."
+            ),
         ]
     return lines
 

@@ -32,7 +32,7 @@ from .audit import WireLog, load_arrays
 from .audit_integrity import Numbered, integrity_check, record_problems
 from .audit_render import CORRELATION_MASKED, render_markdown, render_plots
 from .audit_stats import attack_auc, one_run_epsilon, tpr_at_fpr
-from .canaries import make_canaries
+from .canaries import CANARY_SITE, make_canaries
 from .config import FedConfig, parse_run_config
 from .files import write_text_atomic
 from .records import RoundRecord, read_records
@@ -208,7 +208,9 @@ def secagg_check(audit_dir: Path, cfg: FedConfig, max_weight: float) -> dict[str
         errors.append(_aggregate_error(server_dir, server_round, glob, contributions, server_step))
     corr = np.array([r["correlation"] for r in rows])
     # the coordinator's step is recomputed from every round since the first (FedAvgM's momentum)
-    applicable = server_step.known and cfg.dp_mode != "central" and rounds == list(range(1, len(rounds) + 1))
+    applicable = (
+        server_step.known and cfg.client_dp != "central" and rounds == list(range(1, len(rounds) + 1))
+    )
     step = 2 * cfg.secagg_clipping_range / (cfg.secagg_quantization_range - 1)
     bound = server_step.error_gain * (
         len({r["node"] for r in rows})
@@ -350,14 +352,22 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         "integrity": {"consistent": not mismatches, "mismatches": [str(m) for m in mismatches]},
         "secagg": secagg_check(audit_dir, cfg, meta["secagg_max_weight"]),
     }
-    privacy_file = run.privacy
-    accountant_eps = _read_json(privacy_file)["epsilon"] if privacy_file.is_file() else None
-    report["dp"] = {"mode": cfg.dp_mode, "accountant_epsilon": accountant_eps, "delta": cfg.dp_delta}
+    privacy = _read_json(run.privacy) if run.privacy.is_file() else {}
+    accountant_eps = privacy.get("epsilon")  # client-level
+    site_eps = {k: v["epsilon"] for k, v in privacy.get("example_dp", {}).get("sites", {}).items()}
+    report["dp"] = {
+        "mode": cfg.dp_mode,
+        "accountant_epsilon": accountant_eps,
+        "example_epsilon_by_site": site_eps,  # patient-level, each site's DP-SGD accountant
+        "delta": cfg.dp_delta,
+    }
     if cfg.audit_canaries:
         report["membership_inference"] = membership(run.root, cfg, meta)
         report["empirical_epsilon"] = {
             **report["membership_inference"]["empirical_epsilon"],
             "accountant_epsilon": accountant_eps,
+            # the canaries are records of site 0: its patient-level epsilon bounds the attack
+            "canary_site_example_epsilon": site_eps.get(str(CANARY_SITE)),
         }
     return report
 

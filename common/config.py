@@ -79,9 +79,12 @@ class FedConfig:
         "drops out of the round (0 = wait for every site).",
         min=0.0,
     )
-    # --- client-level differential privacy --------------------------------------------
+    # --- differential privacy ----------------------------------------------------------
     dp_mode: str = _opt(
-        "off", "Client-level DP (the whole site is the privacy unit).", choices=options.DP_MODES
+        "off",
+        "Differential privacy: client-level (the whole site is the privacy unit), patient-level "
+        "(`example`: one record), or both.",
+        choices=options.DP_MODES,
     )
     dp_noise_multiplier: float = _opt(
         1.0, "Noise std as a multiple of `dp-clipping-norm` (on the sum).", min=0.0
@@ -92,6 +95,19 @@ class FedConfig:
         0.0, "Stop before a round would exceed this epsilon; 0 = no budget.", min=0.0
     )
     dp_accountant: str = _opt("rdp", "Privacy accountant.", choices=options.ACCOUNTANTS)
+    dp_example_noise_multiplier: float = _opt(
+        0.0,
+        "Patient-level DP-SGD noise std over `dp-example-clipping-norm`; 0 = calibrated at each site to "
+        "`dp-example-target-epsilon` over `num-server-rounds`.",
+        min=0.0,
+    )
+    dp_example_clipping_norm: float = _opt(1.0, "L2 bound on each training example's gradient.", min=1e-12)
+    dp_example_target_epsilon: float = _opt(
+        8.0,
+        "Each site's patient-level epsilon budget at `dp-delta`; a site whose next round would pass it "
+        "stops training (0 = no budget).",
+        min=0.0,
+    )
     # --- audit -------------------------------------------------------------------------
     audit: bool = _opt(
         True, "Record every exchanged message and each site's true update under `out-dir`/audit."
@@ -227,6 +243,22 @@ class FedConfig:
             )
         if self.peft_method == "lora" and not self.target_modules:
             raise ConfigError("`lora-target-modules` is empty; give e.g. `query,value`.")
+        if self.example_dp and self.strategy == "fedprox":
+            raise ConfigError(
+                "`dp-mode` includes `example` (DP-SGD clips each example's gradient) but `strategy=fedprox` "
+                "adds a proximal term outside that clipping: use another `strategy`."
+            )
+
+    @property
+    def client_dp(self) -> str:
+        """Client-level DP: ``off``, ``central`` or ``distributed`` (``dp-mode`` without ``example``)."""
+        mode = self.dp_mode.removeprefix("example").removeprefix("+")
+        return mode or "off"
+
+    @property
+    def example_dp(self) -> bool:
+        """Patient-level DP-SGD at the sites (``dp-mode`` starts with ``example``)."""
+        return self.dp_mode.startswith("example")
 
     @property
     def target_modules(self) -> tuple[str, ...]:

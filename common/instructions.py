@@ -46,7 +46,7 @@ def encode(
     out: dict[str, Any] = {**cfg.to_run_config(), ROUND: server_round, BASE_FINGERPRINT: base_fingerprint}
     if frozen_fingerprint:
         out[FROZEN_FINGERPRINT] = frozen_fingerprint
-    if cfg.dp_mode != "off":
+    if cfg.client_dp != "off":
         out |= {CLIPPING_NORM: cfg.dp_clipping_norm, DP_NOISE_STD: float(dp_noise_std)}
     return out
 

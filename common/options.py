@@ -50,9 +50,12 @@ DEVICES: dict[str, str] = {
     "cuda": "the first CUDA GPU",
 }
 DP_MODES: dict[str, str] = {
-    "off": "no client-level DP",
-    "distributed": "each site clips and adds its share of the noise before SecAgg+",
-    "central": "sites clip, the server adds the noise (Flower's client-side-clipping wrapper)",
+    "off": "no differential privacy",
+    "distributed": "client-level: each site clips and adds its share of the noise before SecAgg+",
+    "central": "client-level: sites clip, the server adds the noise (Flower's client-side-clipping wrapper)",
+    "example": "patient-level: each site trains with DP-SGD (Opacus); the privacy unit is one record",
+    "example+distributed": "patient-level DP-SGD and client-level distributed DP, both accounted",
+    "example+central": "patient-level DP-SGD and client-level central DP, both accounted",
 }
 ACCOUNTANTS: dict[str, str] = {
     "rdp": "dp-accounting's Renyi-DP accountant",

@@ -4,7 +4,8 @@ The coordinator writes a :class:`RoundRecord` per round (round 0: the initial ad
 the checkpoint keeps them, the console table and the plots show their fields, the benchmarks
 and the deployment harness read them back with :func:`read_records`. ``metrics.json`` holds the
 list as JSON objects; a field without a value (a round-0 record has no traffic, ``auc`` exists for
-two-class tasks, ``dp_epsilon`` under client-level DP) is left out of the object.
+two-class tasks, ``dp_epsilon`` under client-level DP, ``example_dp_epsilon`` under patient-level DP)
+is left out of the object.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class RoundRecord:
         Wall time of the round at the coordinator.
     dp_epsilon
         Client-level DP: the accountant's epsilon after the round.
+    example_dp_epsilon
+        Patient-level DP: the largest epsilon of the sites that trained this round.
+    sites_example_dp
+        Patient-level DP: per site label (partition in simulation, node in deployment), its epsilon
+        after the round, sigma, DP-SGD steps charged so far and sampling rate q.
     """
 
     round: int
@@ -67,6 +73,8 @@ class RoundRecord:
     bytes_down_per_site: dict[str, int] | None = None
     seconds: float = 0.0
     dp_epsilon: float | None = None
+    example_dp_epsilon: float | None = None
+    sites_example_dp: dict[str, dict[str, float]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``metrics.json`` (fields without a value left out)."""

@@ -11,6 +11,7 @@ import re
 
 from .config import ConfigError
 from .data import DataError
+from .dp_sgd import PrivacyBudgetExhaustedError
 from .model import FingerprintMismatchError
 from .preflight import PreflightError
 
@@ -41,6 +42,11 @@ CATEGORIES: dict[str, tuple[tuple[type[BaseException], ...], str]] = {
         "its base model is missing or differs from the coordinator's",
     ),
     "config": ((ConfigError,), "it refused the run config"),
+    "privacy-budget": (
+        (PrivacyBudgetExhaustedError,),
+        "its next round would pass its patient-level privacy budget (`dp-example-target-epsilon`), so it "
+        "stopped training",
+    ),
     "memory": ((MemoryError,), "it ran out of memory"),
     "internal": ((Exception,), "an unexpected error"),
 }

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .config import FedConfig
 from .data import TextDataset
+from .dp_sgd import ExampleDP, empty_step, poisson_batches, private, release
 from .local_plan import LogitTransform, Schedule, skew_transform, steps_per_round
 from .model import frozen_state_fingerprint
 
@@ -47,14 +48,7 @@ def _batches(
     order = rng.permutation(len(ds)) if rng is not None else np.arange(len(ds))
     for start in range(0, len(ds), batch_size):
         idx = order[start : start + batch_size]
-        enc = tokenizer(
-            [ds.texts[i] for i in idx],
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        yield dict(enc), torch.as_tensor(ds.labels[idx], dtype=torch.long)
+        yield _encode(tokenizer, ds, idx, max_length), torch.as_tensor(ds.labels[idx], dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -76,6 +70,69 @@ def _epochs(
         yield _batches(tokenizer, ds, batch_size, max_length, rng)
 
 
+def _poisson_epochs(
+    tokenizer: PreTrainedTokenizerBase, ds: TextDataset, max_length: int, dp: ExampleDP
+) -> Iterator[Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]]:
+    """DP-SGD's batches: Poisson samples of ``ds`` (:func:`~fedtune.common.dp_sgd.poisson_batches`).
+
+    An empty sample comes as ``({}, empty labels)``.
+    """
+    for epoch in poisson_batches(len(ds), dp):
+        yield (
+            (
+                _encode(tokenizer, ds, idx, max_length) if len(idx) else {},
+                torch.as_tensor(ds.labels[idx], dtype=torch.long),
+            )
+            for idx in epoch
+        )
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, ds: TextDataset, idx: np.ndarray, max_length: int
+) -> dict[str, torch.Tensor]:
+    texts = [ds.texts[i] for i in idx]
+    return dict(tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
+
+
+@dataclass
+class _Stepper:
+    """How one optimiser step is taken: plain AdamW (mixed precision on CUDA), or DP-SGD through Opacus."""
+
+    net: torch.nn.Module  # what the forward pass runs through
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dp: ExampleDP | None
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+              dp: ExampleDP | None) -> _Stepper:  # fmt: skip
+        if dp is None:
+            scaler = torch.amp.GradScaler(enabled=autocast_dtype(device) == torch.float16)
+            return cls(model, optimizer, scaler, device, None)
+        net, dp_optimizer = private(model, optimizer, dp)  # float32: no autocast under DP-SGD
+        return cls(net, dp_optimizer, torch.amp.GradScaler(enabled=False), device, dp)
+
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with _autocast(self.device) if self.dp is None else nullcontext():
+            return self.net(**inputs).logits.float()
+
+    def step(self, objective: torch.Tensor | None) -> None:
+        """Back-propagate ``objective`` and step (``None``: DP-SGD's empty sample, noise only)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if objective is None:
+            empty_step(self.optimizer)
+            return
+        self.scaler.scale(objective).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def close(self) -> None:
+        if self.dp is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            release(self.net)
+
+
 def train(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -92,6 +149,7 @@ def train(
     proximal_mu: float = 0.0,
     schedule: Schedule | None = None,
     logit_transform: LogitTransform | None = None,
+    example_dp: ExampleDP | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train the trainable (PEFT + head) parameters of ``model`` on ``ds``.
@@ -108,6 +166,10 @@ def train(
         Learning-rate factor per step (``learning_rate`` is the peak); ``None`` = constant.
     logit_transform
         Label-skew correction applied to the logits in the training loss only.
+    example_dp
+        Patient-level DP-SGD (:mod:`fedtune.common.dp_sgd`): Poisson samples of expected size
+        ``batch_size``, each example's gradient clipped and the sum noised, in float32; an epoch is
+        ``ceil(1 / q)`` samples. ``None`` = plain training.
     on_epoch_end
         Called with the number of epochs done after each whole epoch (e.g. to score the model along
         the way, as a learning curve); it may move the model or switch it to eval mode: training goes
@@ -120,48 +182,68 @@ def train(
     """
     if len(ds) == 0:
         raise ValueError("Cannot train on an empty dataset.")
+    if example_dp is not None and proximal_mu > 0:
+        raise ValueError("DP-SGD clips each example's gradient; a proximal term would escape it.")
     start = time.perf_counter()
     frozen_before = frozen_state_fingerprint(model)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler(enabled=autocast_dtype(device) == torch.float16)
+    stepper = _Stepper.build(
+        model, torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay), device, example_dp
+    )
     torch.manual_seed(seed)
     total_steps = steps if steps > 0 else epochs * math.ceil(len(ds) / batch_size)
+    epochs_of = (
+        _epochs(tokenizer, ds, batch_size, max_length, seed)
+        if example_dp is None
+        else _poisson_epochs(tokenizer, ds, max_length, example_dp)
+    )
     total_loss, seen, step = 0.0, 0, 0
-    for epoch, batches in enumerate(_epochs(tokenizer, ds, batch_size, max_length, seed), start=1):
+    for epoch, batches in enumerate(epochs_of, start=1):
         for inputs, labels in batches:
             if step == total_steps:
                 break
-            for group in optimizer.param_groups:
+            for group in stepper.optimizer.param_groups:
                 group["lr"] = learning_rate * (schedule.factor(step) if schedule else 1.0)
-            inputs, labels = {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
-            with _autocast(device):
-                logits = model(**inputs).logits.float()  # (batch, num_labels)
-            if logit_transform is not None:
-                logits = logit_transform(logits)
-            loss = torch.nn.functional.cross_entropy(logits, labels)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"Training loss became {loss.item()}; lower `learning-rate`.")
-            objective = loss + _proximal(params, anchors, proximal_mu)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(objective).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            step += 1
+            if not len(labels):
+                stepper.step(None)
+                continue
+            loss = _loss(stepper, inputs, labels.to(device), device, logit_transform)
+            stepper.step(loss + _proximal(params, anchors, proximal_mu))
             total_loss += loss.item() * len(labels)
             seen += len(labels)
-            step += 1
         else:  # a whole epoch
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
                 model.to(device).train()
         if step == total_steps:
             break
+    stepper.close()
     model.cpu()
     if frozen_state_fingerprint(model) != frozen_before:
         raise RuntimeError("A frozen base-model parameter changed during local training.")
-    return TrainResult(loss=total_loss / seen, examples=seen, steps=step, seconds=time.perf_counter() - start)
+    return TrainResult(
+        loss=total_loss / max(seen, 1), examples=seen, steps=step, seconds=time.perf_counter() - start
+    )
+
+
+def _loss(
+    stepper: _Stepper,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    device: torch.device,
+    logit_transform: LogitTransform | None,
+) -> torch.Tensor:
+    """Cross-entropy of one batch (logits corrected by ``logit_transform``); a non-finite one is refused."""
+    logits = stepper.logits({k: v.to(device) for k, v in inputs.items()})  # (batch, num_labels)
+    if logit_transform is not None:
+        logits = logit_transform(logits)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"Training loss became {loss.item()}; lower `learning-rate`.")
+    return loss
 
 
 def _proximal(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> torch.Tensor | float:
@@ -181,12 +263,13 @@ def train_local(
     seed: int,
     server_round: int,
     proximal_mu: float = 0.0,
+    example_dp: ExampleDP | None = None,
 ) -> TrainResult:
     """One site's local training at ``server_round``: the run config's steps, schedule and skew correction.
 
     The site takes :func:`~fedtune.common.local_plan.steps_per_round` steps; the learning rate follows
     the run-wide schedule from where the previous round stopped; the training logits are corrected
-    with this site's own label counts (``label-skew``).
+    with this site's own label counts (``label-skew``); ``example_dp``: with DP-SGD.
     """
     round_steps = steps_per_round(len(ds), cfg)
     return train(
@@ -198,6 +281,7 @@ def train_local(
         seed=seed,
         proximal_mu=proximal_mu,
         schedule=Schedule.for_round(cfg, server_round, round_steps),
+        example_dp=example_dp,
         **recipe(cfg, ds),
     )
 

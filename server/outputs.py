@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -59,19 +60,39 @@ def metadata(state: RunState) -> dict[str, Any]:
 
 
 def privacy_record(state: RunState) -> dict[str, Any]:
-    """The accountant's inputs and result: enough for anyone to recompute epsilon with dp-accounting."""
-    if state.accountant is None:
-        raise ValueError(
-            "privacy.json is written only under client-level DP (`dp-mode` central/distributed)."
-        )
-    return {
-        "dp_mode": state.cfg.dp_mode,
-        "clipping_norm": state.cfg.dp_clipping_norm,
-        "target_epsilon": state.cfg.dp_target_epsilon,
-        "epsilon": state.accountant.epsilon(),
-        "stopped_early": state.rounds.stopped_early,
-        "accountant": state.accountant.state_dict(),
-    }
+    """The accountants' inputs and results: enough for anyone to recompute each epsilon with dp-accounting.
+
+    Client-level DP: the coordinator's accountant (top-level keys). Patient-level DP (``example_dp``):
+    each site's last recorded DP-SGD figures (sigma, q, steps, epsilon) with the settings they follow.
+    """
+    cfg = state.cfg
+    if cfg.dp_mode == "off":
+        raise ValueError("privacy.json is written only under DP (`dp-mode` other than off).")
+    out: dict[str, Any] = {"dp_mode": cfg.dp_mode, "delta": cfg.dp_delta}
+    if state.accountant is not None:
+        out |= {
+            "clipping_norm": cfg.dp_clipping_norm,
+            "target_epsilon": cfg.dp_target_epsilon,
+            "epsilon": state.accountant.epsilon(),
+            "stopped_early": state.rounds.stopped_early,
+            "accountant": state.accountant.state_dict(),
+        }
+    if cfg.example_dp:
+        sites: dict[str, Any] = {}
+        for record in state.rounds.records:
+            for label, figures in (record.sites_example_dp or {}).items():
+                sites[label] = {**figures, "round": record.round}
+        out["example_dp"] = {
+            "unit": "one training record (patient)",
+            "mechanism": "DP-SGD (Opacus): Poisson sampling, per-example clipping, Gaussian noise",
+            "clipping_norm": cfg.dp_example_clipping_norm,
+            "target_epsilon": cfg.dp_example_target_epsilon,
+            "accountant": cfg.dp_accountant,
+            "sites": sites,
+            "epsilon": max((s["epsilon"] for s in sites.values()), default=None),
+            "versions": {lib: version(lib) for lib in ("opacus", "dp-accounting")},
+        }
+    return out
 
 
 def write_round_checkpoint(state: RunState, server_round: int, global_arrays: list[np.ndarray]) -> None:
@@ -103,7 +124,7 @@ def resume_advice(state: RunState) -> str:
 def finish(state: RunState) -> Path:
     """Write ``adapter/`` (PEFT format + fedtune.json), ``privacy.json`` and the plots; return the adapter."""
     folder, records = state.folder, state.rounds.records
-    if state.accountant is not None:
+    if state.cfg.dp_mode != "off":
         write_json_atomic(folder.privacy, privacy_record(state))
     if state.cfg.audit:
         save_arrays(folder.global_final, get_adapter_arrays(state.shared.model))

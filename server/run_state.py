@@ -27,6 +27,7 @@ from fedtune.common.adapters import frozen_adapter_fingerprint, get_adapter_arra
 from fedtune.common.checkpoint import ServerState, set_rng_state
 from fedtune.common.config import FedConfig
 from fedtune.common.data import TextDataset
+from fedtune.common.dp_sgd import SITE_KEYS, SITE_LABEL
 from fedtune.common.model import base_model_nbytes, bring_up, fingerprint, resolve_model_dir, trainable_counts
 from fedtune.common.privacy import PrivacyAccountant
 from fedtune.common.records import RoundRecord
@@ -128,6 +129,8 @@ class RoundState:
         When the current round started (``time.perf_counter``).
     site_examples
         The example counts of the sites in this round's aggregate.
+    site_example_dp
+        Patient-level DP: each site's DP-SGD figures this round (label -> epsilon, sigma, steps, q).
     model_ready
         Site nodes known to hold the pinned base model.
     distribution
@@ -141,6 +144,7 @@ class RoundState:
     stopped_early: str = ""
     round_start: float = field(default_factory=time.perf_counter)
     site_examples: list[int] = field(default_factory=list)
+    site_example_dp: dict[str, dict[str, float]] = field(default_factory=dict)
     model_ready: set[int] = field(default_factory=set)
     distribution: list[dict[str, Any]] = field(default_factory=list)
 
@@ -191,7 +195,7 @@ class RunState:
 
 def make_accountant(cfg: FedConfig, resumed: ServerState | None) -> PrivacyAccountant | None:
     """Client-level DP's accountant (continued from ``resumed``), else ``None``."""
-    if cfg.dp_mode == "off":
+    if cfg.client_dp == "off":
         return None
     if resumed is not None and resumed.accountant is not None:
         return PrivacyAccountant.from_state_dict(resumed.accountant)
@@ -202,7 +206,7 @@ def make_accountant(cfg: FedConfig, resumed: ServerState | None) -> PrivacyAccou
 
 def max_weight(cfg: FedConfig) -> float:
     """SecAgg+'s weight normaliser: under DP every site weighs 1; else the largest possible site count."""
-    return 1.0 if cfg.dp_mode != "off" else coordinator_max_weight(cfg)
+    return 1.0 if cfg.client_dp != "off" else coordinator_max_weight(cfg)
 
 
 def make_strategies(
@@ -238,9 +242,15 @@ def make_strategies(
         return res.loss, res.as_metrics()
 
     def fit_metrics(results: list[tuple[int, dict]]) -> dict[str, float]:
-        """Aggregate the sites' fit metrics; remember each site's example count for the round record."""
+        """Aggregate the sites' fit metrics; keep each site's example count and DP-SGD figures apart."""
         rounds.site_examples = sorted(n for n, _ in results)
-        return weighted_mean(results)
+        rounds.site_example_dp = {
+            str(m[SITE_LABEL]): {k.removeprefix("dp_example_"): float(m[k]) for k in SITE_KEYS}
+            for _, m in results
+            if SITE_LABEL in m
+        }
+        shared = [(n, {k: v for k, v in m.items() if k not in (SITE_LABEL, *SITE_KEYS)}) for n, m in results]
+        return weighted_mean(shared)
 
     strategy = make_strategy(
         cfg,
@@ -259,7 +269,7 @@ def make_strategies(
         strategy,
         [a.shape for a in shared.initial],
         secure=cfg.secure_aggregation,
-        tolerate_missing=cfg.dp_mode == "off",
+        tolerate_missing=cfg.client_dp == "off",
         failed_replies=grid.failed_replies,
     )
     return Strategies(guard=guard, base=base, dp_wrapper=dp_wrapper)

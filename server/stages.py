@@ -87,7 +87,7 @@ def size_to_sampled_sites(state: RunState, server_round: int, context: LegacyCon
         )
     if state.strategies.dp_wrapper is not None:
         state.strategies.dp_wrapper.num_sampled_clients = sampled
-    if cfg.dp_mode == "distributed":
+    if cfg.client_dp == "distributed":
         # each of the n sites adds N(0, sigma^2 C^2 / n): the sum carries N(0, sigma^2 C^2)
         state.rounds.dp_noise_std = cfg.dp_noise_multiplier * cfg.dp_clipping_norm / sampled**0.5
     return True
@@ -170,10 +170,27 @@ def record_round(state: RunState, server_round: int, context: LegacyContext) -> 
             bytes_down_per_site={str(k): v for k, v in sorted(wire["down"].items())},
             seconds=now - state.rounds.round_start,
             dp_epsilon=state.accountant.epsilon() if state.accountant is not None else None,
+            **_example_dp_fields(state.rounds.site_example_dp),
         )
     )
+    state.rounds.site_example_dp = {}
     state.rounds.round_start = now
     return True
+
+
+def _example_dp_fields(sites: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The round record's patient-level DP fields (none when no site trained with DP-SGD)."""
+    if not sites:
+        return {}
+    ordered = dict(sorted(sites.items(), key=lambda item: _site_order(item[0])))
+    return {
+        "example_dp_epsilon": max(s["epsilon"] for s in sites.values()),
+        "sites_example_dp": ordered,
+    }
+
+
+def _site_order(label: str) -> tuple[int, str]:
+    return (int(label), "") if label.isdigit() else (0, label)
 
 
 def checkpoint_round(state: RunState, server_round: int, context: LegacyContext) -> bool:
@@ -184,7 +201,7 @@ def checkpoint_round(state: RunState, server_round: int, context: LegacyContext)
 
 def write_round_outputs(state: RunState, server_round: int, context: LegacyContext) -> bool:
     """Rewrite ``privacy.json`` (under DP) and ``metrics.json`` after the checkpoint."""
-    if state.accountant is not None:
+    if state.cfg.dp_mode != "off":
         write_json_atomic(state.folder.privacy, privacy_record(state))
     write_records(state.folder.metrics, state.rounds.records)
     return True

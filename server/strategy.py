@@ -305,7 +305,7 @@ def make_strategy(
 
 def _with_dp(cfg: FedConfig, strategy: Strategy) -> Strategy:
     """Central DP: Flower's wrapper adds N(0, (sigma C / n)^2) to the average (n set each round)."""
-    if cfg.dp_mode != "central":
+    if cfg.client_dp != "central":
         return strategy
     return DifferentialPrivacyClientSideFixedClipping(
         strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, num_sampled_clients=cfg.min_clients

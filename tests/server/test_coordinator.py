@@ -182,6 +182,44 @@ def test_distributed_dp_sizes_each_sites_noise_and_accounts_one_step_per_round(
     assert privacy["stopped_early"] == ""
 
 
+def test_patient_level_dp_under_secagg_records_each_sites_epsilon_beside_the_client_level_one(
+    tmp_path: Path, tiny_base_model: Path
+) -> None:
+    from fedtune.common.dp_sgd import example_dp
+    from fedtune.common.sites import simulated_site
+
+    # Prepare: DP-SGD at every site (sigma calibrated to 6 per patient) and distributed client-level DP
+    cfg = fast_config(
+        tmp_path,
+        tiny_base_model,
+        dp_mode="example+distributed",
+        dp_example_target_epsilon=6.0,
+        dp_noise_multiplier=0.5,
+        secure_aggregation=True,
+    )
+
+    # Execute
+    coord = run_federation(cfg)
+
+    # Assert: per round, each site's epsilon after all its steps so far; round 2 ends under the budget
+    expected = {str(i): example_dp(cfg, len(simulated_site(cfg, i, 3).train)) for i in range(3)}
+    for record in coord.rounds.records[1:]:
+        assert sorted(record.sites_example_dp) == ["0", "1", "2"]
+        for label, figures in record.sites_example_dp.items():
+            dp = expected[label]
+            assert figures["epsilon"] == pytest.approx(dp.epsilon_after(record.round))
+            assert figures["sigma"] == pytest.approx(dp.noise_multiplier)
+            assert figures["steps"] == record.round * dp.round_steps
+        assert record.example_dp_epsilon == max(f["epsilon"] for f in record.sites_example_dp.values())
+    assert coord.rounds.records[-1].example_dp_epsilon <= 6.0
+    privacy = json.loads((tmp_path / "privacy.json").read_text())
+    assert privacy["dp_mode"] == "example+distributed" and privacy["epsilon"] > 0  # client-level
+    assert privacy["example_dp"]["sites"]["1"]["epsilon"] == pytest.approx(expected["1"].epsilon_after(2))
+    assert privacy["example_dp"]["versions"]["opacus"]
+    records = json.loads((tmp_path / "metrics.json").read_text())
+    assert "sites_example_dp" in records[2] and "sites_example_dp" not in records[0]
+
+
 def test_the_privacy_budget_stops_the_run_before_the_round_that_would_exceed_it(
     tmp_path: Path, tiny_base_model: Path
 ) -> None:

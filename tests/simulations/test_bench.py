@@ -610,3 +610,46 @@ def test_overhead_rows_are_each_timing_against_its_baseline() -> None:
     assert [r["ratio"] for r in rows] == pytest.approx([1.5, 1.0, 1.2, 1.4, 1.0, 2.0])
     assert [r["seconds"] for r in rows] == [12.0, 8.0, 12.0, 14.0, 10.0, None]
     assert rows[1]["examples_per_s"] == 50.0 and rows[4]["compared"].endswith("direct, 2 threads")
+
+
+def test_privacy_targets_judge_patient_level_utility_round_time_attack_and_audit() -> None:
+    from fedtune.simulations.benchmarks.privacy import dp_settings, targets
+    from fedtune.simulations.benchmarks.spec import Outcome
+
+    # Prepare: patient-level epsilon 8 costs 3 points, 2 costs 12; DP-SGD rounds 1.5x; one run's audit
+    # beats its accountant
+    def row(
+        unit: str, eps: object, cost: float, ratio: float, mia: float, lb: float, acc: float | None
+    ) -> dict:
+        return {
+            "unit": unit,
+            "target_epsilon": eps,
+            "macro_f1_cost_points": cost,
+            "round_time_ratio": ratio,
+            "mia_auc": mia,
+            "empirical_epsilon_lb": lb,
+            "accountant_epsilon": acc,
+        }
+
+    rows = [
+        row("off", "inf", 0.0, 1.0, 0.70, 2.0, None),
+        row("client", 8.0, 20.0, 1.1, 0.52, 0.5, 8.0),
+        row("patient", 8.0, 3.0, 1.5, 0.53, 0.4, 7.9),
+        row("patient", 2.0, 12.0, 1.4, 0.51, 2.5, 1.9),
+    ]
+
+    # Execute
+    notes = targets(Outcome(rows), {})
+
+    # Assert
+    assert notes[0] == "Patient-level epsilon 8: macro-F1 cost in points: 3.0 (target <= 5.0: met)."
+    assert notes[1] == "Patient-level epsilon 2: macro-F1 cost in points: 12.0 (target <= 10.0: missed)."
+    assert notes[2].endswith(": 1.50x (target <= 2.00x: met).")
+    assert notes[3].endswith(": 0.53 (target <= 0.55: met).")
+    assert notes[4].endswith(": 1 (target <= 0: missed).")
+    assert dp_settings("patient", 4.0, 5, 5) == {
+        "dp-mode": "example",
+        "dp-example-target-epsilon": 4.0,
+        "dp-delta": 1e-5,
+    }
+    assert dp_settings("off", float("inf"), 5, 5) == {"dp-mode": "off"}
