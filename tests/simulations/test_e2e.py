@@ -112,6 +112,27 @@ def test_the_default_recipe_learns_clearly_beyond_its_first_round_under_label_sk
     assert f1[3] >= f1[1] + 0.05 and f1[3] > 2 * f1[0], f1
 
 
+def test_patient_level_dp_under_secagg_records_each_sites_epsilon_and_its_adapter_loads_with_plain_peft(
+    tmp_path: Path,
+) -> None:
+    # Prepare / Execute: DP-SGD at 3 sites (sigma calibrated to epsilon 8 per patient), SecAgg+ on
+    out = tmp_path / "example-dp"
+    records = simulate(out, f"{SMOKE} dp-mode=example dp-example-target-epsilon=8 secure-aggregation=true")
+
+    # Assert: each site's epsilon after each round, growing and at most the budget; privacy.json names them
+    for r in records[1:]:
+        assert sorted(r["sites_example_dp"]) == ["0", "1", "2"]
+        assert 0 < r["example_dp_epsilon"] <= 8.0
+    assert all(records[2]["sites_example_dp"][s]["epsilon"] > records[1]["sites_example_dp"][s]["epsilon"]
+               for s in "012")  # fmt: skip
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["dp_mode"] == "example" and set(privacy["example_dp"]["sites"]) == {"0", "1", "2"}
+
+    # Assert: the adapter loads with plain transformers + peft and scores as recorded
+    accuracy, test_rows = _plain_peft_accuracy(out)
+    assert abs(accuracy - records[-1]["accuracy"]) <= 1.0 / test_rows + 1e-9
+
+
 def test_secagg_aggregate_matches_plain_average_within_quantisation(tmp_path: Path) -> None:
     # Prepare: the same seeded round with and without SecAgg+, at 2 sites of more than 1,000 training
     # examples each (above Flower's default `max_weight`, which would clip their weights)
