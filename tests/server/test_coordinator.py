@@ -185,10 +185,12 @@ def test_distributed_dp_sizes_each_sites_noise_and_accounts_one_step_per_round(
 def test_patient_level_dp_under_secagg_records_each_sites_epsilon_beside_the_client_level_one(
     tmp_path: Path, tiny_base_model: Path
 ) -> None:
+    from fedtune.common.audit_report import build_report
     from fedtune.common.dp_sgd import example_dp
     from fedtune.common.sites import simulated_site
 
-    # Prepare: DP-SGD at every site (sigma calibrated to 6 per patient) and distributed client-level DP
+    # Prepare: DP-SGD at every site (sigma calibrated to 6 per patient) and distributed client-level DP;
+    # canaries at site 0 for the audit
     cfg = fast_config(
         tmp_path,
         tiny_base_model,
@@ -196,6 +198,7 @@ def test_patient_level_dp_under_secagg_records_each_sites_epsilon_beside_the_cli
         dp_example_target_epsilon=6.0,
         dp_noise_multiplier=0.5,
         secure_aggregation=True,
+        audit_canaries=40,
     )
 
     # Execute
@@ -218,6 +221,16 @@ def test_patient_level_dp_under_secagg_records_each_sites_epsilon_beside_the_cli
     assert privacy["example_dp"]["versions"]["opacus"]
     records = json.loads((tmp_path / "metrics.json").read_text())
     assert "sites_example_dp" in records[2] and "sites_example_dp" not in records[0]
+
+    # Execute / Assert: the audit puts each site's patient-level epsilon, and the canary site's beside
+    # the empirical lower bound
+    report = build_report(tmp_path)
+    site_eps = {k: v["epsilon"] for k, v in privacy["example_dp"]["sites"].items()}
+    assert report["dp"]["example_epsilon_by_site"] == site_eps
+    assert report["dp"]["accountant_epsilon"] == privacy["epsilon"]
+    empirical = report["empirical_epsilon"]
+    assert empirical["canary_site_example_epsilon"] == site_eps["0"]
+    assert empirical["lower_bound"] <= empirical["canary_site_example_epsilon"]
 
 
 def test_the_privacy_budget_stops_the_run_before_the_round_that_would_exceed_it(
