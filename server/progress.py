@@ -34,6 +34,8 @@ COLUMNS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "sites_macro_f1": ("sites F1", _num),
     "bytes_up": ("up", _mb),
     "bytes_down": ("down", _mb),
+    "dp_epsilon": ("ε client", _num),
+    "example_dp_epsilon": ("ε patient (max)", _num),
     "seconds": ("s", _s),
 }
 
