@@ -42,18 +42,22 @@ def _tiny() -> torch.nn.Module:
 
 
 def test_one_step_clips_each_examples_gradient_and_averages_over_the_expected_batch() -> None:
-    # Prepare: 6 examples whose gradients are far above the clipping norm, no noise, SGD with lr 1
-    model, dp = _tiny(), _mechanism(noise_multiplier=0.0, clipping_norm=0.5, expected_batch=4)
-    x, y = 10 * torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    # Prepare: examples whose gradients are above the clipping norm and others below it, no noise,
+    # SGD with lr 1
+    model, dp = _tiny(), _mechanism(noise_multiplier=0.0, clipping_norm=3.0, expected_batch=4)
+    x = torch.randn(6, 5) * torch.tensor([8.0, 8.0, 8.0, 0.01, 0.01, 0.01])[:, None]
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
     before = [p.detach().clone() for p in model.parameters()]
     expected = [torch.zeros_like(p) for p in model.parameters()]
+    clipped: list[bool] = []
     for i in range(6):  # the explicit loop: each example's gradient, clipped to norm C over all tensors
         model.zero_grad()
         torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         grads = [p.grad.detach().clone() for p in model.parameters()]
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        clipped.append(norm.item() > 3.0)
         for e, g in zip(expected, grads, strict=True):
-            e += g * min(1.0, 0.5 / (norm.item() + 1e-6))
+            e += g * min(1.0, 3.0 / (norm.item() + 1e-6))
     model.zero_grad()
     net, optimizer = private(model, torch.optim.SGD(model.parameters(), lr=1.0), dp)
 
@@ -63,6 +67,7 @@ def test_one_step_clips_each_examples_gradient_and_averages_over_the_expected_ba
     release(net)
 
     # Assert: the step is minus the sum of clipped gradients over the expected batch size (4, not 6)
+    assert any(clipped) and not all(clipped)
     for b, p, e in zip(before, model.parameters(), expected, strict=True):
         torch.testing.assert_close(b - p.detach(), e / 4, atol=1e-5, rtol=1e-4)
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
