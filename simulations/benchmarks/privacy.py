@@ -16,8 +16,9 @@ the membership-inference attack's AUC and TPR at 1% FPR, the one-run empirical e
   site with sigma calibrated by the site to ``dp-example-target-epsilon`` over the run; the
   accountant epsilon shown is the canary site's (site 0).
 
-Full: 5 hospitals, the default data (``max-examples=4000``), 5 rounds, 500 canaries (~1 h on 2 CPU
-cores). Quick: 3 hospitals, 2 rounds, ``max-examples=400``, 200 canaries, one arm of each unit.
+Full: 5 hospitals, the default data (``max-examples=4000``), 5 rounds, 500 canaries (~1 h 15 min on 2
+CPU cores). Quick: 3 hospitals, 2 rounds, ``max-examples=400``, 200 canaries, one arm of each unit.
+Pick arms with ``FEDTUNE_BENCH_ARMS`` (e.g. ``off,patient-8,patient-2``; ``off`` first).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 from fedtune.common.run_folder import RunFolder
 
-from .arms import federated_arm
+from .arms import choose, env_list, federated_arm
 from .figures import new_figure, save_figure
 from .harness import console
 from .spec import Benchmark, Outcome, target_note
@@ -71,6 +72,26 @@ def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"sites": 3, "rounds": 2, "max_examples": 400, "canaries": 200, "arms": arms}
     return {"sites": 5, "rounds": 5, "max_examples": 4000, "canaries": 500, "arms": arms}
+
+
+def chosen_settings(quick: bool) -> dict[str, Any]:
+    """:func:`settings` with the arms of ``$FEDTUNE_BENCH_ARMS`` (``off``, ``client-8``, ``patient-2``...)."""
+    s = settings(quick)
+    names = {_arm_name(unit, eps): [unit, eps] for unit, eps in settings(False)["arms"]}
+    default = [_arm_name(unit, eps) for unit, eps in s["arms"]]
+    picked = choose("FEDTUNE_BENCH_ARMS", env_list("FEDTUNE_BENCH_ARMS", default), list(names))
+    if picked[0] != "off":
+        raise ValueError("$FEDTUNE_BENCH_ARMS: the first arm must be `off`, the baseline of every cost.")
+    s["arms"] = [names[name] for name in picked]
+    return s
+
+
+def _arm_name(unit: str, eps: str) -> str:
+    return "off" if unit == "off" else f"{unit}-{eps}"
+
+
+def _arm_name(unit: str, eps: str) -> str:
+    return "off" if unit == "off" else f"{unit}-{eps}"
 
 
 def dp_settings(unit: str, epsilon: float, rounds: int, sites: int) -> dict[str, Any]:
@@ -210,4 +231,4 @@ def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
     save_figure(fig, NAME, "tradeoff")
 
 
-BENCHMARK = Benchmark(NAME, settings, measure, COLUMNS, _plot, targets)
+BENCHMARK = Benchmark(NAME, chosen_settings, measure, COLUMNS, _plot, targets)

@@ -653,3 +653,17 @@ def test_privacy_targets_judge_patient_level_utility_round_time_attack_and_audit
         "dp-delta": 1e-5,
     }
     assert dp_settings("off", float("inf"), 5, 5) == {"dp-mode": "off"}
+
+
+def test_privacy_arms_are_picked_by_name_with_the_baseline_first(monkeypatch) -> None:
+    from fedtune.simulations.benchmarks.privacy import chosen_settings
+
+    # Execute / Assert
+    monkeypatch.setenv("FEDTUNE_BENCH_ARMS", "off,patient-8,patient-2")
+    assert chosen_settings(quick=False)["arms"] == [["off", "inf"], ["patient", "8"], ["patient", "2"]]
+    monkeypatch.setenv("FEDTUNE_BENCH_ARMS", "patient-8")
+    with pytest.raises(ValueError, match="first arm must be `off`"):
+        chosen_settings(quick=False)
+    monkeypatch.setenv("FEDTUNE_BENCH_ARMS", "off,patient-3")
+    with pytest.raises(ValueError, match="unknown patient-3; valid: off, client-8, client-2, patient-8"):
+        chosen_settings(quick=False)
