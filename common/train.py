@@ -105,8 +105,14 @@ class _Stepper:
     dp: ExampleDP | None
 
     @classmethod
-    def build(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-              dp: ExampleDP | None) -> _Stepper:  # fmt: skip
+    def build(
+        cls,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        dp: ExampleDP | None,
+    ) -> _Stepper:
+        """``optimizer`` on ``model`` as is, or wrapped by Opacus for ``dp``."""
         if dp is None:
             scaler = torch.amp.GradScaler(enabled=autocast_dtype(device) == torch.float16)
             return cls(model, optimizer, scaler, device, None)
@@ -128,6 +134,7 @@ class _Stepper:
         self.scaler.update()
 
     def close(self) -> None:
+        """Leave the model as it came: Opacus' hooks and per-example gradients removed."""
         if self.dp is not None:
             self.optimizer.zero_grad(set_to_none=True)
             release(self.net)
