@@ -502,3 +502,44 @@ def test_a_frozen_base_weight_changed_during_training_is_refused(
         with torch.no_grad():
             weight.copy_(before)
     assert name and torch.equal(weight, before)
+
+
+@pytest.mark.parametrize(
+    ("peft_method", "lora_variant"),
+    [("lora", "standard"), ("lora", "ffa"), ("prefix", "standard")],
+    ids=["lora", "lora-ffa", "prefix"],
+)
+def test_dp_sgd_trains_each_peft_method_and_leaves_no_opacus_state_behind(
+    tiny_base_model: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: TextDataset,
+    peft_method: str,
+    lora_variant: str,
+) -> None:
+    from fedtune.common.dp_sgd import ExampleDP
+
+    # Prepare
+    cfg = FedConfig(peft_method=peft_method, lora_variant=lora_variant, seed=24)
+    model = build_peft_model(PeftSpec.from_config(cfg, tiny_base_model, num_labels=2))
+    before = get_adapter_arrays(model)
+    dp = ExampleDP(
+        noise_multiplier=1.0,
+        clipping_norm=1.0,
+        sampling_rate=0.5,
+        expected_batch=4,
+        round_steps=3,
+        delta=1e-5,
+        accountant="rdp",
+    )
+
+    # Execute (the frozen base is checked unchanged by train itself)
+    result = _train(model, tokenizer, dataset, steps=3, seed=1, example_dp=dp)
+
+    # Assert: exactly the steps asked for; every trainable tensor moved (noise at least); no hooks or
+    # per-example gradients left on the model
+    assert result.steps == 3
+    assert all(not np.array_equal(a, b) for a, b in zip(before, get_adapter_arrays(model), strict=True))
+    assert not any(getattr(p, "grad_sample", None) is not None for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="proximal term"):
+        _train(model, tokenizer, dataset, steps=1, seed=1, example_dp=dp, proximal_mu=0.1)
