@@ -338,7 +338,8 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _plot(outcome: Outcome, s: dict[str, Any]) -> None:
-    rows = [r for r in outcome.rows if r["chosen"]]
+    order = ["federated", "centralized", *(f"site {i}" for i in range(s["sites"]))]  # youngest site first
+    rows = sorted((r for r in outcome.rows if r["chosen"]), key=lambda r: order.index(r["arm"]))
     fig, ax = new_figure(7, 4)
     y = np.arange(len(rows))[::-1]
     aucs = np.array([r["auc"] for r in rows])
