@@ -26,9 +26,10 @@ PRESETS: dict[str, Preset] = {
         run_config={"partitioning": "specialty"},
     ),
     "prefix": Preset(
-        "The default scenario with prefix tuning (10 virtual tokens) instead of LoRA.",
+        "The default scenario with prefix tuning (10 virtual tokens) instead of LoRA, at the learning rate "
+        "`fedtune bench tuning` chose on validation (1e-2: 0.312 vs 0.233 at 5e-3).",
         num_clients=5,
-        run_config={"peft-method": "prefix", "learning-rate": 5e-3},
+        run_config={"peft-method": "prefix", "learning-rate": 1e-2},
     ),
     "diabetes": Preset(
         "Pima diabetes risk (rows serialised as text, ROC AUC) at 3 hospitals.",

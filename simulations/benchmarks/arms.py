@@ -67,7 +67,26 @@ def saved(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
         raise ValueError(
             f"Saved arm {path} is not valid JSON ({err}): delete it to recompute the arm."
         ) from None
-    return entry["result"] if entry.get("key") == _jsonable(key) else None
+    return entry["result"] if _matches(entry.get("key"), _jsonable(key)) else None
+
+
+def _matches(saved_key: Any, key: Any) -> bool:
+    """Whether a saved arm's key is ``key``.
+
+    Run-config keys added since the arm was saved count as equal when they hold their default: a new
+    option left at its default does not change an arm computed before it existed.
+    """
+    if not (isinstance(saved_key, dict) and isinstance(key, dict) and "config" in key):
+        return saved_key == key
+    from fedtune.common.config import defaults
+
+    config, saved_config = key["config"], saved_key.get("config", {})
+    default = _jsonable(defaults())
+    added = {k for k in config if k not in saved_config}
+    if any(config[k] != default.get(k) for k in added):
+        return False
+    rest = {k: v for k, v in config.items() if k not in added}
+    return {**saved_key, "config": saved_config} == {**key, "config": rest}
 
 
 def saved_only() -> bool:

@@ -667,3 +667,23 @@ def test_privacy_arms_are_picked_by_name_with_the_baseline_first(monkeypatch) ->
     monkeypatch.setenv("FEDTUNE_BENCH_ARMS", "off,patient-3")
     with pytest.raises(ValueError, match="unknown patient-3; valid: off, client-8, client-2, patient-8"):
         chosen_settings(quick=False)
+
+
+def test_a_saved_arm_stays_valid_when_a_new_option_is_added_at_its_default(tmp_path: Path) -> None:
+    from fedtune.common.config import defaults
+    from fedtune.simulations.benchmarks.arms import cached, resolved, saved
+
+    # Prepare: an arm saved before the option `dp-example-clipping-norm` existed
+    key = {"sites": 3, "config": resolved({"seed": 7})}
+    cached(tmp_path / "arm.json", key, lambda: {"score": 1.0})
+    entry = json.loads((tmp_path / "arm.json").read_text())
+    del entry["key"]["config"]["dp-example-clipping-norm"]
+    (tmp_path / "arm.json").write_text(json.dumps(entry))
+    changed = {"sites": 3, "config": resolved({"seed": 7, "dp-example-clipping-norm": 2.0})}
+
+    # Execute / Assert: at its default the new option changes nothing; set otherwise, it does
+    assert defaults()["dp-example-clipping-norm"] == 1.0
+    assert saved(tmp_path / "arm.json", key) == {"score": 1.0}
+    assert saved(tmp_path / "arm.json", changed) is None
+    assert saved(tmp_path / "arm.json", {"sites": 4, "config": key["config"]}) is None
+    assert saved(tmp_path / "arm.json", {"sites": 3, "config": resolved({"seed": 8})}) is None
