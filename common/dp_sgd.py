@@ -22,6 +22,7 @@ a DP-SGD run is not reproducible from its seed.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import warnings
@@ -113,11 +114,13 @@ def site_metrics(dp: ExampleDP, server_round: int, epsilon: float) -> dict[str, 
     return dict(zip(SITE_KEYS, map(float, values), strict=True))
 
 
+@functools.lru_cache(maxsize=32)  # a site asks every round; sigma's calibration is a bisection
 def example_dp(cfg: FedConfig, examples: int) -> ExampleDP:
     """The DP-SGD mechanism of a site with ``examples`` training examples under ``cfg``.
 
     sigma is ``dp-example-noise-multiplier`` when positive, else calibrated so that
-    ``num-server-rounds`` rounds end at or under ``dp-example-target-epsilon``.
+    ``num-server-rounds`` rounds end at or under ``dp-example-target-epsilon``. Computed once per
+    ``(cfg, examples)`` in a process (a site asks again every round).
 
     Raises
     ------
