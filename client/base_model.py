@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedtune.common.files import default_cache_dir
 from fedtune.common.model_store import (
     CHUNK_RECORD,
     FILES_RECORD,
     RECORD,
     IncomingModel,
-    default_cache_dir,
     find_base_model,
 )
 from fedtune.common.site_config import SiteConfig, site_config

@@ -86,5 +86,6 @@ class SiteClient(NumPyClient):
             batch_size=ins.cfg.batch_size,
             max_length=ins.cfg.max_length,
             device=device,
+            max_new_tokens=ins.cfg.max_new_tokens,
         )
         return res.loss, res.examples, res.as_metrics()

@@ -21,10 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import options
-
-
-class ConfigError(ValueError):
-    """A run-config key or value is invalid; the message names the key and the fix."""
+from .config_rules import ConfigError, check_rules
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors peft's field help
@@ -116,7 +113,11 @@ class FedConfig:
         0, "Synthetic canary patients planted at site 0 (each with probability 1/2) for the audit.", min=0
     )
     # --- model and PEFT ---------------------------------------------------------------
-    base_model: str = _opt("", "Local Hugging Face model directory; empty = packaged all-MiniLM-L6-v2.")
+    base_model: str = _opt(
+        "",
+        "Local Hugging Face model directory; empty = packaged all-MiniLM-L6-v2 (a generative task: the "
+        "packaged SmolLM2-135M-Instruct, fetched on first use).",
+    )
     distribute_base_model: bool = _opt(
         True,
         "Before its first round, send a site that lacks the base model the checkpoint (it verifies the "
@@ -182,8 +183,19 @@ class FedConfig:
         "", "CSV/JSONL file for task=csv (a deployed site's own file comes from its node config)."
     )
     test_data_path: str = _opt("", "Optional held-out CSV/JSONL the server scores the shared adapter on.")
-    text_column: str = _opt("", "Text column for task=csv; empty = serialise every other column.")
+    text_column: str = _opt(
+        "",
+        "Text column for task=csv (empty = serialise every other column) or task=instructions "
+        "(empty = `instruction`).",
+    )
     label_column: str = _opt("label", "Label column for task=csv.")
+    response_column: str = _opt("response", "Response column for task=instructions (the answer to learn).")
+    prompt_template: str = _opt(
+        "",
+        "Generative tasks: the prompt around each example's `{text}`; empty = the task's own (recorded in "
+        "fedtune.json).",
+    )
+    max_new_tokens: int = _opt(16, "Generative tasks: most tokens generated per answer when scoring.", min=1)
     labels: str = _opt(
         "", "Comma-separated label names (fixes class ids across sites); empty = from the data."
     )
@@ -214,40 +226,7 @@ class FedConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.secagg_reconstruction_threshold >= self.secagg_num_shares:
-            # Flower's SecAggPlusWorkflow refuses the same (its checks at construction)
-            raise ConfigError(
-                "`secagg-reconstruction-threshold` must be below `secagg-num-shares` "
-                f"({self.secagg_reconstruction_threshold} >= {self.secagg_num_shares}): raise the shares or "
-                "lower the threshold."
-            )
-        if self.task == "csv" and not self.data_path and not self.test_data_path:
-            # a deployed coordinator has no site data: it scores on `test-data-path`
-            raise ConfigError(
-                "`task=csv` needs `data-path` (a CSV or JSONL file), or `test-data-path` for a deployed "
-                "coordinator (each site's file comes from its node config)."
-            )
-        if self.test_data_path and self.task != "csv":
-            raise ConfigError(
-                "`test-data-path` is for `task=csv`; the packaged tasks hold out `holdout-fraction`."
-            )
-        if self.local_steps == 0 and self.local_epochs == 0:
-            raise ConfigError(
-                "`local-steps` and `local-epochs` are both 0: a site would not train. Set `local-steps` "
-                "(optimiser steps per round, e.g. 30) or `local-epochs` (e.g. 1)."
-            )
-        if self.lora_variant == "ffa" and self.peft_method != "lora":
-            raise ConfigError(
-                f"`lora-variant=ffa` freezes LoRA's A matrices, but `peft-method` is {self.peft_method!r}: "
-                "use `peft-method=lora` or `lora-variant=standard`."
-            )
-        if self.peft_method == "lora" and not self.target_modules:
-            raise ConfigError("`lora-target-modules` is empty; give e.g. `query,value`.")
-        if self.example_dp and self.strategy == "fedprox":
-            raise ConfigError(
-                "`dp-mode` includes `example` (DP-SGD clips each example's gradient) but `strategy=fedprox` "
-                "adds a proximal term outside that clipping: use another `strategy`."
-            )
+        check_rules(self)
 
     @property
     def client_dp(self) -> str:

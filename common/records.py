@@ -29,7 +29,10 @@ class RoundRecord:
         The round (0: the initial adapter, before any training).
     loss, accuracy, macro_f1, auc
         The shared adapter after the round on the coordinator's held-out set (``auc``: two classes).
-    sites_loss, sites_accuracy, sites_macro_f1, sites_auc
+    exact_match, category_match, valid_code
+        Generative tasks instead of accuracy and macro-F1: the share of generated answers equal to the
+        target, with the same ICD-10 category, and that are valid codes (the last two: code answers).
+    sites_loss, sites_accuracy, sites_macro_f1, sites_auc, sites_exact_match, sites_category_match
         The sites' own evaluation of it on their local splits, weighted by examples (when asked).
     train_loss
         The sites' mean training loss in the round.
@@ -59,10 +62,15 @@ class RoundRecord:
     accuracy: float | None = None
     macro_f1: float | None = None
     auc: float | None = None
+    exact_match: float | None = None
+    category_match: float | None = None
+    valid_code: float | None = None
     sites_loss: float | None = None
     sites_accuracy: float | None = None
     sites_macro_f1: float | None = None
     sites_auc: float | None = None
+    sites_exact_match: float | None = None
+    sites_category_match: float | None = None
     train_loss: float | None = None
     site_train_examples: list[int] | None = None
     site_examples_per_second: float | None = None
@@ -101,6 +109,13 @@ class RoundRecord:
 
 
 FIELDS = frozenset(f.name for f in fields(RoundRecord))
+# the scores of the shared adapter on a held-out set, as evaluation's metric dicts name them
+SCORES: tuple[str, ...] = (
+    *("loss", "accuracy", "macro_f1", "auc"),  # classification
+    *("exact_match", "category_match", "valid_code"),  # generation
+)
+# those the sites' own evaluation reports in a record (``sites_<name>``)
+SITE_SCORES: tuple[str, ...] = tuple(k for k in SCORES if f"sites_{k}" in FIELDS)
 
 
 def write_records(path: Path, records: Sequence[RoundRecord]) -> None:

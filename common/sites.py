@@ -9,6 +9,7 @@ Deployment: a site reads only its own file (node config ``data-path``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from .canaries import CANARY_SITE, make_canaries, with_members
 from .config import FedConfig
 from .data import TextDataset, load_task, split
+from .generative import apply_template, template_of
+from .options import USER_FILE_TASKS
 from .partition import Partitioner, make_partitioner
 from .site_config import SiteConfig
 
@@ -31,16 +34,21 @@ class SiteData:
 
 
 def load_configured(cfg: FedConfig, data_path: str | None = None) -> TextDataset:
-    """Load ``cfg.task`` from ``data_path`` (default ``cfg.data-path``) with the configured columns/labels."""
-    return load_task(
+    """Load ``cfg.task`` from ``data_path`` (default ``cfg.data-path``) with the configured columns/labels.
+
+    A generative task's texts come in its prompt template (``prompt-template``, else the task's own).
+    """
+    ds = load_task(
         cfg.task,
         data_path=cfg.data_path if data_path is None else data_path,
         text_column=cfg.text_column,
         label_column=cfg.label_column,
+        response_column=cfg.response_column,
         labels=cfg.label_names,
         max_examples=cfg.max_examples,
         seed=cfg.seed,
     )
+    return apply_template(ds, template_of(cfg.task, cfg.prompt_template)) if ds.generative else ds
 
 
 @functools.cache
@@ -104,7 +112,7 @@ def site_data(cfg: FedConfig, site: SiteConfig) -> SiteData:
 
 def _deployed_coordinator(cfg: FedConfig) -> bool:
     """A deployed coordinator has no site data: ``task=csv`` without ``data-path``."""
-    return cfg.task == "csv" and not cfg.data_path
+    return cfg.task in USER_FILE_TASKS and not cfg.data_path
 
 
 def coordinator_test_set(cfg: FedConfig) -> TextDataset:
@@ -117,6 +125,8 @@ def coordinator_test_set(cfg: FedConfig) -> TextDataset:
     ValueError
         A deployed coordinator (no ``data-path``) without ``labels``.
     """
+    if cfg.test_data_path and cfg.task == "instructions":
+        return load_configured(dataclasses.replace(cfg, max_examples=0), cfg.test_data_path)
     if cfg.test_data_path:
         labels = cfg.label_names
         if not labels:

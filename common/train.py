@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -19,36 +19,13 @@ import torch
 from sklearn.metrics import f1_score, roc_auc_score
 from transformers import PreTrainedTokenizerBase
 
+from . import batching, generative
+from .batching import autocast, autocast_dtype
 from .config import FedConfig
-from .data import TextDataset
-from .dp_sgd import ExampleDP, empty_step, poisson_batches, private, release
+from .dataset import TextDataset
+from .dp_sgd import ExampleDP, empty_step, private, release
 from .local_plan import LogitTransform, Schedule, skew_transform, steps_per_round
 from .model import frozen_state_fingerprint
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed-precision dtype for ``device``: bf16 (or fp16) on CUDA, none on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _autocast(device: torch.device):  # noqa: ANN202 - a context manager
-    dtype = autocast_dtype(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-
-
-def _batches(
-    tokenizer: PreTrainedTokenizerBase,
-    ds: TextDataset,
-    batch_size: int,
-    max_length: int,
-    rng: np.random.Generator | None,
-) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    order = rng.permutation(len(ds)) if rng is not None else np.arange(len(ds))
-    for start in range(0, len(ds), batch_size):
-        idx = order[start : start + batch_size]
-        yield _encode(tokenizer, ds, idx, max_length), torch.as_tensor(ds.labels[idx], dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -59,39 +36,6 @@ class TrainResult:
     examples: int  # examples processed
     steps: int  # optimiser steps taken
     seconds: float
-
-
-def _epochs(
-    tokenizer: PreTrainedTokenizerBase, ds: TextDataset, batch_size: int, max_length: int, seed: int
-) -> Iterator[Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]]:
-    """An endless run of epochs, each a fresh seeded permutation of ``ds`` cut into batches."""
-    rng = np.random.default_rng(seed)
-    while True:
-        yield _batches(tokenizer, ds, batch_size, max_length, rng)
-
-
-def _poisson_epochs(
-    tokenizer: PreTrainedTokenizerBase, ds: TextDataset, max_length: int, dp: ExampleDP
-) -> Iterator[Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]]:
-    """DP-SGD's batches: Poisson samples of ``ds`` (:func:`~fedtune.common.dp_sgd.poisson_batches`).
-
-    An empty sample comes as ``({}, empty labels)``.
-    """
-    for epoch in poisson_batches(len(ds), dp):
-        yield (
-            (
-                _encode(tokenizer, ds, idx, max_length) if len(idx) else {},
-                torch.as_tensor(ds.labels[idx], dtype=torch.long),
-            )
-            for idx in epoch
-        )
-
-
-def _encode(
-    tokenizer: PreTrainedTokenizerBase, ds: TextDataset, idx: np.ndarray, max_length: int
-) -> dict[str, torch.Tensor]:
-    texts = [ds.texts[i] for i in idx]
-    return dict(tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
 
 
 @dataclass
@@ -120,7 +64,7 @@ class _Stepper:
         return cls(net, dp_optimizer, torch.amp.GradScaler(enabled=False), device, dp)
 
     def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        with _autocast(self.device) if self.dp is None else nullcontext():
+        with autocast(self.device) if self.dp is None else nullcontext():
             return self.net(**inputs).logits.float()
 
     def step(self, objective: torch.Tensor | None) -> None:
@@ -202,13 +146,13 @@ def train(
     torch.manual_seed(seed)
     total_steps = steps if steps > 0 else epochs * math.ceil(len(ds) / batch_size)
     epochs_of = (
-        _epochs(tokenizer, ds, batch_size, max_length, seed)
+        batching.epochs(tokenizer, ds, batch_size, max_length, seed)
         if example_dp is None
-        else _poisson_epochs(tokenizer, ds, max_length, example_dp)
+        else batching.poisson_epochs(tokenizer, ds, max_length, example_dp)
     )
     total_loss, seen, step = 0.0, 0, 0
-    for epoch, batches in enumerate(epochs_of, start=1):
-        for inputs, labels in batches:
+    for epoch, epoch_batches in enumerate(epochs_of, start=1):
+        for inputs, labels in epoch_batches:
             if step == total_steps:
                 break
             for group in stepper.optimizer.param_groups:
@@ -243,11 +187,17 @@ def _loss(
     device: torch.device,
     logit_transform: LogitTransform | None,
 ) -> torch.Tensor:
-    """Cross-entropy of one batch (logits corrected by ``logit_transform``); a non-finite one is refused."""
-    logits = stepper.logits({k: v.to(device) for k, v in inputs.items()})  # (batch, num_labels)
-    if logit_transform is not None:
-        logits = logit_transform(logits)
-    loss = torch.nn.functional.cross_entropy(logits, labels)
+    """Cross-entropy of one batch; a non-finite one is refused.
+
+    Class ids ``(batch,)``: over the logits corrected by ``logit_transform``; token labels
+    ``(batch, length)``: a causal LM's loss on the answer tokens (``generative.causal_loss``).
+    """
+    logits = stepper.logits({k: v.to(device) for k, v in inputs.items()})
+    if labels.dim() == 2:
+        loss = generative.causal_loss(logits, labels)
+    else:
+        logits = logit_transform(logits) if logit_transform is not None else logits
+        loss = torch.nn.functional.cross_entropy(logits, labels)
     if not torch.isfinite(loss):
         raise RuntimeError(f"Training loss became {loss.item()}; lower `learning-rate`.")
     return loss
@@ -339,8 +289,8 @@ def predict_proba(
     """Class probabilities, shape ``(len(ds), num_labels)``."""
     model.to(device).eval()
     out = []
-    for inputs, _ in _batches(tokenizer, ds, batch_size, max_length, None):
-        with _autocast(device):
+    for inputs, _ in batching.batches(tokenizer, ds, batch_size, max_length, None):
+        with autocast(device):
             logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
         out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     model.cpu()
@@ -373,9 +323,49 @@ def evaluate(
     batch_size: int,
     max_length: int,
     device: torch.device,
-) -> EvalResult:
-    """Score ``model`` on ``ds``."""
+    max_new_tokens: int = 16,
+) -> EvalResult | generative.GenerationResult:
+    """Score ``model`` on ``ds``: classification scores, or a generative task's generated answers.
+
+    ``max_new_tokens`` bounds each generated answer.
+    """
+    if ds.generative:
+        return _evaluate_answers(model, tokenizer, ds, batch_size, max_length, device, max_new_tokens)
     probs = predict_proba(model, tokenizer, ds, batch_size=batch_size, max_length=max_length, device=device)
     result = score(probs, ds.labels, len(ds.label_names))
     assert math.isfinite(result.loss)
     return result
+
+
+@torch.no_grad()
+def _evaluate_answers(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    ds: TextDataset,
+    batch_size: int,
+    max_length: int,
+    device: torch.device,
+    max_new_tokens: int,
+) -> generative.GenerationResult:
+    """A generative task's teacher-forced loss and greedily generated answers, scored."""
+    if len(ds) == 0:
+        raise ValueError("Cannot score an empty dataset.")
+    model.to(device).eval()
+    loss_sum, answers = 0.0, []
+    for start in range(0, len(ds), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(ds)))
+        inputs, labels = batching.encode(tokenizer, ds, idx, max_length)
+        with autocast(device):
+            logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+        loss_sum += generative.causal_loss(logits, labels.to(device)).item() * len(idx)
+        with autocast(device):
+            answers += generative.generate(
+                model,
+                tokenizer,
+                [ds.texts[i] for i in idx],
+                max_new_tokens=max_new_tokens,
+                max_length=max_length,
+                device=device,
+            )
+    model.cpu()
+    return generative.result(loss_sum / len(ds), answers, ds)

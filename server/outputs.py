@@ -21,11 +21,20 @@ from fedtune.common.adapters import (
 )
 from fedtune.common.audit import save_arrays
 from fedtune.common.checkpoint import ServerState, rng_state, write_checkpoint
+from fedtune.common.config import FedConfig
 from fedtune.common.files import write_json_atomic
+from fedtune.common.generative import template_of
+from fedtune.common.options import GENERATIVE_TASKS
 from fedtune.common.plots import plot_records
 
 from .run_state import RunState
 from .strategy_state import strategy_state
+
+
+def _generation(cfg: FedConfig) -> dict[str, Any]:
+    """How a generative task's prompts were built and answers generated (to use the adapter alike)."""
+    template = template_of(cfg.task, cfg.prompt_template)
+    return {"prompt_template": template, "max_new_tokens": cfg.max_new_tokens}
 
 
 def metadata(state: RunState) -> dict[str, Any]:
@@ -39,6 +48,7 @@ def metadata(state: RunState) -> dict[str, Any]:
         "label_names": list(shared.test_set.label_names),
         "text_serialisation": shared.test_set.serialisation,
         "max_length": cfg.max_length,
+        **(_generation(cfg) if cfg.task in GENERATIVE_TASKS else {}),
         "adapter_tensors": adapter_names(shared.model),
         "adapter_shapes": [list(a.shape) for a in shared.initial],
         "adapter_bytes": nbytes(shared.initial),

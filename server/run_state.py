@@ -28,7 +28,7 @@ from fedtune.common.checkpoint import ServerState, set_rng_state
 from fedtune.common.config import FedConfig
 from fedtune.common.data import TextDataset
 from fedtune.common.dp_sgd import SITE_KEYS, SITE_LABEL
-from fedtune.common.model import base_model_nbytes, bring_up, fingerprint, resolve_model_dir, trainable_counts
+from fedtune.common.model import base_model_nbytes, bring_up, fingerprint, resolve_base, trainable_counts
 from fedtune.common.privacy import PrivacyAccountant
 from fedtune.common.records import RoundRecord
 from fedtune.common.run_folder import RunFolder
@@ -79,7 +79,7 @@ class SharedModel:
         ValueError
             ``resumed`` was made with another base model (names both fingerprints).
         """
-        model_dir = resolve_model_dir(cfg.base_model)
+        model_dir = resolve_base(cfg)
         pinned = fingerprint(model_dir)
         test_set = coordinator_test_set(cfg)
         parts = bring_up(cfg, len(test_set.label_names), model_dir)
@@ -236,6 +236,7 @@ def make_strategies(
             batch_size=cfg.batch_size,
             max_length=cfg.max_length,
             device=shared.device,
+            max_new_tokens=cfg.max_new_tokens,
         )
         if server_round == 0:
             rounds.records.append(RoundRecord(round=0, **res.as_metrics()))

@@ -22,7 +22,7 @@ from typing import Any
 
 from fedtune.common.audit import save_arrays
 from fedtune.common.files import write_json_atomic
-from fedtune.common.records import RoundRecord, write_records
+from fedtune.common.records import SCORES, SITE_SCORES, RoundRecord, write_records
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.compat.legacy_context import LegacyContext
@@ -158,8 +158,8 @@ def record_round(state: RunState, server_round: int, context: LegacyContext) -> 
     state.rounds.records.append(
         RoundRecord(
             round=server_round,
-            **{k: _latest(central, k, server_round) for k in ("loss", "accuracy", "macro_f1", "auc")},
-            **{f"sites_{k}": _latest(dist, k, server_round) for k in ("loss", "accuracy", "macro_f1", "auc")},
+            **{k: _latest(central, k, server_round) for k in SCORES},
+            **{f"sites_{k}": _latest(dist, k, server_round) for k in SITE_SCORES},
             train_loss=_latest(fit, "train_loss", server_round),
             site_train_examples=state.rounds.site_examples,
             site_examples_per_second=_latest(fit, "examples_per_second", server_round),

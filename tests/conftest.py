@@ -47,6 +47,55 @@ def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-base") / "model", seed=1)
 
 
+def save_tiny_llama(folder: Path, texts: list[str], seed: int = 0) -> Path:
+    """A randomly initialised 2-layer, 32-wide Llama causal LM with a byte-level BPE tokenizer trained on
+    ``texts`` (400 tokens, EOS ``<eos>``, padding ``<pad>``): the unit tests' generative base model,
+    built from a config, no download."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny causal LM whose tokenizer knows ICD-10-CM descriptions and codes (:func:`save_tiny_llama`)."""
+    from fedtune.common.data import load_task
+
+    ds = load_task("icd10-code", max_examples=3000, seed=0)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model", [*ds.texts, *ds.targets])
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One torch thread for a module's tiny CPU batches (on 2 shared cores, OpenMP spinning across

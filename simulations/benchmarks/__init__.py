@@ -43,6 +43,9 @@ DESCRIPTIONS: dict[str, str] = {
     "scale": "10 to 1,000 simulated hospitals, 10 sampled per round: peak memory and seconds per round.",
     "privacy": "Membership-inference AUC and empirical epsilon vs the accountant's epsilon for "
     "epsilon = inf, 8, 2, with the accuracy cost.",
+    "llm": "Generative ICD-10-CM coding on the packaged SmolLM2-135M: federated LoRA vs centralized vs "
+    "each site alone vs zero-shot (exact, category and valid-code match), bytes per site per round vs the "
+    "full model.",
     "deploy": "A real deployment (SuperLink + SuperNodes over TLS with node authentication) vs a simulation "
     "of the same run, and the one-off base-model transfer to sites that lack the model.",
 }

@@ -48,11 +48,12 @@ def bench_threads() -> int:
 
 
 def concat(parts: Sequence[TextDataset]) -> TextDataset:
-    """One dataset holding every example of ``parts`` (same label names), in order."""
+    """One dataset holding every example of ``parts`` (same label names; answers too), in order."""
     return dataclasses.replace(
         parts[0],
         texts=tuple(t for p in parts for t in p.texts),
         labels=np.concatenate([p.labels for p in parts]),
+        targets=tuple(t for p in parts for t in p.targets),
     )
 
 

@@ -15,6 +15,7 @@ from fedtune.common.sites import simulated_site
 from fedtune.common.train import score
 from fedtune.simulations.benchmarks import BENCHMARKS, get_benchmark, training
 from fedtune.simulations.benchmarks import curves as bench_curves
+from fedtune.simulations.benchmarks import llm as bench_llm
 from fedtune.simulations.benchmarks import tuning as bench_tuning
 from fedtune.simulations.benchmarks.arms import cached, choose, env_list
 from fedtune.simulations.benchmarks.data import feature_value, skewed_split
@@ -26,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 
 ALL = [
     *("quality", "rounds", "tuning", "diabetes", "methods", "comm"),
-    *("secagg", "overhead", "scale", "privacy", "deploy"),
+    *("secagg", "overhead", "scale", "privacy", "llm", "deploy"),
 ]
 
 
@@ -687,3 +688,42 @@ def test_a_saved_arm_stays_valid_when_a_new_option_is_added_at_its_default(tmp_p
     assert saved(tmp_path / "arm.json", changed) is None
     assert saved(tmp_path / "arm.json", {"sites": 4, "config": key["config"]}) is None
     assert saved(tmp_path / "arm.json", {"sites": 3, "config": resolved({"seed": 8})}) is None
+
+
+def test_llm_targets_compare_federated_with_centralized_and_zero_shot_category_match() -> None:
+    # Prepare: federated 2.5 points under centralized, 30 over zero-shot; a 0.7% upload
+    rows = [
+        {"arm": "zero-shot", "category_match": 0.0},
+        {"arm": "federated", "category_match": 0.30, "upload_share_percent": 0.7},
+        {"arm": "centralized", "category_match": 0.325},
+    ]
+
+    # Execute
+    notes = bench_llm.targets(bench_llm.Outcome(rows), {})
+
+    # Assert
+    assert notes[0].startswith("Category match, centralized 32.5 - federated 30.0: 2.5 points")
+    assert notes[0].endswith("(target <= 3.0 points: met).")
+    assert "+30.0 points (zero-shot 0.0" in notes[1]
+    assert notes[2] == "Upload per site per round / full model: 0.700% (target <= 1.000%: met)."
+    rows[1]["category_match"] = 0.29  # 3.5 points under centralized
+    assert "missed" in bench_llm.targets(bench_llm.Outcome(rows), {})[0]
+
+
+def test_llm_local_rows_are_the_mean_site_and_the_best_site_by_category_match() -> None:
+    sites = [
+        {"exact_match": 0.1, "category_match": 0.2, "valid_code": 0.9, "loss": 2.0, "steps": 6},
+        {"exact_match": 0.3, "category_match": 0.1, "valid_code": 0.5, "loss": 1.0, "steps": 6},
+    ]
+    mean, best = bench_llm._local_rows(sites)
+    assert mean == pytest.approx(
+        {
+            "arm": "local-mean",
+            "exact_match": 0.2,
+            "category_match": 0.15,
+            "valid_code": 0.7,
+            "loss": 1.5,
+            "steps": 6,
+        }
+    )
+    assert best == {"arm": "local-best", **{k: v for k, v in sites[0].items()}}

@@ -407,3 +407,44 @@ def test_a_site_with_a_nan_update_is_left_out_and_too_few_sites_fail_the_round(
         assert [r["round"] for r in records] == [0, 1, 2]
         assert len(records[2]["excluded_sites"]) == 2 and len(records[2]["site_train_examples"]) == 1
         assert json.loads((out / "adapter" / "fedtune.json").read_text())["rounds"] == 2
+
+
+def test_the_llm_preset_federates_smollm2_and_its_adapter_generates_with_plain_peft(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    # Execute: the preset as a user runs it (SmolLM2 fetched into the model cache on first use), cut short
+    out = tmp_path / "llm"
+    overrides = "num-server-rounds=1 local-steps=2 max-examples=120 min-clients=2"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedtune.simulations.cli",
+        "simulate",
+        "--preset",
+        "llm",
+        "--num-clients",
+        "2",
+    ]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out), "--run-config", overrides], capture_output=True, text=True, timeout=1800
+    )
+
+    # Assert: generated answers scored every round; the upload is the adapter, under 1% of the model
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in records] == [0, 1]
+    assert {"exact_match", "category_match", "valid_code", "loss"} <= set(records[-1])
+    meta = json.loads((out / "adapter" / "fedtune.json").read_text())
+    assert max(records[-1]["bytes_up_per_site"].values()) <= 0.01 * meta["base_model_bytes"]
+    assert meta["task"] == "icd10-code" and "{text}" in meta["prompt_template"]
+
+    # Assert: plain transformers + peft load the adapter on the causal LM, and it generates an answer
+    base = AutoModelForCausalLM.from_pretrained(meta["base_model"])
+    model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(meta["base_model"])
+    prompt = meta["prompt_template"].replace("{text}", "Type 2 diabetes mellitus without complications")
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**ids, max_new_tokens=meta["max_new_tokens"], do_sample=False)
+    answer = tokenizer.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert answer.strip()
