@@ -86,3 +86,44 @@ def test_the_privacy_budget_stops_the_run_before_a_round_that_would_pass_it(
     assert state.rounds.stopped_early == (
         "" if go_on else "stopped before round 3: it would take epsilon past `dp-target-epsilon` 8"
     )
+
+
+def test_a_rounds_patient_level_figures_are_its_own_and_not_carried_into_the_next_round() -> None:
+    # Prepare: sites 0 and 1 trained with DP-SGD in round 1; nobody did in round 2
+    state = _state(RoundState(round_start=0.0, site_examples=[40, 60]))
+    state.rounds.site_example_dp = {
+        "1": {"epsilon": 2.5, "sigma": 1.1, "steps": 30.0, "q": 0.1},
+        "0": {"epsilon": 3.0, "sigma": 1.1, "steps": 30.0, "q": 0.2},
+    }
+
+    # Execute
+    record_round(state, 1, _context(1))
+    record_round(state, 2, _context(2))
+
+    # Assert: round 1 holds the largest epsilon and each site in order; round 2 holds none
+    first, second = state.rounds.records
+    assert first.example_dp_epsilon == 3.0 and list(first.sites_example_dp) == ["0", "1"]
+    assert second.example_dp_epsilon is None and second.sites_example_dp is None
+    assert state.rounds.site_example_dp == {}
+
+
+def test_a_generative_rounds_scores_are_recorded_under_their_own_names() -> None:
+    # Prepare: the coordinator's and the sites' evaluation of generated answers
+    context = _context(1)
+    context.history.metrics_centralized = {
+        "loss": [(1, 1.25)],
+        "exact_match": [(1, 0.1)],
+        "category_match": [(1, 0.4)],
+        "valid_code": [(1, 0.9)],
+    }
+    context.history.metrics_distributed = {"category_match": [(1, 0.35)], "exact_match": [(1, 0.05)]}
+    state = _state(RoundState(round_start=0.0))
+
+    # Execute
+    record_round(state, 1, context)
+
+    # Assert
+    r = state.rounds.records[0]
+    assert (r.loss, r.exact_match, r.category_match, r.valid_code) == (1.25, 0.1, 0.4, 0.9)
+    assert (r.sites_category_match, r.sites_exact_match) == (0.35, 0.05)
+    assert r.accuracy is None and r.macro_f1 is None
