@@ -52,10 +52,12 @@ def _answer_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) ->
     return [*tokenizer(joined, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
 
 
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, room: int) -> list[int]:
-    """The prompt's last ``room`` tokens (at least one): a long text loses its start, never the cue."""
-    ids = tokenizer(prompt)["input_ids"]
-    return ids[-max(room, 1) :]
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int) -> list[int]:
+    """The prompt's last ``max_length`` tokens: a long text loses its start, never the cue before the answer.
+
+    Training and generation both cut here, so an answer is generated from the context it was trained on.
+    """
+    return tokenizer(prompt)["input_ids"][-max_length:]
 
 
 def encode_pairs(
@@ -63,13 +65,14 @@ def encode_pairs(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Right-padded ``prompt + answer + EOS`` rows and their labels (``-100`` but on the answer).
 
-    A row longer than ``max_length`` loses the start of its prompt first, then the end of its answer.
+    ``max_length`` bounds the prompt (its last tokens kept, as :func:`generate` keeps them) and, on its
+    own, the answer with its EOS (its end cut).
     """
     rows: list[tuple[list[int], list[int]]] = []
     for prompt, target in zip(prompts, targets, strict=True):
-        answer = _answer_ids(tokenizer, prompt, target)
-        head = _prompt_ids(tokenizer, prompt, max_length - len(answer))
-        rows.append(((head + answer)[:max_length], ([IGNORE] * len(head) + answer)[:max_length]))
+        answer = _answer_ids(tokenizer, prompt, target)[:max_length]
+        head = _prompt_ids(tokenizer, prompt, max_length)
+        rows.append((head + answer, [IGNORE] * len(head) + answer))
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])

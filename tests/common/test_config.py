@@ -350,11 +350,32 @@ def test_bound_values_are_inclusive(key: str, value: Any) -> None:
             ("secagg-reconstruction-threshold", "must be below", "4 >= 4"),
         ),
         ({"task": "csv"}, ("task=csv", "data-path")),
-        ({"task": "icd10-chapter", "test-data-path": "/t.csv"}, ("test-data-path", "task=csv")),
+        ({"task": "icd10-chapter", "test-data-path": "/t.csv"}, ("test-data-path", "csv or instructions")),
         ({"task": "diabetes", "test-data-path": "/t.csv"}, ("test-data-path",)),
         ({"peft-method": "lora", "lora-target-modules": " , "}, ("lora-target-modules",)),
         ({"local-steps": 0, "local-epochs": 0}, ("local-steps", "local-epochs", "both 0")),
         ({"peft-method": "prefix", "lora-variant": "ffa"}, ("lora-variant=ffa", "peft-method=lora")),
+        (
+            {"task": "instructions", "label-skew": "none"},
+            ("task=instructions", "needs `data-path`", "`test-data-path`"),
+        ),
+        (
+            {"task": "icd10-code", "label-skew": "logit-adjust"},
+            ("label-skew=logit-adjust", "task=icd10-code", "set `label-skew=none`"),
+        ),
+        (
+            {"task": "instructions", "data-path": "/d.csv", "label-skew": "restricted-softmax"},
+            ("label-skew=restricted-softmax", "task=instructions", "set `label-skew=none`"),
+        ),
+        (
+            {"task": "icd10-code", "label-skew": "none", "audit-canaries": 4},
+            ("audit-canaries", "task=icd10-code", "set `audit-canaries=0`"),
+        ),
+        ({"prompt-template": "Diagnosis: {txt}"}, ("prompt-template", "'Diagnosis: {txt}'", "no `{text}`")),
+        (
+            {"task": "icd10-code", "label-skew": "none", "prompt-template": "Code:"},
+            ("prompt-template", "no `{text}`", "e.g. `Diagnosis: {text}"),
+        ),
     ],
 )
 def test_cross_field_error_names_the_keys(run_config: dict[str, Any], needles: tuple[str, ...]) -> None:
@@ -375,6 +396,12 @@ def test_cross_field_error_names_the_keys(run_config: dict[str, Any], needles: t
         {"peft-method": "prefix", "lora-target-modules": ""},
         {"local-steps": 0, "local-epochs": 2},
         {"local-steps": 5, "local-epochs": 0},
+        {"task": "icd10-code", "label-skew": "none"},
+        {"task": "icd10-code", "label-skew": "none", "prompt-template": "Q: {text}\nA:", "max-new-tokens": 8},
+        {"task": "instructions", "label-skew": "none", "data-path": "/d.jsonl", "response-column": "output"},
+        {"task": "instructions", "label-skew": "none", "test-data-path": "/t.jsonl"},
+        {"task": "icd10-chapter", "prompt-template": "Diagnosis: {text}"},
+        {"task": "icd10-chapter", "audit-canaries": 4},
     ],
 )
 def test_consistent_cross_fields_are_accepted(run_config: dict[str, Any]) -> None:

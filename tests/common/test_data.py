@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
+import re
 import sqlite3
 from pathlib import Path
 
@@ -103,6 +105,70 @@ def test_icd10_rejects_other_labels() -> None:
     # Prepare / Execute / Assert
     with pytest.raises(DataError, match="fixed labels"):
         load_task("icd10-chapter", labels=("a", "b"))
+
+
+# ---- icd10-code ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def icd10_code() -> TextDataset:
+    return load_task("icd10-code")
+
+
+def test_icd10_code_answers_each_description_with_its_dotted_code(
+    icd10: TextDataset, icd10_code: TextDataset
+) -> None:
+    # Prepare
+    answer_of = dict(zip(icd10_code.texts, icd10_code.targets, strict=True))
+
+    # Execute / Assert: the chapter task's rows, each with its code as the answer
+    assert icd10_code.generative and not icd10.generative
+    assert icd10_code.texts == icd10.texts
+    assert icd10_code.labels.tolist() == icd10.labels.tolist()
+    assert icd10_code.label_names == icd10.label_names
+    assert len(icd10_code.targets) == len(icd10_code) == 74_260
+    assert answer_of[_long_name("I213")] == "I21.3"
+    assert answer_of[_long_name("S72001A")] == "S72.001A"
+    assert answer_of[_long_name("O80")] == "O80"
+
+
+def test_icd10_code_answers_are_dotted_codes_in_their_chapter_and_valid(icd10_code: TextDataset) -> None:
+    # Prepare
+    dotted = re.compile(r"[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?")
+    ranges = [name.split(" ", 1)[0].split("-") for name in icd10_code.label_names]
+
+    # Execute
+    misplaced = [
+        code
+        for code, label in zip(icd10_code.targets, icd10_code.labels, strict=True)
+        if not (dotted.fullmatch(code) and ranges[label][0] <= code[:3] <= ranges[label][1])
+    ]
+
+    # Assert: every code in its chapter's category range; the valid codes hold every answer and their
+    # 3-character categories
+    assert misplaced == []
+    assert set(icd10_code.targets) <= icd10_code.answer_codes
+    assert {"A00", "I21", "S72.001"} <= icd10_code.answer_codes
+    assert len(icd10_code.answer_codes) > len(icd10_code)
+
+
+def test_icd10_chapter_has_no_answers(icd10: TextDataset) -> None:
+    # Prepare / Execute: the module fixture loaded the task.
+    # Assert
+    assert icd10.targets == () and icd10.answer_codes == frozenset()
+
+
+def test_icd10_code_subsample_keeps_each_answer_with_its_description(icd10_code: TextDataset) -> None:
+    # Prepare
+    pairs = set(zip(icd10_code.texts, icd10_code.targets, strict=True))
+
+    # Execute
+    ds = load_task("icd10-code", max_examples=50, seed=4)
+
+    # Assert
+    assert len(ds) == len(ds.targets) == 50
+    assert set(zip(ds.texts, ds.targets, strict=True)) <= pairs
+    assert ds.answer_codes == icd10_code.answer_codes
 
 
 # ---- diabetes ----------------------------------------------------------------------------------
@@ -315,6 +381,104 @@ def test_unknown_task_lists_valid_tasks() -> None:
         load_task("mnist")
 
 
+# ---- instructions -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "columns"),
+    [
+        (
+            "pairs.csv",
+            'instruction,response\nSummarise: chest pain at rest,Chest pain.\n"List two, please"," a, b "\n',
+            {},
+        ),
+        (
+            "pairs.jsonl",
+            '{"instruction": "Summarise: chest pain at rest", "response": "Chest pain.", "id": 1}\n\n'
+            '{"instruction": "List two, please", "response": "a, b"}\n',
+            {},
+        ),
+        (
+            "qa.csv",
+            "question,answer,response\n"
+            'Summarise: chest pain at rest,Chest pain.,x\n"List two, please","a, b",y\n',
+            {"text_column": "question", "response_column": "answer"},
+        ),
+    ],
+)
+def test_instructions_load_prompts_and_responses(
+    tmp_path: Path, name: str, content: str, columns: dict[str, str]
+) -> None:
+    # Prepare
+    path = _write(tmp_path, name, content)
+
+    # Execute
+    ds = load_task("instructions", data_path=str(path), **columns)
+
+    # Assert: one group, responses as the answers (trimmed), free text (no codes)
+    assert ds.texts == ("Summarise: chest pain at rest", "List two, please")
+    assert ds.targets == ("Chest pain.", "a, b")
+    assert ds.generative and ds.answer_codes == frozenset()
+    assert ds.label_names == ("instructions",) and ds.labels.tolist() == [0, 0]
+    text, response = columns.get("text_column", "instruction"), columns.get("response_column", "response")
+    assert ds.serialisation == f"column `{text}` -> column `{response}`"
+    assert ds.source == str(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "columns", "fragments"),
+    [
+        (
+            "noresponse.csv",
+            "instruction,output\na,b\n",
+            {},
+            ["line 1", "no response column `response`", "instruction, output", "`response-column`"],
+        ),
+        (
+            "noinstruction.jsonl",
+            '{"prompt": "a", "response": "b"}\n',
+            {},
+            ["no text column `instruction`", "prompt, response", "`text-column`"],
+        ),
+        (
+            "emptyresponse.csv",
+            "instruction,response\na,b\nc,  \n",
+            {},
+            ["line 3, column `response`: empty", "`response-column`"],
+        ),
+        (
+            "emptyinstruction.jsonl",
+            '{"instruction": "a", "response": "b"}\n{"instruction": "", "response": "d"}\n',
+            {},
+            ["line 2, column `instruction`: empty", "`text-column`"],
+        ),
+        ("same.csv", "text,response\na,b\n", {"text_column": "text", "response_column": "text"}, ["both"]),
+        ("header.csv", "instruction,response\n", {}, ["no data rows"]),
+    ],
+)
+def test_instructions_bad_input_names_file_line_and_column(
+    tmp_path: Path, name: str, content: str, columns: dict[str, str], fragments: list[str]
+) -> None:
+    # Prepare
+    path = _write(tmp_path, name, content)
+
+    # Execute
+    with pytest.raises(DataError) as info:
+        load_task("instructions", data_path=str(path), **columns)
+
+    # Assert
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_instructions_without_data_path_is_an_error() -> None:
+    # Prepare / Execute / Assert
+    with pytest.raises(DataError, match="`instructions` needs a data file: set `data-path`"):
+        load_task("instructions")
+
+
 # ---- max_examples ------------------------------------------------------------------------------
 
 
@@ -449,6 +613,25 @@ def test_subset_selects_texts_and_read_only_labels() -> None:
     assert sub.label_names == ds.label_names
     with pytest.raises(ValueError):
         sub.labels[0] = 2
+
+
+def test_subset_keeps_each_answer_with_its_text() -> None:
+    # Prepare
+    ds = dataclasses.replace(_numbered([0, 1, 2, 1]), targets=("t0", "t1", "t2", "t3"))
+
+    # Execute
+    sub = ds.subset(np.array([3, 0, 3]))
+
+    # Assert
+    assert sub.texts == ("3", "0", "3") and sub.targets == ("t3", "t0", "t3")
+    assert sub.generative
+    assert _numbered([0, 1]).subset(np.array([1])).targets == ()
+
+
+def test_a_dataset_needs_one_answer_per_text() -> None:
+    # Prepare / Execute / Assert
+    with pytest.raises(ValueError, match="2 targets for 3 texts"):
+        dataclasses.replace(_numbered([0, 1, 0]), targets=("a", "b"))
 
 
 @pytest.mark.parametrize(

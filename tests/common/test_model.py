@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from fedtune.common import model as model_module
 from fedtune.common.config import ConfigError, FedConfig, parse_run_config
 from fedtune.common.model import (
     PEFT_FIELDS,
@@ -21,12 +23,16 @@ from fedtune.common.model import (
     frozen_state_fingerprint,
     hash_tensors,
     load_base_model,
+    load_tokenizer,
     packaged_model_dir,
+    resolve_base,
     resolve_model_dir,
     trainable_counts,
     verify_fingerprint,
 )
+from peft import PeftModel, PeftModelForCausalLM, TaskType
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 PERTURBED = "encoder.layer.0.attention.self.query.weight"
 PEFT_MARKERS = ("lora_", "prompt_encoder", "modules_to_save")
@@ -357,3 +363,147 @@ def test_the_new_head_loads_without_transformers_notice_and_the_verbosity_is_res
     assert model.classifier.out_features == 3
     assert "newly initialized" not in capfd.readouterr().err
     assert hf_logging.get_verbosity() == before
+
+
+# ---- causal LM (generative tasks) ------------------------------------------------------------------
+
+
+def _causal_spec(model_dir: Path, **peft: object) -> PeftSpec:
+    """A generative task's spec on ``model_dir`` (LoRA on the Llama attention's q and v by default)."""
+    fields = {"lora_target_modules": "q_proj,v_proj", **peft}
+    cfg = FedConfig(task="icd10-code", label_skew="none", **fields)  # type: ignore[arg-type]
+    return PeftSpec.from_config(cfg, model_dir, num_labels=22)
+
+
+def test_a_generative_task_builds_a_causal_lm_with_only_lora_trainable(
+    tiny_causal_lm: Path, base_dir: Path
+) -> None:
+    # Prepare
+    spec = _causal_spec(tiny_causal_lm)
+
+    # Execute
+    model = build_peft_model(spec)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    # Assert: a causal LM (no classifier head to train or save), LoRA on q_proj and v_proj only
+    assert spec.causal and spec.task_type == TaskType.CAUSAL_LM
+    classifier = PeftSpec.from_config(FedConfig(), base_dir, num_labels=3)
+    assert not classifier.causal and classifier.task_type == TaskType.SEQ_CLS
+    assert isinstance(model, PeftModelForCausalLM)
+    assert isinstance(model.get_base_model(), LlamaForCausalLM)
+    assert model.peft_config["default"].task_type == TaskType.CAUSAL_LM
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == {"q_proj", "v_proj"}
+    # 2 layers x (q_proj 32 -> 32: A 8 x 32 + B 32 x 8; v_proj 32 -> 16 (2 key-value heads): 8 x 32 + 16 x 8)
+    assert trainable_counts(model)[0] == 2 * ((8 * 32 + 32 * 8) + (8 * 32 + 16 * 8))
+
+
+def test_prefix_tuning_on_a_causal_lm_trains_the_prefix_only(tiny_causal_lm: Path) -> None:
+    # Prepare
+    spec = _causal_spec(tiny_causal_lm, peft_method="prefix", lora_target_modules="")
+
+    # Execute
+    model = build_peft_model(spec)
+
+    # Assert: 10 virtual tokens x 2 layers x (key, value) x 2 key-value heads x 8 dims
+    assert model.peft_config["default"].task_type == TaskType.CAUSAL_LM
+    assert all("prompt_encoder" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable_counts(model)[0] == 10 * 2 * 2 * 16
+
+
+def test_lora_targets_the_causal_lm_lacks_are_named_with_its_linear_layers(tiny_causal_lm: Path) -> None:
+    # Prepare: BERT's names on a Llama
+    spec = _causal_spec(tiny_causal_lm, lora_target_modules="query,value")
+
+    # Execute
+    with pytest.raises(ValueError) as excinfo:
+        build_peft_model(spec)
+
+    # Assert
+    message = str(excinfo.value)
+    assert "`lora-target-modules` 'query,value'" in message
+    assert str(tiny_causal_lm) in message and "LlamaForCausalLM" in message
+    assert "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in message
+
+
+def test_a_saved_causal_adapter_loads_with_plain_peft_and_gives_the_same_logits(
+    tiny_causal_lm: Path, tmp_path: Path
+) -> None:
+    # Prepare: a non-zero adapter (LoRA's B starts at 0, which would match any base)
+    model = build_peft_model(_causal_spec(tiny_causal_lm))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+    model.eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250], [7, 7, 120, 8, 64, 1]])
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+
+    # Execute
+    model.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_causal_lm).eval()
+    with torch.no_grad():
+        bare = base(input_ids=ids).logits
+        loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        theirs = loaded(input_ids=ids).logits
+
+    # Assert
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and set(config["target_modules"]) == {"q_proj", "v_proj"}
+    assert torch.allclose(theirs, ours, atol=1e-6)
+    assert not torch.allclose(bare, ours, atol=1e-3)  # the adapter changes the logits
+
+
+def test_a_causal_lm_loads_without_its_tied_output_layer_but_not_without_another_weight(
+    tiny_causal_lm: Path, tmp_path: Path
+) -> None:
+    # Prepare: the tied lm_head is not in the checkpoint; a copy lacking the final norm
+    tensors = load_file(tiny_causal_lm / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    folder = tmp_path / "no-norm"
+    folder.mkdir()
+    shutil.copy(tiny_causal_lm / "config.json", folder / "config.json")
+    save_file({k: v for k, v in tensors.items() if k != "model.norm.weight"}, folder / "model.safetensors")
+
+    # Execute
+    model = load_base_model(tiny_causal_lm, num_labels=22, causal=True)
+    with pytest.raises(ValueError) as excinfo:
+        load_base_model(folder, num_labels=22, causal=True)
+
+    # Assert
+    assert isinstance(model, LlamaForCausalLM) and model.dtype == torch.float32
+    assert torch.equal(model.lm_head.weight, tensors["model.embed_tokens.weight"])
+    assert "lacks 1 base weight(s)" in str(excinfo.value) and "model.norm.weight" in str(excinfo.value)
+
+
+def test_a_generative_task_without_base_model_takes_the_packaged_llm(
+    monkeypatch: pytest.MonkeyPatch, tiny_causal_lm: Path
+) -> None:
+    # Prepare: the packaged SmolLM2 is fetched on first use; here it is the tiny LM
+    monkeypatch.setattr(model_module, "packaged_llm_dir", lambda: tiny_causal_lm)
+
+    # Execute / Assert
+    assert resolve_model_dir("", generative=True) == tiny_causal_lm
+    assert resolve_base(FedConfig(task="icd10-code", label_skew="none")) == tiny_causal_lm
+    assert resolve_base(FedConfig()) == packaged_model_dir()
+    assert resolve_base(FedConfig(task="icd10-code", label_skew="none", base_model=str(tiny_causal_lm))) == (
+        tiny_causal_lm.resolve()
+    )
+
+
+def test_a_tokenizer_without_padding_pads_with_eos(tiny_causal_lm: Path, tmp_path: Path) -> None:
+    # Prepare
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+
+    # Execute
+    loaded = load_tokenizer(tmp_path)
+
+    # Assert
+    assert AutoTokenizer.from_pretrained(tmp_path).pad_token is None
+    assert loaded.pad_token == loaded.eos_token == "<eos>"
+    assert loaded.pad_token_id == loaded.eos_token_id
+    assert load_tokenizer(tiny_causal_lm).pad_token == "<pad>"  # a tokenizer's own padding is kept
