@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.common.config import ConfigError, FedConfig, key_of, parse_run_config
+from fedtune.common.options import USER_FILE_TASKS
 from fedtune.common.preflight import PreflightError, check_base_model, check_site_file
-from fedtune.common.sites import coordinator_test_set
+from fedtune.common.sites import coordinator_test_set, load_configured
 from fedtune.common.tables import DataError, check_label_values, file_labels
 
 from .flower import DeployInputError
@@ -54,6 +55,17 @@ def summarise_sites(paths: Sequence[Path], label_column: str) -> SiteSummary:
     return SiteSummary(rows=rows, labels=tuple(sorted(labels)))
 
 
+def _count_rows(cfg: FedConfig, paths: Sequence[Path]) -> SiteSummary:
+    """Total examples of generative site files (instructions with responses; no labels to name)."""
+    for path in paths:
+        if not path.is_file():
+            raise DeployInputError(f"Site file {path} not found; check `--site-data`.")
+    try:
+        return SiteSummary(rows=sum(len(load_configured(cfg, str(p))) for p in paths), labels=())
+    except DataError as err:
+        raise DeployInputError(str(err)) from None
+
+
 def deployment_run_config(
     overrides: Mapping[str, Any],
     site_files: Sequence[Path],
@@ -62,8 +74,9 @@ def deployment_run_config(
 ) -> dict[str, Any]:
     """The run config ``flwr run`` sends: ``overrides``, ``task=csv``, ``out-dir``, the coordinator's facts.
 
+    ``task`` may also be ``instructions`` (generative, on a causal LM ``base-model``).
     ``secagg-max-weight`` defaults to the sites' total rows (a bound on any site's weight),
-    ``labels`` to the sorted union of their labels, ``test-data-path`` to ``test_data``; a relative
+    ``labels`` (``csv``) to the sorted union of their labels, ``test-data-path`` to ``test_data``; a relative
     ``base-model`` is made absolute (the ServerApp runs in another folder).
 
     Raises
@@ -89,18 +102,21 @@ def deployment_run_config(
         raise DeployInputError(
             "The coordinator needs a held-out file to score the shared adapter: give --test-data FILE."
         )
-    if str(config["task"]).strip() != "csv":
+    if str(config["task"]).strip() not in USER_FILE_TASKS:
         raise DeployInputError(
-            f"deploy-local trains on the sites' files: `task` must be csv, got {config['task']!r}."
+            f"deploy-local trains on the sites' files: `task` must be {' or '.join(USER_FILE_TASKS)}, got "
+            f"{config['task']!r}."
         )
     try:
         cfg = parse_run_config(config)
     except ConfigError as err:
         raise DeployInputError(f"--run-config: {err}") from None
-    summary = summarise_sites(site_files, cfg.label_column)
+    summary = (
+        summarise_sites(site_files, cfg.label_column) if cfg.task == "csv" else _count_rows(cfg, site_files)
+    )
     if cfg.secagg_max_weight <= 0:
         config[key_of("secagg_max_weight")] = float(summary.rows)
-    if not cfg.label_names:
+    if not cfg.label_names and summary.labels:
         config[key_of("labels")] = ",".join(summary.labels)
     cfg = parse_run_config(config)
     preflight(cfg, site_files)

@@ -298,6 +298,38 @@ def test_deployment_run_config_sends_counts_labels_and_the_test_file_never_a_sit
     assert (given["labels"], given["secagg-max-weight"]) == ("1,0", 5000.0)
 
 
+def test_deployment_run_config_of_generative_sites_counts_their_rows_and_names_no_labels(
+    tmp_path: Path, tiny_causal_lm: Path
+) -> None:
+    # Prepare: two sites' instruction files (CSV and JSONL) and the coordinator's held-out file
+    rows = [{"instruction": f"Code for case {i}?", "response": f"A0{i % 10}.{i % 7}"} for i in range(30)]
+    (tmp_path / "a.csv").write_text(
+        "instruction,response\n" + "".join(f"{r['instruction']},{r['response']}\n" for r in rows[:12])
+    )
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[12:25]))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[25:]))
+    overrides = {
+        "task": "instructions",
+        "label-skew": "none",
+        "base-model": str(tiny_causal_lm),
+        "lora-target-modules": "q_proj,v_proj",
+    }
+
+    # Execute
+    config = deployment_run_config(
+        overrides, [tmp_path / "a.csv", tmp_path / "b.jsonl"], tmp_path / "out", tmp_path / "test.jsonl"
+    )
+
+    # Assert: the row count bounds SecAgg+'s weights; no label names for answers
+    assert config["secagg-max-weight"] == 25.0 and "labels" not in config
+    assert config["task"] == "instructions"
+    (tmp_path / "b.jsonl").write_text(json.dumps({"instruction": "x", "response": ""}) + "\n")
+    with pytest.raises(DeployError, match=r"b.jsonl, line 1, column `response`: empty"):
+        deployment_run_config(
+            overrides, [tmp_path / "a.csv", tmp_path / "b.jsonl"], tmp_path / "out", tmp_path / "test.jsonl"
+        )
+
+
 def test_deployment_run_config_makes_a_relative_base_model_absolute(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_base_model: Path
 ) -> None:
@@ -319,7 +351,7 @@ def test_deployment_run_config_makes_a_relative_base_model_absolute(
     ("overrides", "test_data", "message"),
     [
         ({"data-path": "x.csv"}, True, "`data-path` is a site's own file"),
-        ({"task": "diabetes"}, True, "`task` must be csv"),
+        ({"task": "diabetes"}, True, "`task` must be csv or instructions"),
         ({"label-column": "Outcome"}, False, "--test-data FILE"),
         ({"label-column": "Outcome", "bogus": "1"}, True, "Unknown run-config key"),
         ({"label-column": "Outcome", "num-server-rounds": "x"}, True, "num-server-rounds"),
