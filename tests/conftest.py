@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -135,14 +136,23 @@ def kill_tree() -> Callable[[int], None]:
     return _kill_tree
 
 
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fake running task: Flower 1.42 stamps every new message with the task's identity."""
+@contextlib.contextmanager
+def fake_task_identity() -> Iterator[None]:
+    """A fake running task while the block runs: Flower 1.42 stamps every new message with the task's
+    identity."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+            mp.setattr(TaskIdentity, name, value)
+        yield
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """:func:`fake_task_identity` for one test."""
+    with fake_task_identity():
+        yield
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fake_task_identity
 from fedtune.common import instructions
 from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
 from fedtune.common.audit import load_arrays
@@ -27,7 +28,6 @@ from fedtune.common.sites import coordinator_test_set
 from fedtune.common.train import evaluate
 from fedtune.server.run_state import RunState
 from flwr.app import Message
-from flwr.supercore.task_identity import TaskIdentity
 from local_grid import fast_config, local_grid, run_federation
 from safetensors.numpy import load_file
 
@@ -36,9 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module", autouse=True)
 def _task() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-            mp.setattr(TaskIdentity, name, value)
+    with fake_task_identity():
         yield
 
 

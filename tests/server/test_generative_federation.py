@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fake_task_identity
 from fedtune.common.adapters import get_adapter_arrays, nbytes
 from fedtune.common.audit import load_arrays
 from fedtune.common.generative import PROMPTS
@@ -20,7 +21,6 @@ from fedtune.common.model import base_model_nbytes, load_tokenizer, select_devic
 from fedtune.common.sites import coordinator_test_set
 from fedtune.common.train import evaluate
 from fedtune.server.run_state import RunState
-from flwr.supercore.task_identity import TaskIdentity
 from local_grid import fast_config, run_federation
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,9 +38,7 @@ GENERATIVE = {
 
 @pytest.fixture(scope="module", autouse=True)
 def _task() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-            mp.setattr(TaskIdentity, name, value)
+    with fake_task_identity():
         yield
 
 
