@@ -11,14 +11,21 @@ from __future__ import annotations
 import numpy as np
 from fedtune.common import instructions
 from fedtune.common.adapters import update_defect
+from fedtune.common.secagg_wire import narrow
 from fedtune.common.site_config import site_config
 from fedtune.common.site_errors import SecAggRequiredError, UpdateRefusedError
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.common import (
+    FitIns,
+    bytes_to_ndarray,
+    ndarray_to_bytes,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common import recorddict_compat as compat
 
 
@@ -56,7 +63,9 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
     Before SecAgg+ masks the site's reply, the update must be a finite adapter of the shapes
     the site received (the coordinator cannot check a masked update), and its values must fit
     SecAgg+'s weight normaliser and clipping range (:func:`check_secagg_range`); otherwise the
-    site raises, drops out of the round, and SecAgg+ unmasks the other sites' sum without it. A
+    site raises, drops out of the round, and SecAgg+ unmasks the other sites' sum without it. The
+    masked vector leaves as the narrowest unsigned dtype of SecAgg+'s modulus range
+    (:func:`narrow_masked_reply`). A
     site whose node config sets ``require-secure-aggregation=true`` refuses a train message
     outside a SecAgg+ round, so its update is never sent unmasked.
 
@@ -98,7 +107,22 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
             )
         return out
 
-    return secaggplus_mod(msg, ctxt, checked)
+    out = secaggplus_mod(msg, ctxt, checked)
+    if not out.has_error():
+        narrow_masked_reply(out, int(ctxt.state.config_records[RECORD_KEY_STATE]["mod_range"]))
+    return out
+
+
+def narrow_masked_reply(out: Message, mod_range: int) -> None:
+    """Re-encode a SecAgg+ reply's masked vector (if it has one) in :func:`fedtune.common.secagg_wire.narrow`.
+
+    Flower serialises it as int64; every value lies in ``[0, mod_range)``, so uint32 at Flower's default
+    modulus range halves the upload. The coordinator widens it back (:mod:`fedtune.server.wire`).
+    """
+    replies = out.content.config_records[RECORD_KEY_CONFIGS]
+    if Key.MASKED_PARAMETERS in replies:
+        masked = [bytes_to_ndarray(b) for b in replies[Key.MASKED_PARAMETERS]]
+        replies[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(narrow(a, mod_range)) for a in masked]
 
 
 def dp_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

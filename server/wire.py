@@ -2,11 +2,12 @@
 
 It counts the payload bytes of each message's content (array bytes, bytes/str values of
 config records, 8 bytes per numeric scalar) per round, node and direction, as the
-messages really are: under SecAgg+ that is the masked int64 vectors and the key
+messages really are: under SecAgg+ that is the masked (uint32) vectors and the key
 exchange, not the fp32 adapter. ``send_and_receive`` is Flower's push-then-pull loop,
 with a callback after each reply so a live display can show sites done. Error replies are kept
 per round and node (:meth:`MeteredGrid.failed_replies`), so a site that dropped out is named
-with its reason.
+with its reason. A SecAgg+ masked vector, metered as it crossed the wire (narrow, see
+:mod:`fedtune.common.secagg_wire`), is widened back to int64 before Flower's workflow sums it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from fedtune.common.audit import (
     secagg_stage,
 )
 from fedtune.common.run_folder import WIRE_LOG, received_round_name
+from fedtune.common.secagg_wire import widen
 from fedtune.common.site_errors import parse_reason
 from flwr.app import Message
 from flwr.app.message_type import MessageType
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.serverapp import Grid
 
 # (round, message_type, replies_received, replies_expected)
@@ -51,6 +55,16 @@ def error_summary(reason: str) -> str:
     if site is not None:
         return site
     return text if len(text) <= ERROR_CHARS else "..." + text[-ERROR_CHARS:]
+
+
+def widen_masked_reply(msg: Message) -> None:
+    """Restore a SecAgg+ reply's masked vector (if it has one) to the int64 Flower's workflow sums."""
+    if not msg.has_content() or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return
+    replies = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if Key.MASKED_PARAMETERS in replies:
+        masked = [bytes_to_ndarray(b) for b in replies[Key.MASKED_PARAMETERS]]
+        replies[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(widen(a)) for a in masked]
 
 
 class MeteredGrid(Grid):
@@ -138,6 +152,8 @@ class MeteredGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
         replies = list(self._grid.pull_messages(message_ids))
         self._meter(replies, "up")
+        for reply in replies:
+            widen_masked_reply(reply)
         return replies
 
     def send_and_receive(

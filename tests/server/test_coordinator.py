@@ -112,6 +112,12 @@ def _upload_tensor_names(out: Path) -> set[str]:
     return names
 
 
+def _upload_dtypes(out: Path, prefix: str) -> set[str]:
+    records = map(json.loads, (out / "audit" / "server" / "wire.jsonl").read_text().splitlines())
+    ups = [r for r in records if r["direction"] == "up"]
+    return {t["dtype"] for r in ups for t in r["tensors"] if t["name"].startswith(prefix)}
+
+
 def test_secure_aggregation_masks_every_upload_and_sums_to_the_plain_average(
     plain: RunState, masked: RunState
 ) -> None:
@@ -125,6 +131,8 @@ def test_secure_aggregation_masks_every_upload_and_sums_to_the_plain_average(
     assert any(n.startswith("fitres.parameters") for n in plain_names)
     assert "secaggplus_configs.masked_params" in masked_names
     assert not any(n.startswith("fitres.parameters") for n in masked_names)
+    # masked vectors cross the wire as uint32 (Flower's modulus range 2**32), the weight factor too
+    assert _upload_dtypes(masked.folder.root, "secaggplus_configs.masked_params") == {"uint32"}
     # the unmasked sum gives the same shared adapter, within SecAgg+'s quantisation
     for a, b in zip(_saved_adapter(plain.folder.root), _saved_adapter(masked.folder.root), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-3)

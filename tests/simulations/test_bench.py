@@ -407,8 +407,12 @@ def test_bench_comm_quick_writes_well_formed_results(tmp_path: Path) -> None:
         # full fine-tuning moves more bytes than any PEFT arm, in both directions
         assert r["full_ft_over_up"] > 1 and r["full_ft_over_down"] > 1 and r["full_ft_over_total"] > 1
         assert r["full_ft_bytes_each_way"] == data["full_ft_bytes"]
+    plain_adapter = next(r["adapter_up_bytes_per_site"] for r in rows if r["secagg"] == "plain")
+    assert plain_adapter >= next(r["adapter_bytes"] for r in rows)  # the fp32 adapter (plus its framing)
     for r in (r for r in rows if r["secagg"] == "SecAgg+"):
-        assert r["secagg_up_overhead"] > 1  # masking costs bytes
+        # the uint32 masked vector is the fp32 adapter's size; key material and shares come on top
+        assert 0.99 < r["secagg_adapter_up_overhead"] <= 1.05
+        assert r["secagg_adapter_up_overhead"] < r["secagg_up_overhead"] <= 1.25
     # Assert: markdown table and plot
     md = (results / "comm.md").read_text()
     assert md.startswith("## comm\n") and "`fedtune bench comm --quick`" in md

@@ -154,7 +154,8 @@ def test_secagg_aggregate_matches_plain_average_within_quantisation(tmp_path: Pa
     assert a.keys() == b.keys()
     max_err = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert 0 < max_err <= bound, (max_err, bound)
-    assert masked[1]["bytes_up"] > 1.8 * plain[1]["bytes_up"]  # int64 masked vectors vs fp32 arrays
+    # uint32 masked vectors are the fp32 adapter's size; SecAgg+'s key material comes on top
+    assert plain[1]["bytes_up"] < masked[1]["bytes_up"] <= 1.25 * plain[1]["bytes_up"]
 
 
 def audit(out: Path) -> dict:
@@ -191,11 +192,11 @@ def test_audit_of_masked_and_clear_runs(tmp_path: Path) -> None:
         assert report["only_adapter_left_sites"] and report["site_and_server_records_agree"]
         assert report["sites_recorded"] == 3
         assert report["tensors_exchanged"]["up_ratio_to_full_model"] < 0.05
-    # the wire record is complete: adapter bytes x rounds x sites (int64 masked: twice the fp32 bytes)
+    # the wire record is complete: adapter bytes x rounds x sites (uint32 masked: the fp32 bytes)
     meta = json.loads((tmp_path / "clear" / "adapter" / "fedtune.json").read_text())
     assert _upload_array_bytes(tmp_path / "clear", "fitres.parameters") == meta["adapter_bytes"] * 1 * 3
     masked_bytes = _upload_array_bytes(tmp_path / "masked", "secaggplus_configs.masked_params")
-    assert masked_bytes == 2 * meta["adapter_bytes"] * 3
+    assert masked_bytes == meta["adapter_bytes"] * 3
     # the SecAgg check: green when masked, red in the clear
     assert masked["secagg"]["masked"] and masked["secagg"]["aggregate_within_bound"]
     assert not clear["secagg"]["masked"] and clear["secagg"]["max_abs_correlation"] > 0.99
