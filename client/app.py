@@ -13,7 +13,6 @@ from .audit import make_audit_mods
 from .base_model import make_base_model_mod
 from .errors import make_site_errors_mod
 from .mods import dp_mod, secure_aggregation_mod
-from .site import SiteClient
 
 NodeConfigFn = Callable[[SiteConfig], SiteConfig]
 
@@ -25,6 +24,10 @@ def make_client_app(
     site_log_dir: str | None = None,
 ) -> ClientApp:
     """The ClientApp; mods outermost first: site errors, wire record, base model, SecAgg+, capture, DP.
+
+    Importing it imports no torch, transformers or peft: in deployment every message runs in a fresh
+    process, and the SecAgg+ key-exchange and unmasking messages and the base-model status queries
+    never touch the model. Only a message that reaches the site's client (train, evaluate) loads them.
 
     Parameters
     ----------
@@ -43,6 +46,8 @@ def make_client_app(
     wire_mod, capture_mod = make_audit_mods(audit_dir)
 
     def client_fn(context: Context) -> Client:
+        from .site import SiteClient  # torch, transformers, peft: only for a message that needs the model
+
         site = site_config(context.node_config)
         if node_config_fn is not None:
             site = node_config_fn(site)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 from fedtune.common import instructions
-from fedtune.common.adapters import update_defect
 from fedtune.common.secagg_wire import narrow
 from fedtune.common.site_config import site_config
 from fedtune.common.site_errors import SecAggRequiredError, UpdateRefusedError
+from fedtune.common.updates import update_defect
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod

@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 from fedtune.common import instructions
 from fedtune.common.adapters import frozen_adapter_fingerprint, get_adapter_arrays, set_adapter_arrays
+from fedtune.common.base_files import FingerprintMismatchError
 from fedtune.common.config import FedConfig
 from fedtune.common.dp_sgd import SITE_LABEL, example_dp, site_metrics
-from fedtune.common.model import FingerprintMismatchError, bring_up
+from fedtune.common.model import bring_up
 from fedtune.common.site_config import SiteConfig
 from fedtune.common.sites import SiteData, site_data
 from fedtune.common.train import evaluate, train_local

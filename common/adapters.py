@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,21 +95,6 @@ def set_adapter_arrays(model: PeftModel, arrays: list[np.ndarray]) -> None:
                 state[name].copy_(value)
         return
     set_peft_model_state_dict(model, new_state)
-
-
-def update_defect(arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]]) -> str:
-    """Why ``arrays`` is not a usable adapter of tensor ``shapes``, or ``""`` when it is.
-
-    Checks the tensor count, each tensor's shape, and that every value is finite (no NaN/Inf).
-    """
-    if len(arrays) != len(shapes):
-        return f"it has {len(arrays)} tensors, the adapter has {len(shapes)}"
-    for index, (array, shape) in enumerate(zip(arrays, shapes, strict=True)):
-        if tuple(array.shape) != tuple(shape):
-            return f"tensor {index} has shape {tuple(array.shape)}, the adapter's is {tuple(shape)}"
-        if not np.isfinite(array).all():
-            return f"tensor {index} holds non-finite values (NaN/Inf)"
-    return ""
 
 
 def nbytes(arrays: list[np.ndarray]) -> int:

@@ -36,14 +36,11 @@ import torch
 from .config import ConfigError, FedConfig
 from .local_plan import steps_per_round
 from .privacy import compute_epsilon, noise_for_epsilon
+from .site_errors import PrivacyBudgetExhaustedError
 
 if TYPE_CHECKING:  # Opacus is imported where a site trains with DP-SGD, not by the coordinator
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
-
-
-class PrivacyBudgetExhaustedError(RuntimeError):
-    """A site's next round of DP-SGD would take its epsilon past ``dp-example-target-epsilon``."""
 
 
 @dataclass(frozen=True)

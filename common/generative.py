@@ -1,7 +1,7 @@
 """Generative tasks on a causal language model: prompts, response-only loss, greedy answers and scores.
 
 A generative :class:`~fedtune.common.dataset.TextDataset` holds prompts (``texts``, the task's
-template already applied by :func:`apply_template`) and answers (``targets``). Training sees
+template already applied: :mod:`fedtune.common.prompts`) and answers (``targets``). Training sees
 ``prompt + answer + EOS`` and learns the answer tokens only (the prompt's and the padding's labels
 are ``-100``); scoring generates each answer greedily and compares it with the target:
 ``exact_match`` (the whole answer); for code answers (``answer_codes``: ICD-10-CM) also
@@ -11,7 +11,6 @@ of answers that are codes at all).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -24,26 +23,6 @@ from .icd10 import normalise_code
 
 IGNORE = -100  # label of a token the loss skips (prompt, padding)
 CATEGORY_CHARS = 3  # an ICD-10-CM category is a code's first three characters
-
-# task -> its prompt around `{text}` (run-config `prompt-template` overrides it)
-PROMPTS: dict[str, str] = {
-    "icd10-code": "Diagnosis: {text}\nICD-10-CM code:",
-    "instructions": "### Instruction:\n{text}\n\n### Response:\n",
-}
-
-
-def template_of(task: str, prompt_template: str = "") -> str:
-    """The prompt template of ``task``: ``prompt_template`` when set, else the task's own."""
-    return prompt_template or PROMPTS[task]
-
-
-def apply_template(ds: TextDataset, template: str) -> TextDataset:
-    """``ds`` with each text put in ``template`` at ``{text}`` (other braces stay as they are)."""
-    return dataclasses.replace(
-        ds,
-        texts=tuple(template.replace("{text}", text) for text in ds.texts),
-        serialisation=f"{ds.serialisation} in the prompt {template!r}",
-    )
 
 
 def _answer_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> list[int]:

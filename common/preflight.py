@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from .base_files import resolve_base, weight_files
 from .config import FedConfig
 from .data import DataError
-from .model import resolve_base, weight_files
 from .sites import SiteData, coordinator_test_set, deployed_site, simulated_site, simulation_pool
 
 T = TypeVar("T")

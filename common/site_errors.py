@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import re
 
+from .base_files import FingerprintMismatchError
 from .config import ConfigError
 from .data import DataError
-from .dp_sgd import PrivacyBudgetExhaustedError
-from .model import FingerprintMismatchError
 from .preflight import PreflightError
+
+
+class PrivacyBudgetExhaustedError(RuntimeError):
+    """A site's next round of DP-SGD would take its epsilon past ``dp-example-target-epsilon``."""
 
 
 class UpdateRefusedError(ValueError):

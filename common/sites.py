@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from .canaries import CANARY_SITE, make_canaries, with_members
 from .config import FedConfig
 from .data import TextDataset, load_task, split
-from .generative import apply_template, template_of
 from .options import USER_FILE_TASKS
 from .partition import Partitioner, make_partitioner
+from .prompts import apply_template, template_of
 from .site_config import SiteConfig
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ from fedtune.common.audit import save_arrays
 from fedtune.common.checkpoint import ServerState, rng_state, write_checkpoint
 from fedtune.common.config import FedConfig
 from fedtune.common.files import write_json_atomic
-from fedtune.common.generative import template_of
 from fedtune.common.options import GENERATIVE_TASKS
 from fedtune.common.plots import plot_records
+from fedtune.common.prompts import template_of
 
 from .run_state import RunState
 from .strategy_state import strategy_state

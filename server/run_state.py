@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from fedtune.common import instructions
 from fedtune.common.adapters import frozen_adapter_fingerprint, get_adapter_arrays, set_adapter_arrays
+from fedtune.common.base_files import fingerprint, resolve_base
 from fedtune.common.checkpoint import ServerState, set_rng_state
 from fedtune.common.config import FedConfig
 from fedtune.common.data import TextDataset
 from fedtune.common.dp_sgd import SITE_KEYS, SITE_LABEL
-from fedtune.common.model import base_model_nbytes, bring_up, fingerprint, resolve_base, trainable_counts
+from fedtune.common.model import base_model_nbytes, bring_up, trainable_counts
 from fedtune.common.privacy import PrivacyAccountant
 from fedtune.common.records import RoundRecord
 from fedtune.common.run_folder import RunFolder

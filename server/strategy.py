@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from fedtune.common.adapters import update_defect
 from fedtune.common.config import FedConfig
+from fedtune.common.updates import update_defect
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -150,7 +150,7 @@ class UpdateGuard(_Delegate):
     """Keep bad and missing site updates out of the aggregate, and a bad aggregate out of the run.
 
     In the clear (``secure=False``) every site's update is checked before aggregation
-    (:func:`~fedtune.common.adapters.update_defect`: tensor count, shapes, NaN/Inf, and a positive
+    (:func:`~fedtune.common.updates.update_defect`: tensor count, shapes, NaN/Inf, and a positive
     example count); an offending site is left out of the round and named in a log line. Under
     SecAgg+ no single update is visible: each site checks its own before masking (a bad one drops
     out, and SecAgg+ unmasks the others' sum), and this guard checks the unmasked sum. Sites that

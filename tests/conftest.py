@@ -28,7 +28,7 @@ def save_tiny_bert(folder: Path, seed: int) -> Path:
     """A 2-layer, 16-wide BERT with the packaged tokenizer: a stand-in for a consortium's own base model
     that no site has (the packaged MiniLM's tokenizer, other weights)."""
     import torch
-    from fedtune.common.model import packaged_model_dir
+    from fedtune.common.base_files import packaged_model_dir
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
@@ -113,7 +113,7 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def base_dir() -> Path:
     """The packaged base model's folder."""
-    from fedtune.common.model import resolve_model_dir
+    from fedtune.common.base_files import resolve_model_dir
 
     return resolve_model_dir("")
 

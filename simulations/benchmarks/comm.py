@@ -63,7 +63,8 @@ def settings(quick: bool) -> dict[str, Any]:
 
 def measure(s: dict[str, Any]) -> Outcome:
     """Each method with and without SecAgg+: bytes per site per round against full fine-tuning."""
-    from fedtune.common.model import base_model_nbytes, resolve_model_dir
+    from fedtune.common.base_files import resolve_model_dir
+    from fedtune.common.model import base_model_nbytes
 
     sites = s["sites"]
     base = {

@@ -66,7 +66,8 @@ def settings(quick: bool) -> dict[str, Any]:
 def nudged_base_model(folder: Path) -> Path:
     """The packaged base model with one tensor changed by 1e-4: same size, another fingerprint."""
     import torch
-    from fedtune.common.model import checkpoint_tensors, packaged_model_dir
+    from fedtune.common.base_files import packaged_model_dir
+    from fedtune.common.model import checkpoint_tensors
     from safetensors.torch import save_file
 
     if folder.exists():
@@ -111,7 +112,8 @@ def _row(arm: str, records: list[RoundRecord], seconds: float, out: Path) -> dic
 
 def measure(s: dict[str, Any]) -> Outcome:
     """The simulation, then a TLS deployment whose sites have the base model, then one whose sites lack it."""
-    from fedtune.common.model import base_model_nbytes, fingerprint
+    from fedtune.common.base_files import fingerprint
+    from fedtune.common.model import base_model_nbytes
 
     from ..deploy.local import deploy_local
 

@@ -9,14 +9,9 @@ from fedtune.client.mods import secure_aggregation_mod
 from fedtune.client.site import SiteClient
 from fedtune.common import instructions
 from fedtune.common.adapters import adapter_names, frozen_adapter_fingerprint, get_adapter_arrays
+from fedtune.common.base_files import FingerprintMismatchError, fingerprint, resolve_model_dir
 from fedtune.common.config import parse_run_config
-from fedtune.common.model import (
-    FingerprintMismatchError,
-    PeftSpec,
-    build_peft_model,
-    fingerprint,
-    resolve_model_dir,
-)
+from fedtune.common.model import PeftSpec, build_peft_model
 from fedtune.common.site_config import SiteConfig
 from fedtune.common.sites import simulated_site
 from fedtune.common.train import TrainResult

@@ -12,6 +12,7 @@ import pytest
 from fedtune.common import checkpoint, files
 from fedtune.common.adapters import get_adapter_arrays
 from fedtune.common.audit import trim_audit
+from fedtune.common.base_files import resolve_model_dir
 from fedtune.common.checkpoint import (
     ServerState,
     read_checkpoint,
@@ -21,7 +22,7 @@ from fedtune.common.checkpoint import (
     write_checkpoint,
 )
 from fedtune.common.config import ConfigError, FedConfig
-from fedtune.common.model import PeftSpec, build_peft_model, resolve_model_dir
+from fedtune.common.model import PeftSpec, build_peft_model
 from fedtune.common.privacy import PrivacyAccountant
 from fedtune.common.records import RoundRecord
 from fedtune.common.run_folder import RunFolder

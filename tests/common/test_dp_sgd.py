@@ -9,7 +9,6 @@ import torch
 from fedtune.common.config import ConfigError, FedConfig
 from fedtune.common.dp_sgd import (
     ExampleDP,
-    PrivacyBudgetExhaustedError,
     empty_step,
     example_dp,
     poisson_batches,
@@ -18,7 +17,7 @@ from fedtune.common.dp_sgd import (
     site_metrics,
 )
 from fedtune.common.local_plan import steps_per_round
-from fedtune.common.site_errors import category_of
+from fedtune.common.site_errors import PrivacyBudgetExhaustedError, category_of
 
 
 def _mechanism(**overrides: float) -> ExampleDP:

@@ -13,17 +13,15 @@ from fedtune.common.data import load_task
 from fedtune.common.dataset import TextDataset
 from fedtune.common.generative import (
     IGNORE,
-    PROMPTS,
     GenerationResult,
-    apply_template,
     causal_loss,
     encode_pairs,
     generate,
     score_answers,
-    template_of,
 )
 from fedtune.common.icd10 import normalise_code
 from fedtune.common.model import ModelParts, bring_up, load_tokenizer
+from fedtune.common.prompts import PROMPTS, apply_template, template_of
 from fedtune.common.train import evaluate, train
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 

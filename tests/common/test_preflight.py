@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fedtune.common.base_files import packaged_model_dir
 from fedtune.common.config import parse_run_config
-from fedtune.common.model import packaged_model_dir
 from fedtune.common.preflight import PreflightError, check_out_dir, check_simulation, check_site_file
 from fedtune.simulations.cli import main
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from fedtune.client.app import make_client_app
 from fedtune.client.errors import make_site_errors_mod
+from fedtune.common.base_files import FingerprintMismatchError
 from fedtune.common.config import ConfigError
 from fedtune.common.data import DataError
-from fedtune.common.model import FingerprintMismatchError
 from fedtune.common.preflight import PreflightError
 from fedtune.common.records import RoundRecord
 from fedtune.common.site_errors import SiteError, category_of, parse_reason

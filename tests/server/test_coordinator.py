@@ -16,14 +16,7 @@ from fedtune.common import instructions
 from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
 from fedtune.common.audit import load_arrays
 from fedtune.common.checkpoint import read_checkpoint
-from fedtune.common.model import (
-    PeftSpec,
-    _built,
-    build_peft_model,
-    fingerprint,
-    load_tokenizer,
-    select_device,
-)
+from fedtune.common.model import PeftSpec, _built, build_peft_model, load_tokenizer, select_device
 from fedtune.common.sites import coordinator_test_set
 from fedtune.common.train import evaluate
 from fedtune.server.run_state import RunState
@@ -280,8 +273,7 @@ def test_resume_refuses_a_checkpoint_made_with_other_base_weights(
     run_federation(fast_config(tmp_path / "run", model, secure_aggregation=False))
     shutil.rmtree(model)
     save_tiny_bert(model, seed=2)
-    fingerprint.cache_clear()  # per-process caches keyed on the folder (a new process in real use)
-    _built.cache_clear()
+    _built.cache_clear()  # the per-process model cache keyed on the folder (a new process in real use)
 
     # Execute / Assert
     cfg = fast_config(tmp_path / "run", model, secure_aggregation=False, resume=True)

@@ -17,7 +17,8 @@ import torch
 from conftest import save_tiny_bert
 from fedtune.client.base_model import make_base_model_mod, site_model_dir
 from fedtune.common.audit import payload_bytes
-from fedtune.common.model import FingerprintMismatchError, checkpoint_tensors, fingerprint, packaged_model_dir
+from fedtune.common.base_files import FingerprintMismatchError, fingerprint, packaged_model_dir
+from fedtune.common.model import checkpoint_tensors
 from fedtune.common.model_store import (
     CHUNK_RECORD,
     IncomingModel,
@@ -102,6 +103,28 @@ def test_received_model_is_bit_identical_loadable_and_found_in_the_cache(coordin
     original = checkpoint_tensors(coordinator_model)
     assert all(torch.equal(original[k], v) for k, v in checkpoint_tensors(installed).items())
     assert model.config.hidden_size == 16
+
+
+def test_an_installed_model_is_not_hashed_again_at_first_use(
+    coordinator_model, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedtune.common import model as model_module
+
+    # Prepare: a model received and installed (its tensors hashed once, on assembly)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    out = Outgoing.read(coordinator_model, CHUNK)
+    incoming = IncomingModel(tmp_path / "cache", out.fingerprint, node=8)
+    _send_all(out, incoming)
+    installed = incoming.commit(out.plan.table_json(), out.files, _hashes(out))
+
+    def unread(folder: Path) -> dict:
+        raise AssertionError(f"{folder} read again to fingerprint it")
+
+    monkeypatch.setattr(model_module, "checkpoint_tensors", unread)
+
+    # Execute / Assert: found and fingerprinted from what the commit recorded
+    assert find_base_model(out.fingerprint, None, tmp_path / "cache") == installed
+    assert fingerprint(installed) == out.fingerprint
 
 
 def test_bfloat16_tensors_survive_the_transfer(tmp_path) -> None:

@@ -16,8 +16,8 @@ import pytest
 from conftest import fake_task_identity
 from fedtune.common.adapters import get_adapter_arrays, nbytes
 from fedtune.common.audit import load_arrays
-from fedtune.common.generative import PROMPTS
 from fedtune.common.model import base_model_nbytes, load_tokenizer, select_device
+from fedtune.common.prompts import PROMPTS
 from fedtune.common.sites import coordinator_test_set
 from fedtune.common.train import evaluate
 from fedtune.server.run_state import RunState

@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 import tomli
+from fedtune.common.base_files import fingerprint
 from fedtune.common.config import ConfigError, parse_run_config
 from fedtune.common.data import serialise_row
-from fedtune.common.model import fingerprint
 from fedtune.common.site_config import SiteConfig
 from fedtune.common.sites import coordinator_max_weight, coordinator_test_set
 from fedtune.simulations.deploy.certs import make_certs
