@@ -8,6 +8,8 @@ on the plain update the site trained.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from fedtune.common import instructions
 from fedtune.common.secagg_wire import narrow
@@ -102,14 +104,14 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
             check_secagg_range(
                 arrays,
                 fitres.num_examples,
-                float(state["max_weight"]),
-                float(state["clipping_range"]),
+                cast(float, state["max_weight"]),
+                cast(float, state["clipping_range"]),
             )
         return out
 
     out = secaggplus_mod(msg, ctxt, checked)
     if not out.has_error():
-        narrow_masked_reply(out, int(ctxt.state.config_records[RECORD_KEY_STATE]["mod_range"]))
+        narrow_masked_reply(out, cast(int, ctxt.state.config_records[RECORD_KEY_STATE]["mod_range"]))
     return out
 
 
@@ -121,7 +123,7 @@ def narrow_masked_reply(out: Message, mod_range: int) -> None:
     """
     replies = out.content.config_records[RECORD_KEY_CONFIGS]
     if Key.MASKED_PARAMETERS in replies:
-        masked = [bytes_to_ndarray(b) for b in replies[Key.MASKED_PARAMETERS]]
+        masked = [bytes_to_ndarray(b) for b in cast(list[bytes], replies[Key.MASKED_PARAMETERS])]
         replies[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(narrow(a, mod_range)) for a in masked]
 
 

@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import cast
 
 from fedtune.common.audit import (
     WireLog,
@@ -63,7 +64,7 @@ def widen_masked_reply(msg: Message) -> None:
         return
     replies = msg.content.config_records[RECORD_KEY_CONFIGS]
     if Key.MASKED_PARAMETERS in replies:
-        masked = [bytes_to_ndarray(b) for b in replies[Key.MASKED_PARAMETERS]]
+        masked = [bytes_to_ndarray(b) for b in cast(list[bytes], replies[Key.MASKED_PARAMETERS])]
         replies[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(widen(a)) for a in masked]
 
 
