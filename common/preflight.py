@@ -18,7 +18,8 @@ from typing import TypeVar
 from .base_files import resolve_base, weight_files
 from .config import FedConfig
 from .data import DataError
-from .sites import SiteData, coordinator_test_set, deployed_site, simulated_site, simulation_pool
+from .site_config import SiteConfig
+from .sites import SiteData, coordinator_test_set, deployed_site, simulation_pool, site_data
 
 T = TypeVar("T")
 
@@ -60,25 +61,32 @@ def check_base_model(cfg: FedConfig) -> Path:
     return model_dir
 
 
-def check_simulation(cfg: FedConfig, num_clients: int) -> None:
+def check_simulation(
+    cfg: FedConfig, num_clients: int, node_config_fn: Callable[[SiteConfig], SiteConfig] | None = None
+) -> None:
     """Everything ``fedtune simulate`` can check before Ray starts (see the module docstring).
 
     Builds the coordinator's test set and every simulated site's data exactly as the run will
     (the results are cached in this process), so a site that would fail fails here, once.
+    ``node_config_fn`` maps simulated site ``i``'s node config to the one it uses, as the
+    ClientApp's does (a site that reads its own file: the file is checked, not the shared pool).
     """
     if not cfg.resume:
         check_out_dir(cfg.out_dir)
     check_base_model(cfg)
     _data(lambda: coordinator_test_set(cfg))
-    rest = _data(lambda: simulation_pool(cfg)[0])
-    if num_clients > len(rest):
-        raise PreflightError(
-            f"`--num-clients` {num_clients} exceeds the {len(rest)} examples left for the sites (the data "
-            "minus the coordinator's held-out share), so some hospital would have none; simulate at most "
-            f"{len(rest)} hospitals or use more data (`max-examples`, `data-path`)."
-        )
+    if node_config_fn is None:
+        rest = _data(lambda: simulation_pool(cfg)[0])
+        if num_clients > len(rest):
+            raise PreflightError(
+                f"`--num-clients` {num_clients} exceeds the {len(rest)} examples left for the sites (the "
+                "data minus the coordinator's held-out share), so some hospital would have none; simulate "
+                f"at most {len(rest)} hospitals or use more data (`max-examples`, `data-path`)."
+            )
     for i in range(num_clients):
-        _data(lambda i=i: simulated_site(cfg, i, num_clients), f"simulated site {i}")
+        site = SiteConfig(partition_id=i, num_partitions=num_clients)
+        site = node_config_fn(site) if node_config_fn else site
+        _data(lambda site=site: site_data(cfg, site), f"simulated site {i}")
 
 
 def check_site_file(cfg: FedConfig, data_path: str | Path) -> SiteData:

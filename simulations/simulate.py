@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from fedtune.common.files import write_json_atomic
 from fedtune.common.preflight import check_simulation
 from fedtune.common.records import RoundRecord, read_records
 from fedtune.common.run_folder import RunFolder, fresh_run, holds_run
+from fedtune.common.site_config import SiteConfig
 from rich.console import Console
 
 from .presets import get_preset
@@ -99,11 +100,19 @@ def resume(
     return cfg, n
 
 
-def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list[RoundRecord]:
+def simulate(
+    cfg: FedConfig,
+    num_clients: int,
+    *,
+    verbose: bool = False,
+    node_config_fn: Callable[[SiteConfig], SiteConfig] | None = None,
+) -> list[RoundRecord]:
     """Run one simulated federation; return the per-round records also saved in ``metrics.json``.
 
     A new run records ``num_clients`` in ``out-dir/simulation.json``; a resumed one
-    (``cfg.resume``, see :func:`resume`) continues after its last checkpoint.
+    (``cfg.resume``, see :func:`resume`) continues after its last checkpoint. ``node_config_fn``
+    maps each simulated site's node config to the one it uses (a benchmark gives sites their own
+    files, as deployed sites have).
 
     Raises
     ------
@@ -115,7 +124,7 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
         checkpoint leaves nothing behind, and a run it replaces (``--overwrite``) is kept until it
         finishes (:func:`~fedtune.common.run_folder.fresh_run`).
     """
-    check_simulation(cfg, num_clients)
+    check_simulation(cfg, num_clients, node_config_fn)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's GPU-env FutureWarning
@@ -140,6 +149,7 @@ def simulate(cfg: FedConfig, num_clients: int, *, verbose: bool = False) -> list
                 str(run.audit.resolve()) if cfg.audit else None,
                 base_model=cfg.base_model,
                 site_log_dir=str(run.site_logs.resolve()),
+                node_config_fn=node_config_fn,
             ),
             num_supernodes=num_clients,
             backend_config={

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -322,18 +321,13 @@ def _main(argv: list[str] | None = None) -> int:
     fed.add_argument("--overwrite", action="store_true", help="Replace an existing --out folder.")
     args = parser.parse_args(argv)
 
-    import fedtune.client.app as client_app
     from fedtune.common.config import parse_overrides
 
     from ..simulate import resolve, simulate
 
     sites_dir = str(Path(args.sites_dir).resolve())
-    # simulate() builds its ClientApp with client_app.make_client_app: give it the site files
-    client_app.make_client_app = functools.partial(
-        client_app.make_client_app, node_config_fn=site_file_node_config(sites_dir)
-    )
     cfg, n = resolve("default", args.num_clients, parse_overrides(args.run_config), args.out, args.overwrite)
-    simulate(cfg, n)
+    simulate(cfg, n, node_config_fn=site_file_node_config(sites_dir))
     return 0
 
 

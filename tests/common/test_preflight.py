@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import pytest
+from fedtune.common import sites
 from fedtune.common.base_files import packaged_model_dir
 from fedtune.common.config import parse_run_config
 from fedtune.common.preflight import PreflightError, check_out_dir, check_simulation, check_site_file
+from fedtune.common.site_config import SiteConfig
 from fedtune.simulations.cli import main
 
 GOOD = "text,label\n" + "".join(f"note {i} about a thing,{'ab'[i % 2]}\n" for i in range(60))
@@ -114,7 +117,6 @@ def test_out_pointing_at_a_file_is_refused(tmp_path: Path, capsys, no_flower: li
 
 
 def test_every_simulated_site_is_built_as_the_run_will(tmp_path: Path, monkeypatch) -> None:
-    import fedtune.common.preflight as preflight
 
     # Prepare: site 7 of 10 cannot be built
     (tmp_path / "good.csv").write_text(GOOD)
@@ -126,12 +128,36 @@ def test_every_simulated_site_is_built_as_the_run_will(tmp_path: Path, monkeypat
         if i == 7:
             raise ValueError("Simulated site 7 has no training examples")
 
-    monkeypatch.setattr(preflight, "simulated_site", site)
+    monkeypatch.setattr(sites, "simulated_site", site)
 
     # Execute / Assert: the sites are checked in order, with the run's number of sites
     with pytest.raises(PreflightError, match="^simulated site 7: Simulated site 7 has no training"):
         check_simulation(cfg, 10)
     assert calls == [(i, 10) for i in range(8)]
+
+
+def test_simulated_sites_with_files_of_their_own_have_those_files_checked(tmp_path: Path) -> None:
+    # Prepare: a csv task without a pooled `data-path`; site i reads site-i.csv (as a benchmark gives
+    # them), the coordinator its own test file; site 1's file is broken
+    for name, text in (("site-0.csv", GOOD), ("test.csv", GOOD)):
+        (tmp_path / name).write_text(text)
+    (tmp_path / "site-1.csv").write_bytes(b"text,label\n\xff,x\n")
+    cfg = parse_run_config(
+        {
+            "task": "csv",
+            "test-data-path": str(tmp_path / "test.csv"),
+            "labels": "a,b",
+            "out-dir": str(tmp_path / "o"),
+        }
+    )
+
+    def own_file(site: SiteConfig) -> SiteConfig:
+        return dataclasses.replace(site, data_path=str(tmp_path / f"site-{site.partition_id}.csv"))
+
+    # Execute / Assert: site 0's file passes, site 1's is named
+    check_simulation(cfg, 1, own_file)
+    with pytest.raises(PreflightError, match=r"site-1\.csv: not UTF-8 text"):
+        check_simulation(cfg, 2, own_file)
 
 
 def test_a_deployed_site_checks_its_own_file(tmp_path: Path) -> None:
