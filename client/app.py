@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from fedtune.common.site_config import SiteConfig, site_config
 from flwr.app import Context
@@ -13,6 +14,7 @@ from .audit import make_audit_mods
 from .base_model import make_base_model_mod
 from .errors import make_site_errors_mod
 from .mods import dp_mod, secure_aggregation_mod
+from .worker import WorkerClient
 
 NodeConfigFn = Callable[[SiteConfig], SiteConfig]
 
@@ -27,7 +29,9 @@ def make_client_app(
 
     Importing it imports no torch, transformers or peft: in deployment every message runs in a fresh
     process, and the SecAgg+ key-exchange and unmasking messages and the base-model status queries
-    never touch the model. Only a message that reaches the site's client (train, evaluate) loads them.
+    never touch the model. Only a message that reaches the site's client (train, evaluate) loads them,
+    and with node config ``worker-socket`` not even that one: the site's worker
+    (:mod:`fedtune.client.worker`) trains and scores with the model it keeps loaded.
 
     Parameters
     ----------
@@ -46,11 +50,13 @@ def make_client_app(
     wire_mod, capture_mod = make_audit_mods(audit_dir)
 
     def client_fn(context: Context) -> Client:
-        from .site import SiteClient  # torch, transformers, peft: only for a message that needs the model
-
         site = site_config(context.node_config)
         if node_config_fn is not None:
             site = node_config_fn(site)
+        if site.worker_socket:  # the site's long-lived worker holds the model (client/worker.py)
+            return WorkerClient(Path(site.worker_socket), site.node_config(), context.node_id).to_client()
+        from .site import SiteClient  # torch, transformers, peft: only for a message that needs the model
+
         return SiteClient(site, base_model, context.node_id).to_client()
 
     mods = [

@@ -36,6 +36,9 @@ class SiteConfig:
         The site's own copy of the base model (empty: the cache or the packaged model).
     require_secure_aggregation
         Refuse to train unless the coordinator runs SecAgg+.
+    worker_socket
+        Deployment: the Unix socket of the site's long-lived worker (``fedtune site-worker``), which
+        then trains and scores with the model kept loaded (empty: each message loads it).
     """
 
     partition_id: int | None = None
@@ -45,6 +48,7 @@ class SiteConfig:
     model_cache_dir: str = ""
     base_model: str = ""
     require_secure_aggregation: bool = False
+    worker_socket: str = ""
 
     @classmethod
     def parse(cls, node_config: Mapping[str, Any]) -> SiteConfig:
@@ -69,7 +73,7 @@ class SiteConfig:
         out = {}
         for key, name in KEYS.items():
             value = getattr(self, name)
-            if value not in (None, "", False):
+            if value is not None and value != "" and value is not False:  # partition 0 stays
                 out[key] = str(value).lower() if isinstance(value, bool) else str(value)
         return out
 

@@ -19,6 +19,10 @@ class PrivacyBudgetExhaustedError(RuntimeError):
     """A site's next round of DP-SGD would take its epsilon past ``dp-example-target-epsilon``."""
 
 
+class SiteWorkerError(RuntimeError):
+    """A site's worker (node config ``worker-socket``) is not running, stopped, or runs other code."""
+
+
 class UpdateRefusedError(ValueError):
     """A site refuses to send its update: not finite, or outside what SecAgg+ can carry unchanged."""
 
@@ -38,6 +42,11 @@ CATEGORIES: dict[str, tuple[tuple[type[BaseException], ...], str]] = {
         (SecAggRequiredError,),
         "it requires secure aggregation and refused to send its update unmasked "
         "(set `secure-aggregation=true`)",
+    ),
+    "worker": (
+        (SiteWorkerError,),
+        "its site worker (node config `worker-socket`) is not running or runs other code; the site's log "
+        "says how to restart it",
     ),
     "data": ((DataError, PreflightError, UnicodeDecodeError), "its data failed validation"),
     "base-model": (

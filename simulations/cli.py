@@ -78,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Continue the killed run in --out after its last checkpoint, with its config (run_config.json).",
     )
+    dep.add_argument(
+        "--no-site-workers",
+        action="store_true",
+        help="Let every message load the model in its own ClientApp process (no `fedtune site-worker`).",
+    )
+    wrk = sub.add_parser(
+        "site-worker",
+        help="Keep a site's model loaded across a run's messages (node config worker-socket=SOCKET).",
+    )
+    wrk.add_argument("--socket", required=True, help="Unix socket to answer on (at most 100 characters).")
     bench = sub.add_parser(
         "bench", help="Run a benchmark (results/NAME.json, .md, .png), or `report` to write BENCHMARKS.md."
     )
@@ -117,6 +127,7 @@ def _deploy_command(args: argparse.Namespace) -> int:
             test_data=args.test_data,
             timeout=args.timeout,
             resume=args.resume,
+            site_workers=not args.no_site_workers,
         )
     except (DeployInputError, ConfigError) as err:
         print(f"fedtune deploy-local: {err}", file=sys.stderr)
@@ -221,6 +232,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Wrote {run(args.quick)}.")
     elif args.command in ("certs", "deploy-local"):
         return _deploy_command(args)
+    elif args.command == "site-worker":
+        return _site_worker(Path(args.socket))
+    return 0
+
+
+def _site_worker(socket_path: Path) -> int:
+    """``fedtune site-worker``: serve the site's messages until SIGTERM or Ctrl-C, then remove its socket."""
+    import logging
+    import signal
+
+    from fedtune.client.worker import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve(socket_path)
+    except ValueError as err:
+        print(f"fedtune site-worker: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -17,9 +17,12 @@ SIGKILL) on success, failure, Ctrl-C, SIGTERM or interpreter exit.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,7 @@ def deploy_local(
     timeout: float = 1800.0,
     echo: Callable[[str], None] = print,
     resume: bool = False,
+    site_workers: bool = True,
 ) -> dict[str, Any]:
     """Run the fedtune app on a local TLS + SuperNode-auth deployment, one SuperNode per site file.
 
@@ -74,6 +78,9 @@ def deploy_local(
     resume
         Continue the killed run in ``out`` after its last checkpoint, with its ``run_config.json``
         (``run_config`` and ``test_data``, when given, must equal it); certificates and keys are reused.
+    site_workers
+        Start a ``fedtune site-worker`` beside each SuperNode (node config ``worker-socket``), which
+        keeps the site's model loaded across messages; ``False``: every message loads it afresh.
 
     Returns
     -------
@@ -107,7 +114,7 @@ def deploy_local(
         write_json_atomic(out_dir / "deployment.json", summary)
 
     # a failure before the first checkpoint leaves the logs, never a folder that looks like a run
-    with outputs_discarded_on_failure(out_dir):
+    with outputs_discarded_on_failure(out_dir), _socket_dir() as sockets:
         with ProcessGroup(out_dir / "logs") as procs:
             # one machine hosts every site: share its cores instead of oversubscribing them
             dep = LocalDeployment(out_dir, certs, procs, threads=max(1, (os.cpu_count() or 1) // len(files)))
@@ -118,7 +125,7 @@ def deploy_local(
                 f"logs in {out_dir / 'logs'}"
             )
             write_summary()
-            summary["sites"] = _start_sites(dep, certs, files, out_dir)
+            summary["sites"] = _start_sites(dep, certs, files, out_dir, sockets if site_workers else None)
             write_summary()
             names, node_ids = (
                 [f"site-{i}" for i in range(len(files))],
@@ -189,14 +196,31 @@ def _run_config(
     return config, resumed_after
 
 
+@contextlib.contextmanager
+def _socket_dir() -> Iterator[Path]:
+    """A private (0700) folder for the site workers' sockets, short enough for Unix socket paths."""
+    folder = Path(tempfile.mkdtemp(prefix="fedtune-sites-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _start_sites(
-    dep: LocalDeployment, certs: CertFiles, files: Sequence[Path], out_dir: Path
+    dep: LocalDeployment, certs: CertFiles, files: Sequence[Path], out_dir: Path, sockets: Path | None
 ) -> list[dict[str, Any]]:
-    """Register each site's key and start its SuperNode on its own file; one summary entry per site."""
+    """Register each site's key and start its SuperNode on its own file; one summary entry per site.
+
+    With ``sockets``, each site's worker (``fedtune site-worker``) is started first, answering on
+    ``sockets/site-<i>.sock``, and the SuperNode's node config names it.
+    """
     sites = []
     for i, path in enumerate(files):
         node_id = dep.register(certs.site_pub(i))
         name = f"site-{i}"
+        socket_path = sockets / f"{name}.sock" if sockets else None
+        if socket_path is not None:
+            dep.start_worker(f"worker-{i}", socket_path)
         pid = dep.start_supernode(
             name,
             certs.site_key(i),
@@ -206,10 +230,14 @@ def _start_sites(
                     data_path=str(path),
                     audit_dir=str(RunFolder(out_dir).audit),
                     model_cache_dir=str(out_dir / "models" / name),
+                    worker_socket=str(socket_path or ""),
                 )
             ),
         )
-        sites.append({"site": i, "node_id": str(node_id), "pid": pid, "log": str(dep.procs.log_path(name))})
+        entry = {"site": i, "node_id": str(node_id), "pid": pid, "log": str(dep.procs.log_path(name))}
+        if socket_path is not None:
+            entry["worker_log"] = str(dep.procs.log_path(f"worker-{i}"))
+        sites.append(entry)
     return sites
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -102,6 +103,23 @@ class LocalDeployment:
         proc = self.procs.start(
             name, cmd, env=flower_env(self.out / "flwr" / name, threads=self.threads), cwd=self.out
         )
+        return proc.pid
+
+    def start_worker(self, name: str, socket_path: Path, timeout: float = 60.0) -> int:
+        """Start ``fedtune site-worker`` on ``socket_path``; return its pid once it answers there.
+
+        Raises
+        ------
+        DeployError
+            It exited, or did not answer within ``timeout`` seconds (names its log).
+        """
+        cmd = [sys.executable, "-m", "fedtune.simulations.cli", "site-worker", "--socket", str(socket_path)]
+        proc = self.procs.start(name, cmd, env=flower_env(self.out / "flwr" / name, threads=self.threads))
+        deadline = time.monotonic() + timeout
+        while not socket_path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise DeployError(f"Site worker {name} did not start; see {self.procs.log_path(name)}.")
+            time.sleep(0.1)
         return proc.pid
 
     def nodes(self) -> list[dict[str, Any]]:

@@ -38,9 +38,12 @@ def test_node_config_round_trips_through_its_items() -> None:
         "require-secure-aggregation": "true",
     }
     assert SiteConfig.parse(site.node_config()) == site
+    first = SiteConfig(partition_id=0, num_partitions=3, worker_socket="/run/w.sock")  # partition 0 is set
+    assert SiteConfig.parse(first.node_config()) == first
     assert set(KEYS) == {"partition-id", "num-partitions", "data-path", "audit-dir", "model-cache-dir"} | {
         "base-model",
         "require-secure-aggregation",
+        "worker-socket",
     }
 
 
