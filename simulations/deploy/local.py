@@ -219,8 +219,7 @@ def _start_sites(
         node_id = dep.register(certs.site_pub(i))
         name = f"site-{i}"
         socket_path = sockets / f"{name}.sock" if sockets else None
-        if socket_path is not None:
-            dep.start_worker(f"worker-{i}", socket_path)
+        worker = dep.start_worker(f"worker-{i}", socket_path) if socket_path is not None else None
         pid = dep.start_supernode(
             name,
             certs.site_key(i),
@@ -235,8 +234,8 @@ def _start_sites(
             ),
         )
         entry = {"site": i, "node_id": str(node_id), "pid": pid, "log": str(dep.procs.log_path(name))}
-        if socket_path is not None:
-            entry["worker_log"] = str(dep.procs.log_path(f"worker-{i}"))
+        if worker is not None:
+            entry |= {"worker_pid": worker, "worker_log": str(dep.procs.log_path(f"worker-{i}"))}
         sites.append(entry)
     return sites
 
