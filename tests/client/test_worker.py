@@ -257,3 +257,35 @@ def test_the_cli_refuses_a_socket_path_too_long(folder: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 2 and "Unix sockets take at most 100" in proc.stderr
+
+
+def test_an_exception_that_cannot_be_pickled_crosses_as_its_type_and_message(worker: Path) -> None:
+    from fedtune.client.worker import _picklable
+
+    class UnpicklableError(Exception):
+        def __init__(self) -> None:
+            super().__init__("row 7 of /d/site.csv")
+            self.hook = lambda: None  # lambdas do not pickle
+
+    # Execute
+    sent = _picklable(UnpicklableError())
+
+    # Assert: the site-errors mod still gets a message to log; a picklable error crosses as itself
+    assert type(sent) is RuntimeError and str(sent) == "UnpicklableError: row 7 of /d/site.csv"
+    err = ValueError("bad")
+    assert _picklable(err) is err
+
+
+def test_a_request_for_another_method_is_refused(worker: Path) -> None:
+    from fedtune.client.worker import Request
+
+    # Execute
+    conn = connect(worker)
+    try:
+        conn.send(Request("get_parameters", [], {}, {}, 1))
+        kind, value = conn.recv()
+    finally:
+        conn.close()
+
+    # Assert
+    assert kind == "error" and isinstance(value, ValueError) and "'get_parameters'" in str(value)
