@@ -247,6 +247,7 @@ def test_flower_env_has_its_own_home_no_network_and_a_thread_cap(tmp_path: Path)
     env = flower_env(tmp_path / "home", base={"PATH": "/usr/bin", "OMP_NUM_THREADS": "7"}, threads=2)
     assert env["FLWR_HOME"] == str(tmp_path / "home")
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1"  # a ClientApp process starts sooner
     assert env["OMP_NUM_THREADS"] == "7" and env["MKL_NUM_THREADS"] == "2"  # a user's setting wins
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert Path(tool("flower-superlink")).is_file()
