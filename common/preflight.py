@@ -10,6 +10,7 @@ or key and the fix; the CLI prints it and exits 2.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -86,7 +87,7 @@ def check_simulation(
     for i in range(num_clients):
         site = SiteConfig(partition_id=i, num_partitions=num_clients)
         site = node_config_fn(site) if node_config_fn else site
-        _data(lambda site=site: site_data(cfg, site), f"simulated site {i}")
+        _data(functools.partial(site_data, cfg, site), f"simulated site {i}")
 
 
 def check_site_file(cfg: FedConfig, data_path: str | Path) -> SiteData:
