@@ -142,17 +142,18 @@ def connect(socket_path: Path) -> Connection:
     SiteWorkerError
         No worker answers there, its key is unreadable or wrong, or its versions differ.
     """
+    mine = versions()
     try:
         key = key_path(socket_path).read_bytes()
         conn = Client(str(socket_path), family="AF_UNIX", authkey=key)
-        conn.send(versions())
+        conn.send(mine)
         theirs = conn.recv()
     except (OSError, EOFError) as err:
         raise SiteWorkerError(
             f"No site worker answers on {socket_path} (node config `worker-socket`): {err!r}; "
             f"{start_hint(socket_path)}."
         ) from None
-    mismatch = version_mismatch(versions(), theirs)
+    mismatch = version_mismatch(mine, theirs)
     if mismatch:
         conn.close()
         raise SiteWorkerError(
@@ -187,7 +188,8 @@ def serve(socket_path: Path, stop: threading.Event | None = None) -> None:
     finally:
         os.umask(old)
     lock = threading.Lock()  # one message at a time on the one model
-    log.info("fedtune site worker on %s (%s)", socket_path, versions())
+    mine = versions()  # of the code this process loaded: taken once, not from files changed since
+    log.info("fedtune site worker on %s (%s)", socket_path, mine)
     try:
         with listener:
             while stop is None or not stop.is_set():
@@ -197,7 +199,7 @@ def serve(socket_path: Path, stop: threading.Event | None = None) -> None:
                     if stop is None or not stop.is_set():
                         log.warning("Refused a connection on %s: %r", socket_path, err)
                     continue
-                threading.Thread(target=_answer, args=(conn, lock), daemon=True).start()
+                threading.Thread(target=_answer, args=(conn, lock, mine), daemon=True).start()
     finally:
         key_path(socket_path).unlink(missing_ok=True)
         socket_path.unlink(missing_ok=True)
@@ -221,12 +223,12 @@ def _clear_stale(socket_path: Path) -> None:
     raise ValueError(f"A site worker already answers on {socket_path}; stop it first or choose another path.")
 
 
-def _answer(conn: Connection, lock: threading.Lock) -> None:
+def _answer(conn: Connection, lock: threading.Lock, mine: dict[str, str]) -> None:
     """Serve one ClientApp connection: the version check, then its requests in turn."""
     with conn:
         try:
-            conn.send(versions())
-            if version_mismatch(versions(), conn.recv()):
+            conn.send(mine)
+            if version_mismatch(mine, conn.recv()):
                 return
             while True:
                 request: Request = conn.recv()

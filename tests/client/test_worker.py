@@ -178,6 +178,19 @@ def test_a_worker_running_other_code_is_refused(folder: Path) -> None:
     thread.join(10)
 
 
+def test_a_worker_started_before_a_code_change_is_refused(
+    worker: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedtune.client import worker as worker_module
+
+    # Prepare: fedtune's files change on disk after the worker loaded its code
+    monkeypatch.setattr(worker_module, "_code_stamp", lambda: "new-code")
+
+    # Execute / Assert: the worker still reports the code it runs, so the ClientApp refuses it
+    with pytest.raises(SiteWorkerError, match=r"fedtune: new-code here vs \S+ in the worker"):
+        connect(worker)
+
+
 def test_a_worker_that_stops_mid_message_fails_the_message_clearly(folder: Path) -> None:
     # Prepare: a worker that reads the request and dies
     thread = _fake_worker(folder / "w.sock", lambda conn: (conn.send(versions()), conn.recv(), conn.recv()))
