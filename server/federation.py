@@ -35,6 +35,7 @@ from .run_state import (
     make_strategies,
     max_weight,
 )
+from .sampling import RoundSampler
 from .stages import AFTER_FIT, AFTER_ROUND, BEFORE_FIT
 from .wire import MeteredGrid
 from .workflow import FedtuneWorkflow, Stages
@@ -124,6 +125,7 @@ def run_coordinator(
         context=context,
         config=ServerConfig(num_rounds=cfg.num_server_rounds),
         strategy=state.strategies.guard,
+        client_manager=RoundSampler(),
     )
     FedtuneWorkflow(state.secagg or default_fit_workflow, STAGES, state)(metered, legacy)
     finish(state)

@@ -132,6 +132,8 @@ class RoundState:
         The example counts of the sites in this round's aggregate.
     site_example_dp
         Patient-level DP: each site's DP-SGD figures this round (label -> epsilon, sigma, steps, q).
+    round_sites
+        Site nodes drawn for this round's training and evaluation (before the round).
     model_ready
         Site nodes known to hold the pinned base model.
     distribution
@@ -146,6 +148,7 @@ class RoundState:
     round_start: float = field(default_factory=time.perf_counter)
     site_examples: list[int] = field(default_factory=list)
     site_example_dp: dict[str, dict[str, float]] = field(default_factory=dict)
+    round_sites: list[int] = field(default_factory=list)
     model_ready: set[int] = field(default_factory=set)
     distribution: list[dict[str, Any]] = field(default_factory=list)
 

@@ -3,9 +3,9 @@
 Like Flower's ``SecAggPlusWorkflow`` (a tuple of stage functions, each returning whether to go
 on), :class:`fedtune.server.workflow.FedtuneWorkflow` runs around every round
 
-- :data:`BEFORE_FIT`: send the base model to sites that lack it; size SecAgg+ and DP to the
-  sampled sites; stop before a round that would go past the privacy budget; keep the shared
-  adapter the round starts from (audit);
+- :data:`BEFORE_FIT`: draw the round's sites; send the base model to those that lack it; size
+  SecAgg+ and DP to the sampled sites; stop before a round that would go past the privacy
+  budget; keep the shared adapter the round starts from (audit);
 - :data:`AFTER_FIT`: fail loudly when the round produced no aggregate (before scoring anything);
 - :data:`AFTER_ROUND`: record the round; checkpoint it; then write ``metrics.json`` (so it never
   runs ahead of the checkpoint) and show the round.
@@ -30,6 +30,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
 from .outputs import privacy_record, resume_advice, write_round_checkpoint
 from .run_state import RunState
+from .sampling import RoundSampler
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,34 @@ def current_arrays(context: LegacyContext) -> list[Any]:
 
 
 # --- before fit ---------------------------------------------------------------------------------
-def distribute_base_model(state: RunState, server_round: int, context: LegacyContext) -> bool:
-    """Check the sites that joined since the last check; send the base model to those lacking it.
+def draw_round_sites(state: RunState, server_round: int, context: LegacyContext) -> bool:
+    """Draw the sites this round trains (and evaluates) on, as the strategy would, ahead of the round.
 
-    A site whose check or transfer failed is checked again before the next round; its training
-    fails until then (a dropout). Writes ``base_model_distribution.json``.
+    The strategy's own sampling then receives these sites (:class:`~fedtune.server.sampling.RoundSampler`).
+    """
+    sampler = context.client_manager
+    if not isinstance(sampler, RoundSampler):
+        raise TypeError(f"The coordinator needs a RoundSampler client manager, got {type(sampler).__name__}.")
+    base = state.strategies.base
+    drawn = sampler.draw(*base.num_fit_clients(sampler.num_available()))  # type: ignore[attr-defined]
+    if state.cfg.fraction_evaluate > 0:
+        drawn = drawn + sampler.draw(*base.num_evaluation_clients(sampler.num_available()))  # type: ignore[attr-defined]
+    state.rounds.round_sites = sorted({proxy.node_id for proxy in drawn})
+    return True
+
+
+def distribute_base_model(state: RunState, server_round: int, context: LegacyContext) -> bool:
+    """Check the round's sites not yet known to hold the base model; send it to those lacking it.
+
+    Only the sites drawn for this round are checked (:func:`draw_round_sites`), so a site is checked
+    before its first round, however many sites are connected. A site whose check or transfer failed
+    is checked again before its next round; its training fails until then (a dropout). Writes
+    ``base_model_distribution.json``.
     """
     if state.distributor is None:
         return True
-    context.client_manager.wait_for(state.cfg.min_clients, timeout=state.cfg.base_model_timeout)
     rounds = state.rounds
-    new = sorted(set(state.grid.get_node_ids()) - rounds.model_ready)
+    new = sorted(set(rounds.round_sites) - rounds.model_ready)
     if not new:
         return True
     transfers = state.distributor.run(new)
@@ -215,6 +233,7 @@ def show_round(state: RunState, server_round: int, context: LegacyContext) -> bo
 
 
 BEFORE_FIT: tuple[Stage, ...] = (
+    draw_round_sites,
     distribute_base_model,
     size_to_sampled_sites,
     stop_at_privacy_budget,

@@ -133,6 +133,10 @@ def simulate(
     from fedtune.server.progress import results_table
     from flwr.simulation import run_simulation  # heavy import: keep `fedtune --help` fast
 
+    from .dispatch import use_fast_dispatch
+
+    use_fast_dispatch()
+
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     if _not_run_simulation_notice not in logging.getLogger("flwr").filters:

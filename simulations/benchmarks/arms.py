@@ -11,7 +11,7 @@ from typing import Any
 
 from fedtune.common.files import write_json_atomic
 
-from .harness import RESULTS, Arm, simulate_arm
+from .harness import RESULTS, SIMULATE, Arm, simulate_arm
 
 
 def work_dir(name: str) -> Path:
@@ -33,12 +33,17 @@ def arms_dir(name: str) -> Path:
 
 
 def federated_arm(
-    bench: str, label: str, num_clients: int, run_config: Mapping[str, Any], timeout: float = 3 * 3600
+    bench: str,
+    label: str,
+    num_clients: int,
+    run_config: Mapping[str, Any],
+    timeout: float = 3 * 3600,
+    entry: Sequence[str] = SIMULATE,
 ) -> Arm:
-    """Run one ``fedtune simulate`` arm into a fresh ``results/work/<bench>/<label>/``."""
+    """Run one ``fedtune simulate`` arm (or ``entry``) into a fresh ``results/work/<bench>/<label>/``."""
     out = work_dir(bench) / label
     shutil.rmtree(out, ignore_errors=True)  # a previous bench run's folder: start clean
-    return simulate_arm(out, num_clients, dict(run_config), timeout=timeout)
+    return simulate_arm(out, num_clients, dict(run_config), timeout=timeout, entry=entry)
 
 
 def cached(path: Path, key: Mapping[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:

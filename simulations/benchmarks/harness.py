@@ -49,11 +49,16 @@ def machine() -> dict[str, Any]:
     }
 
 
-class PeakRss:
-    """Sample the summed RSS of a process and all its descendants (every 0.2 s) until stopped."""
+class PeakMemory:
+    """Sample a process and all its descendants every 0.2 s until stopped; keep the peak sums.
+
+    ``peak_rss``: summed resident set sizes (a page shared by k processes counts k times).
+    ``peak_pss``: summed proportional set sizes (a shared page counts 1/k in each of its k
+    processes), i.e. the memory the tree really holds.
+    """
 
     def __init__(self, pid: int) -> None:
-        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self.pid, self.peak_rss, self.peak_pss, self._stop = pid, 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -61,12 +66,14 @@ class PeakRss:
             try:
                 root = psutil.Process(self.pid)
                 procs = [root, *root.children(recursive=True)]
-                self.peak = max(self.peak, sum(_rss(p) for p in procs))
             except psutil.NoSuchProcess:
                 return
+            sizes = [_sizes(p) for p in procs]
+            self.peak_rss = max(self.peak_rss, sum(rss for rss, _ in sizes))
+            self.peak_pss = max(self.peak_pss, sum(pss for _, pss in sizes))
             self._stop.wait(0.2)
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -75,11 +82,13 @@ class PeakRss:
         self._thread.join()
 
 
-def _rss(proc: psutil.Process) -> int:
+def _sizes(proc: psutil.Process) -> tuple[int, int]:
+    """``(rss, pss)`` of ``proc`` in bytes; ``(0, 0)`` once it has gone."""
     try:
-        return proc.memory_info().rss
+        info = proc.memory_full_info()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return 0
+        return 0, 0
+    return info.rss, info.pss
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,7 @@ class Arm:
     records: list[RoundRecord]
     seconds: float
     peak_rss_bytes: int
+    peak_pss_bytes: int
     out: Path
 
     @property
@@ -139,7 +149,7 @@ def simulate_arm(
     out.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        with PeakRss(proc.pid) as rss:
+        with PeakMemory(proc.pid) as memory:
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -148,7 +158,13 @@ def simulate_arm(
     if rc != 0:
         raise RuntimeError(f"arm failed (exit {rc}); see {log}")
     records = read_records(RunFolder(out).metrics)
-    return Arm(records=records, seconds=time.perf_counter() - start, peak_rss_bytes=rss.peak, out=out)
+    return Arm(
+        records=records,
+        seconds=time.perf_counter() - start,
+        peak_rss_bytes=memory.peak_rss,
+        peak_pss_bytes=memory.peak_pss,
+        out=out,
+    )
 
 
 def write_results(
