@@ -32,7 +32,7 @@ from .audit import WireLog, load_arrays
 from .audit_integrity import Numbered, integrity_check, record_problems
 from .audit_render import CORRELATION_MASKED, render_markdown, render_plots
 from .audit_stats import attack_auc, one_run_epsilon, tpr_at_fpr
-from .canaries import CANARY_SITE, make_canaries
+from .canaries import CANARY_SITE, run_canaries
 from .config import FedConfig, parse_run_config
 from .files import write_text_atomic
 from .records import RoundRecord, read_records
@@ -283,9 +283,9 @@ def membership(out_dir: Path, cfg: FedConfig, meta: dict[str, Any]) -> dict[str,
     """Loss-based canary scores: loss under the initial adapter minus loss under the shared adapter."""
     from .adapters import set_adapter_arrays
     from .model import bring_up
-    from .train import predict_proba
+    from .train import example_losses
 
-    canaries = make_canaries(cfg.audit_canaries, tuple(meta["label_names"]), cfg.seed)
+    canaries = run_canaries(cfg, tuple(meta["label_names"]))
     # the audit runs where the report is made: any device there, whatever the run used
     parts = bring_up(dataclasses.replace(cfg, device="auto"), len(meta["label_names"]))
     model, tokenizer, device = parts.model, parts.tokenizer, parts.device
@@ -294,15 +294,16 @@ def membership(out_dir: Path, cfg: FedConfig, meta: dict[str, Any]) -> dict[str,
     for path in (run.global_round(1), run.global_final):
         arrays, _ = _arrays(path)
         set_adapter_arrays(model, arrays)
-        probs = predict_proba(
-            model,
-            tokenizer,
-            canaries.records,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-            device=device,
+        losses.append(
+            example_losses(
+                model,
+                tokenizer,
+                canaries.records,
+                batch_size=cfg.batch_size,
+                max_length=cfg.max_length,
+                device=device,
+            )
         )
-        losses.append(-np.log(np.clip(probs[np.arange(len(probs)), canaries.records.labels], 1e-12, None)))
     scores = losses[0] - losses[1]
     one_run = one_run_epsilon(scores, canaries.members, delta=cfg.dp_delta)
     return {

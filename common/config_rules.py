@@ -83,8 +83,3 @@ def _generation(cfg: FedConfig) -> None:
             f"`label-skew={cfg.label_skew}` corrects a classifier's logits, but `task={cfg.task}` generates "
             "its answer with a causal LM: set `label-skew=none` (the `llm` preset does)."
         )
-    if cfg.audit_canaries:
-        raise ConfigError(
-            f"`audit-canaries` plants labelled canary patients, which generative `task={cfg.task}` cannot "
-            "score yet: set `audit-canaries=0`."
-        )

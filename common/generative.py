@@ -60,10 +60,11 @@ def encode_pairs(
     return {"input_ids": input_ids, "attention_mask": mask}, labels
 
 
-def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over examples of each example's mean next-token cross-entropy on its answer tokens.
+def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's mean next-token cross-entropy on its answer tokens, and whether it has any.
 
-    Averaging per example first keeps one example one unit (what DP-SGD clips), however long its answer.
+    Returns ``(losses, counted)``, both of shape ``(batch,)``; an example without answer tokens
+    (all cut off by ``max-length``) has loss 0 and ``counted`` False.
     """
     shifted = logits[:, :-1].float()
     target = labels[:, 1:]
@@ -71,8 +72,16 @@ def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="none"
     ).view(target.shape)
     counted = (target != IGNORE).sum(dim=1)
-    per_example = tokens.sum(dim=1) / counted.clamp(min=1)
-    return per_example[counted > 0].mean()
+    return tokens.sum(dim=1) / counted.clamp(min=1), counted > 0
+
+
+def causal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over examples of each example's mean next-token cross-entropy on its answer tokens.
+
+    Averaging per example first keeps one example one unit (what DP-SGD clips), however long its answer.
+    """
+    losses, counted = answer_losses(logits, labels)
+    return losses[counted].mean()
 
 
 @torch.no_grad()

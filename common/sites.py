@@ -14,7 +14,7 @@ import functools
 import logging
 from dataclasses import dataclass
 
-from .canaries import CANARY_SITE, make_canaries, with_members
+from .canaries import CANARY_SITE, run_canaries, with_members
 from .config import FedConfig
 from .data import TextDataset, load_task, split
 from .options import USER_FILE_TASKS
@@ -77,7 +77,7 @@ def simulated_site(cfg: FedConfig, partition_id: int, num_partitions: int) -> Si
     indices = _partitioner(cfg, num_partitions).load_partition(partition_id)
     train, test = split(rest.subset(indices), cfg.test_fraction, cfg.seed + partition_id)
     if cfg.audit_canaries and partition_id == CANARY_SITE:
-        train = with_members(train, make_canaries(cfg.audit_canaries, rest.label_names, cfg.seed))
+        train = with_members(train, run_canaries(cfg, rest.label_names))
     if len(train) == 0:
         raise ValueError(
             f"Simulated site {partition_id} has no training examples ({len(indices)} in its partition); "

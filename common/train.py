@@ -161,7 +161,7 @@ def train(
             if not len(labels):
                 stepper.step(None)
                 continue
-            loss = _loss(stepper, inputs, labels.to(device), device, logit_transform)
+            loss = _loss(stepper, inputs, labels.to(device), device, logit_transform, causal=ds.generative)
             stepper.step(loss + _proximal(params, anchors, proximal_mu))
             total_loss += loss.item() * len(labels)
             seen += len(labels)
@@ -186,14 +186,17 @@ def _loss(
     labels: torch.Tensor,
     device: torch.device,
     logit_transform: LogitTransform | None,
+    *,
+    causal: bool,
 ) -> torch.Tensor:
     """Cross-entropy of one batch; a non-finite one is refused.
 
-    Class ids ``(batch,)``: over the logits corrected by ``logit_transform``; token labels
-    ``(batch, length)``: a causal LM's loss on the answer tokens (``generative.causal_loss``).
+    ``causal``: a causal LM's loss on the answer tokens (``labels`` are token labels ``(batch,
+    length)``, :func:`generative.causal_loss`); else ``labels`` are class ids ``(batch,)`` and the
+    loss is over the logits corrected by ``logit_transform``.
     """
     logits = stepper.logits({k: v.to(device) for k, v in inputs.items()})
-    if labels.dim() == 2:
+    if causal:
         loss = generative.causal_loss(logits, labels)
     else:
         logits = logit_transform(logits) if logit_transform is not None else logits
@@ -276,6 +279,14 @@ class EvalResult:
         return out
 
 
+def _eval_logits(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """The model's logits for one batch, under the device's autocast (callers hold ``no_grad``)."""
+    with autocast(device):
+        return model(**{k: v.to(device) for k, v in inputs.items()}).logits
+
+
 @torch.no_grad()
 def predict_proba(
     model: torch.nn.Module,
@@ -290,11 +301,41 @@ def predict_proba(
     model.to(device).eval()
     out = []
     for inputs, _ in batching.batches(tokenizer, ds, batch_size, max_length, None):
-        with autocast(device):
-            logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+        logits = _eval_logits(model, inputs, device)
         out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     model.cpu()
     return np.concatenate(out) if out else np.zeros((0, len(ds.label_names)), dtype=np.float32)
+
+
+@torch.no_grad()
+def example_losses(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    ds: TextDataset,
+    *,
+    batch_size: int,
+    max_length: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Each example's loss, shape ``(len(ds),)``.
+
+    Classification: ``-log p(its class)``. A generative task: the mean cross-entropy on its answer
+    tokens (0 for an answer cut off entirely by ``max_length``).
+    """
+    if not ds.generative:
+        probs = predict_proba(
+            model, tokenizer, ds, batch_size=batch_size, max_length=max_length, device=device
+        )
+        return -np.log(np.clip(probs[np.arange(len(probs)), ds.labels], 1e-12, None))
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(ds), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(ds)))
+        inputs, labels = batching.encode(tokenizer, ds, idx, max_length)
+        losses, _ = generative.answer_losses(_eval_logits(model, inputs, device), labels.to(device))
+        out.append(losses.cpu().numpy())
+    model.cpu()
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
 def score(probs: np.ndarray, labels: np.ndarray, num_labels: int) -> EvalResult:
@@ -355,8 +396,7 @@ def _evaluate_answers(
     for start in range(0, len(ds), batch_size):
         idx = np.arange(start, min(start + batch_size, len(ds)))
         inputs, labels = batching.encode(tokenizer, ds, idx, max_length)
-        with autocast(device):
-            logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+        logits = _eval_logits(model, inputs, device)
         loss_sum += generative.causal_loss(logits, labels.to(device)).item() * len(idx)
         with autocast(device):
             answers += generative.generate(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,22 +170,22 @@ def measure(s: dict[str, Any]) -> Outcome:
     # the deployed coordinator gets no site data: counts and labels come with the config
     rc = {k: v for k, v in run_config(files, s, s["sites"]).items() if k != "data-path"}
     nudged = nudged_base_model(work / "consortium-model")
-    arms: list[tuple[str, str, bool | None]] = [  # (arm, base model, site workers; None = simulation)
-        ("simulation", "", None),
-        ("deployment, site workers", "", True),
-        ("deployment, a process per message", "", False),
-        ("deployment, sites lack it (site workers)", str(nudged), True),
+    arms = [
+        DeployArm("simulation", "", None),
+        DeployArm("deployment, site workers", "", True),
+        DeployArm("deployment, a process per message", "", False),
+        DeployArm("deployment, sites lack it (site workers)", str(nudged), True),
     ]
     if s["large_model"]:
         large = str(large_base_model(work / "large-model"))
         arms += [
-            ("simulation, large model", large, None),
-            ("deployment, site workers, large model", large, True),
+            DeployArm("simulation, large model", large, None),
+            DeployArm("deployment, site workers, large model", large, True, installed_at_sites=True),
         ]
     rows = []
-    for n, (label, base, workers) in enumerate(arms, 1):
-        console.print(f"[bold]arm {n}/{len(arms)}[/bold]: {label}")
-        rows.append(_arm(work, n, label, {**rc, "base-model": base}, workers, files, s["sites"]))
+    for n, arm in enumerate(arms, 1):
+        console.print(f"[bold]arm {n}/{len(arms)}[/bold]: {arm.label}")
+        rows.append(_arm(work, n, arm, {**rc, "base-model": arm.base_model}, files, s["sites"]))
     _ratios(rows)
     full = base_model_nbytes(nudged)
     lack = rows[3]
@@ -205,12 +206,25 @@ def measure(s: dict[str, Any]) -> Outcome:
     return Outcome(rows, notes, {"run_config": rc, "base_model_bytes": full})
 
 
+@dataclass(frozen=True)
+class DeployArm:
+    """One arm: its label, base model (``""`` = packaged), site workers (``None`` = simulation).
+
+    ``installed_at_sites``: the model is put in every site's model cache before the run (as an
+    operator would install a large model), so the arm measures rounds, not a transfer.
+    """
+
+    label: str
+    base_model: str
+    site_workers: bool | None
+    installed_at_sites: bool = False
+
+
 def _arm(
     work: Path,
     n: int,
-    label: str,
+    arm: DeployArm,
     rc: dict[str, Any],
-    workers: bool | None,
     files: dict[str, Any],
     sites: int,
 ) -> dict[str, Any]:
@@ -222,15 +236,17 @@ def _arm(
 
     out = work / f"arm-{n}"
     mb = base_model_nbytes(resolve_model_dir(rc["base-model"])) / 1e6
-    if workers is None:
-        arm = federate_site_files(out, work / "data", sites, rc)
-        return {**_row(label, arm.records, arm.seconds, out), "base_model_mb": mb}
+    if arm.site_workers is None:
+        simulated = federate_site_files(out, work / "data", sites, rc)
+        return {**_row(arm.label, simulated.records, simulated.seconds, out), "base_model_mb": mb}
     shutil.rmtree(out, ignore_errors=True)
-    if "large" in label:
+    if arm.installed_at_sites:
         install_in_site_caches(Path(rc["base-model"]), out, sites)
     site_files = [x["path"] for x in files["sites"]]
+    workers = arm.site_workers
     summary = deploy_local(site_files, out, rc, timeout=3600, echo=console.print, site_workers=workers)
-    return {**_row(label, read_records(RunFolder(out).metrics), summary["seconds"], out), "base_model_mb": mb}
+    records = read_records(RunFolder(out).metrics)
+    return {**_row(arm.label, records, summary["seconds"], out), "base_model_mb": mb}
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:

@@ -25,7 +25,7 @@ from .arms import arms_dir, cached, federated_arm, resolved
 from .figures import new_figure, save_figure
 from .spec import Benchmark, Outcome, target_note
 from .stats import mean_over_rounds, per_site_mean
-from .training import bench_threads, run_meta, torch_threads
+from .training import bench_threads, run_meta, torch_threads, train_central
 
 NAME = "llm"
 COLUMNS = (
@@ -116,20 +116,11 @@ def _in_process(cfg: Any, train: Any, steps: int) -> dict[str, Any]:
     """A fresh LoRA of ``cfg`` trained ``steps`` steps on ``train`` with a site's recipe, then scored."""
     from fedtune.common.model import bring_up
     from fedtune.common.sites import coordinator_test_set
-    from fedtune.common.train import evaluate, recipe
-    from fedtune.common.train import train as train_loop
+    from fedtune.common.train import evaluate
 
     parts = bring_up(cfg, len(train.label_names))
+    res = train_central(cfg, parts, train, steps=steps)
     with torch_threads(bench_threads()):
-        res = train_loop(
-            parts.model,
-            parts.tokenizer,
-            train,
-            steps=steps,
-            device=parts.device,
-            seed=cfg.seed,
-            **recipe(cfg, train),
-        )
         scored = evaluate(
             parts.model,
             parts.tokenizer,

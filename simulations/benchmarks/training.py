@@ -57,11 +57,14 @@ def concat(parts: Sequence[TextDataset]) -> TextDataset:
     )
 
 
-def central_schedule(cfg: FedConfig, examples: int, epochs: int) -> Schedule:
-    """Centralized training's learning-rate schedule: the run config's, over all of its ``epochs``."""
+def central_schedule(cfg: FedConfig, examples: int, epochs: int = 0, steps: int = 0) -> Schedule:
+    """Centralized training's learning-rate schedule: the run config's, over all of its steps.
+
+    The steps are ``steps`` when given, else ``epochs`` passes over ``examples``.
+    """
     from fedtune.common.local_plan import Schedule
 
-    total = epochs * math.ceil(examples / cfg.batch_size)
+    total = steps or epochs * math.ceil(examples / cfg.batch_size)
     return Schedule(cfg.lr_schedule, total=total, warmup=round(cfg.lr_warmup * total))
 
 
@@ -70,26 +73,31 @@ def train_central(
     parts: ModelParts,
     train: TextDataset,
     *,
-    epochs: int,
+    epochs: int = 0,
+    steps: int = 0,
     on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train ``parts.model`` on ``train`` in-process for ``epochs`` with a site's settings of ``cfg``.
+    """Train ``parts.model`` on ``train`` in-process for ``epochs`` (or ``steps``) with a site's settings.
 
     Same optimiser, batch size, learning rate, max length, device and seed as a federated site; the
-    learning-rate schedule runs over all ``epochs`` and ``label-skew`` uses ``train``'s own label prior.
+    learning-rate schedule runs over all the training and ``label-skew`` uses ``train``'s own label
+    prior. Give exactly one of ``epochs`` and ``steps``.
     """
     from fedtune.common.train import recipe
     from fedtune.common.train import train as train_loop
 
+    if (epochs > 0) == (steps > 0):
+        raise ValueError(f"Give exactly one of epochs ({epochs}) and steps ({steps}).")
     with torch_threads(bench_threads()):
         return train_loop(
             parts.model,
             parts.tokenizer,
             train,
             epochs=epochs,
+            steps=steps,
             device=parts.device,
             seed=cfg.seed,
-            schedule=central_schedule(cfg, len(train), epochs),
+            schedule=central_schedule(cfg, len(train), epochs, steps),
             on_epoch_end=on_epoch_end,
             **recipe(cfg, train),
         )

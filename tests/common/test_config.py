@@ -367,10 +367,6 @@ def test_bound_values_are_inclusive(key: str, value: Any) -> None:
             {"task": "instructions", "data-path": "/d.csv", "label-skew": "restricted-softmax"},
             ("label-skew=restricted-softmax", "task=instructions", "set `label-skew=none`"),
         ),
-        (
-            {"task": "icd10-code", "label-skew": "none", "audit-canaries": 4},
-            ("audit-canaries", "task=icd10-code", "set `audit-canaries=0`"),
-        ),
         ({"prompt-template": "Diagnosis: {txt}"}, ("prompt-template", "'Diagnosis: {txt}'", "no `{text}`")),
         (
             {"task": "icd10-code", "label-skew": "none", "prompt-template": "Code:"},

@@ -14,6 +14,7 @@ from fedtune.common.dataset import TextDataset
 from fedtune.common.generative import (
     IGNORE,
     GenerationResult,
+    answer_losses,
     causal_loss,
     encode_pairs,
     generate,
@@ -488,3 +489,16 @@ def test_evaluate_scores_free_text_answers_by_exact_match_only(
     assert isinstance(res, GenerationResult)
     assert (res.exact_match, res.category_match, res.valid_code) == (0.5, None, None)
     assert set(res.as_metrics()) == {"loss", "exact_match"}
+
+
+def test_answer_losses_are_each_examples_own_and_mark_an_answer_cut_off() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 6, 5, generator=gen)
+    labels = torch.tensor([[-100, -100, 2, 4, -100, -100], [3, -100, 0, 3, 3, 1], [-100] * 6])
+    losses, counted = answer_losses(logits, labels)
+    assert counted.tolist() == [True, True, False]
+    for i in (0, 1):
+        assert losses[i].item() == pytest.approx(
+            _hand_loss(logits[i : i + 1], labels[i : i + 1]).item(), rel=1e-6
+        )
+    assert losses[2].item() == 0.0

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import fake_task_identity
-from fedtune.common.adapters import get_adapter_arrays, nbytes
+from fedtune.common.adapters import get_adapter_arrays, nbytes, set_adapter_arrays
 from fedtune.common.audit import load_arrays
 from fedtune.common.model import base_model_nbytes, load_tokenizer, select_device
 from fedtune.common.prompts import PROMPTS
@@ -34,6 +34,7 @@ GENERATIVE = {
     "max-new-tokens": 6,
     "learning-rate": 1e-2,
 }
+CANARIES = 30
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,9 +45,10 @@ def _task() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory: pytest.TempPathFactory, tiny_causal_lm: Path) -> RunState:
-    """3 sites, 2 rounds of LoRA on the tiny causal LM, under SecAgg+, audited."""
+    """3 sites, 2 rounds of LoRA on the tiny causal LM, under SecAgg+, audited with 30 canaries."""
     out = tmp_path_factory.mktemp("generative")
-    return run_federation(fast_config(out, tiny_causal_lm, secure_aggregation=True, **GENERATIVE))
+    cfg = fast_config(out, tiny_causal_lm, secure_aggregation=True, audit_canaries=CANARIES, **GENERATIVE)
+    return run_federation(cfg)
 
 
 def test_each_round_records_the_generated_answers_scores_and_no_classifier_scores(lora: RunState) -> None:
@@ -124,3 +126,48 @@ def test_patient_level_dp_sgd_trains_the_causal_lm_and_accounts_each_site(
     assert [r.round for r in records] == [0, 1, 2]
     assert records[-1].example_dp_epsilon is not None and 0 < records[-1].example_dp_epsilon <= 8.0
     assert sorted(records[-1].sites_example_dp) == ["0", "1", "2"]
+
+
+def test_the_audit_scores_the_canaries_answers_planted_at_site_0(lora: RunState) -> None:
+    from fedtune.common.audit_report import build_report
+    from fedtune.common.canaries import run_canaries
+    from fedtune.common.sites import simulated_site
+    from fedtune.common.train import example_losses
+
+    # the member canaries, with their code-shaped answers, are in site 0's training data only
+    canaries = run_canaries(lora.cfg, coordinator_test_set(lora.cfg).label_names)
+    members = {
+        (canaries.records.texts[i], canaries.records.targets[i]) for i in np.flatnonzero(canaries.members)
+    }
+    site0 = simulated_site(lora.cfg, 0, 3).train
+    assert members and members <= set(zip(site0.texts, site0.targets, strict=True))
+    assert not members & set(
+        zip(
+            simulated_site(lora.cfg, 1, 3).train.texts,
+            simulated_site(lora.cfg, 1, 3).train.targets,
+            strict=True,
+        )
+    )
+
+    report = build_report(Path(lora.cfg.out_dir))
+
+    # the membership scores are the drop of each canary's answer loss from round 1's adapter to the final
+    mia = report["membership_inference"]
+    assert mia["canaries"] == CANARIES and mia["members"] == len(members)
+    assert 0.0 <= mia["attack_auc"] <= 1.0
+    audit = Path(lora.cfg.out_dir) / "audit" / "server"
+    losses = []
+    for name in ("global-round-001.npz", "global-final.npz"):  # final last: the shared model ends as it was
+        set_adapter_arrays(lora.shared.model, load_arrays(audit / name)[0])
+        losses.append(
+            example_losses(
+                lora.shared.model,
+                load_tokenizer(Path(lora.cfg.base_model)),
+                canaries.records,
+                batch_size=lora.cfg.batch_size,
+                max_length=lora.cfg.max_length,
+                device=select_device("cpu"),
+            )
+        )
+    assert losses[0].shape == (CANARIES,) and (losses[1] > 0).all()
+    assert np.allclose(mia["_scores"], losses[0] - losses[1], atol=1e-5)

@@ -44,7 +44,8 @@ def test_targets_read_fedtunes_arms_not_the_flower_dispatch_baseline() -> None:
     assert sum("missed" in line for line in lines) == 2, lines
 
 
-def test_peak_memory_counts_a_child_process_and_shared_pages_once() -> None:
+def test_peak_memory_counts_a_child_process_and_shared_pages_once(monkeypatch) -> None:
+    monkeypatch.setattr(PeakMemory, "PSS_EVERY", 1)  # PSS at every sample: the child lives 2 s
     # Prepare: a child that holds ~200 MB of its own memory for a moment
     code = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(2)"
     proc = subprocess.Popen(
