@@ -119,8 +119,9 @@ def measure(s: dict[str, Any]) -> Outcome:
         f"{HOLDOUT} held out, {SAMPLED} sampled per round, SecAgg+ on, {s['rounds']} rounds (seconds per "
         "round: mean over rounds 2..; round 1 also starts the actors and checks that the sampled hospitals "
         f"hold the base model). Growth: against {first['hospitals']} hospitals in the same invocation.",
-        "Peak memory of the `fedtune simulate` process tree (Ray included), sampled every 0.2 s: PSS "
-        "counts a page shared by k processes 1/k in each (the memory the tree holds); RSS counts it k times.",
+        "Peak memory of the `fedtune simulate` process tree (Ray included): PSS (sampled every 2 s) "
+        "counts a page shared by k processes 1/k in each (the memory the tree holds); RSS (every 0.2 s) "
+        "counts it k times.",
         "dispatch: fedtune's = Flower's engine asking only the nodes that have a message "
         "(`fedtune.simulations.dispatch`); Flower's = its own loop, which asks every node every 0.1 s.",
     ]

@@ -606,6 +606,61 @@ def test_deployment_leaves_no_process_behind(deployment: Deployment) -> None:
 
 
 @pytest.mark.e2e
+def test_generative_sites_deploy_a_causal_lm_over_tls_and_its_adapter_generates(
+    tmp_path: Path, tiny_causal_lm: Path
+) -> None:
+    # Prepare: 3 hospitals' instruction files (JSONL) and the coordinator's held-out file; no site has
+    # the causal LM the coordinator pins
+    rows = [{"instruction": f"Cholera case {i}", "response": f"A0{i % 10}.{i % 7}"} for i in range(48)]
+    data = tmp_path / "data"
+    data.mkdir()
+    sites = [data / f"site-{k}.jsonl" for k in range(3)]
+    for k, site in enumerate(sites):
+        site.write_text("".join(json.dumps(r) + "\n" for r in rows[k * 14 : (k + 1) * 14]))
+    test = data / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows[42:]))
+    out = tmp_path / "out"
+    overrides = (
+        "task=instructions label-skew=none lora-target-modules=q_proj,v_proj num-server-rounds=2 "
+        f"min-clients=3 batch-size=8 local-steps=3 max-new-tokens=6 base-model={tiny_causal_lm}"
+    )
+    cmd = [sys.executable, "-m", "fedtune.simulations.cli", "deploy-local", "--sites", "3"]
+    cmd += ["--site-data", *map(str, sites), "--test-data", str(test), "--out", str(out)]
+    cmd += ["--run-config", overrides, "--timeout", "900"]
+
+    # Execute
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1000)
+
+    # Assert: two rounds under SecAgg+ on 3 authenticated sites, scored by generated answers
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert len(r["site_train_examples"]) == 3 and r["exact_match"] is not None and r["accuracy"] is None
+    transfers = json.loads((out / "base_model_distribution.json").read_text())
+    assert sorted(t["status"] for t in transfers) == ["received"] * 3  # the causal LM went to each site
+    summary = json.loads((out / "deployment.json").read_text())
+    for site in summary["sites"]:  # each site's worker trained its rounds
+        assert Path(site["worker_log"]).read_text().count(f"fit for node {site['node_id']}") == 2
+
+    # Assert: the adapter loads with plain peft on the causal LM and generates
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    meta = json.loads((out / "adapter" / "fedtune.json").read_text())
+    assert meta["task"] == "instructions" and "{text}" in meta["prompt_template"]
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(meta["base_model"]), out / "adapter"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(meta["base_model"])
+    prompt = meta["prompt_template"].replace("{text}", "Cholera case 3")
+    with torch.no_grad():
+        generated = model.eval().generate(**tokenizer([prompt], return_tensors="pt"), max_new_tokens=4)
+    assert generated.shape[1] > len(tokenizer(prompt)["input_ids"])
+
+
+@pytest.mark.e2e
 def test_ctrl_c_during_a_deployment_stops_every_process(tmp_path: Path) -> None:
     # Prepare: a deployment whose SuperNodes are up
     sites, test = write_pima_sites(tmp_path / "data", n_sites=2)
