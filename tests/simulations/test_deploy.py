@@ -636,7 +636,7 @@ def test_generative_sites_deploy_a_causal_lm_over_tls_and_its_adapter_generates(
     records = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in records] == [0, 1, 2]
     for r in records[1:]:
-        assert len(r["site_train_examples"]) == 3 and r["exact_match"] is not None and r["accuracy"] is None
+        assert len(r["site_train_examples"]) == 3 and r["exact_match"] is not None and "accuracy" not in r
     transfers = json.loads((out / "base_model_distribution.json").read_text())
     assert sorted(t["status"] for t in transfers) == ["received"] * 3  # the causal LM went to each site
     summary = json.loads((out / "deployment.json").read_text())
@@ -656,7 +656,8 @@ def test_generative_sites_deploy_a_causal_lm_over_tls_and_its_adapter_generates(
     tokenizer = AutoTokenizer.from_pretrained(meta["base_model"])
     prompt = meta["prompt_template"].replace("{text}", "Cholera case 3")
     with torch.no_grad():
-        generated = model.eval().generate(**tokenizer([prompt], return_tensors="pt"), max_new_tokens=4)
+        inputs = tokenizer([prompt], return_tensors="pt", return_token_type_ids=False)
+        generated = model.eval().generate(**inputs, max_new_tokens=4)
     assert generated.shape[1] > len(tokenizer(prompt)["input_ids"])
 
 
