@@ -68,3 +68,8 @@ def test_the_runs_canaries_follow_its_task_and_prompt_template() -> None:
     assert run_canaries(code, LABELS).records.texts[0].startswith(PROMPTS["icd10-code"].split("{text}")[0])
     assert run_canaries(custom, LABELS).records.texts[0].startswith("Diagnosis: Patient record")
     assert CANARY_SITE == 0
+
+
+def test_each_canary_is_a_member_with_probability_one_half() -> None:
+    share = make_canaries(4000, LABELS, seed=3).members.mean()
+    assert abs(share - 0.5) < 0.03  # 4 standard errors of a fair coin over 4,000 canaries

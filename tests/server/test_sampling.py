@@ -50,6 +50,7 @@ def test_the_strategy_trains_exactly_the_sites_drawn_ahead_and_flower_would_draw
 
     # the strategy's sample is the drawn one, in order; and it is the sample Flower's own manager draws
     assert _nodes(_fedavg(0.01).configure_fit(1, PARAMS, sampler)) == drawn == flower
+    assert not sampler._drawn  # handed out once
     # a drawn sample is used once: the next round without a draw samples anew
     assert len(_nodes(_fedavg(0.01).configure_fit(2, PARAMS, sampler))) == 10
 
@@ -59,6 +60,13 @@ def test_a_drawn_sample_of_the_wrong_size_is_dropped_and_the_sites_drawn_again()
     sampler.draw(10)
     assert len(sampler.sample(5)) == 5
     assert not sampler._drawn  # dropped, not kept for a later call
+
+
+def test_a_sample_with_a_criterion_is_drawn_anew_under_it() -> None:
+    sampler = _manager(RoundSampler, 100)
+    sampler.draw(10)
+    odd = SimpleNamespace(select=lambda proxy: proxy.node_id % 2 == 1)
+    assert all(p.node_id % 2 == 1 for p in sampler.sample(10, criterion=odd))
 
 
 def _state(strategy: FedAvg, fraction_evaluate: float, tmp_path: Any) -> Any:
@@ -79,9 +87,10 @@ def _state(strategy: FedAvg, fraction_evaluate: float, tmp_path: Any) -> Any:
 
 
 def test_only_the_rounds_sites_get_the_base_model_check_each_once(tmp_path) -> None:
-    # Prepare: 1,000 connected hospitals, 1% trained per round
-    strategy = _fedavg(0.01)
-    context = SimpleNamespace(client_manager=_manager(RoundSampler, 1000))
+    # Prepare: 40 connected hospitals, a quarter trained per round (rounds 1 and 2 share some sites)
+    random.seed(0)
+    strategy = _fedavg(0.25)
+    context = SimpleNamespace(client_manager=_manager(RoundSampler, 40))
     state = _state(strategy, 0.0, tmp_path)
 
     # Execute: two rounds of (draw, check, configure_fit)
@@ -92,6 +101,7 @@ def test_only_the_rounds_sites_get_the_base_model_check_each_once(tmp_path) -> N
         trained.append(_nodes(strategy.configure_fit(server_round, PARAMS, context.client_manager)))
 
     # Assert: each round checks its 10 trained sites, none already checked, and no other site
+    assert set(trained[0]) & set(trained[1])  # the case that matters: a site sampled twice
     first, second = state.distributor.checked
     assert first == sorted(trained[0])
     assert second == sorted(set(trained[1]) - set(trained[0]))
