@@ -5,7 +5,8 @@ backend from one thread, ``add_messages_to_queue``: every 0.1 s it asks the in-m
 each registered node's next message, and each ask scans every stored message. With N simulated
 hospitals and M messages in flight that is N x M checks per pass, under the state's lock and the
 GIL: at 10,000 hospitals and 10 in flight, 100,000 checks every 0.1 s, which starves the
-coordinator's thread in the same process (a round took 4.5x that of 10 hospitals).
+coordinator's thread in the same process (``fedtune bench scale``: rounds at 1.74x those of 10
+hospitals with Flower's loop, 1.05x with this one).
 
 :func:`add_messages_to_queue` is the same loop asking only the nodes that have an undelivered
 message (one pass over the stored messages finds them); each such node is asked with Flower's own
