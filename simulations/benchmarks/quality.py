@@ -7,9 +7,11 @@ of their local splits, which no arm trains on) and on the coordinator's **held-o
 judged at two points chosen without the test set: its **best validation point** and the **default
 budget** (round / epoch 5). For every partition and seed:
 
-- **federated** (``strategy`` in :data:`STRATEGIES`, each at its default settings, which
+- **federated** (``strategy`` in :data:`STRATEGIES`, its server settings at their defaults, which
   ``bench tuning`` chose on validation): one ``fedtune simulate`` of up to ``max_rounds`` rounds
-  (:func:`~fedtune.simulations.benchmarks.curves.federated_curve`);
+  (:func:`~fedtune.simulations.benchmarks.curves.federated_curve`) per setting of
+  :data:`FEDERATED_GRID` (local steps per round, learning rate); the setting with the best
+  validation macro-F1 is the arm's, chosen per seed and per judging point;
 - **centralized**: the same model and training loop on the pooled training splits for up to
   ``max_epochs`` epochs, once per setting of :data:`CENTRAL_GRID` (learning rate, label prior); the
   setting with the best validation macro-F1 is the arm's, chosen per seed and per judging point;
@@ -25,13 +27,15 @@ within 3 macro-F1 points of centralized at Dirichlet 0.3 (1.5 at IID, 5 at speci
 above the mean local-only site, and at the budget at least 80% of centralized after as many epochs.
 
 Running a subset
-    The full protocol (5 partitions x 3 seeds; 50 rounds, 20 epochs x 4 settings, 10 sites x 10 local
-    rounds) takes about 2.5 hours per partition and seed on 2 CPU cores, ~37 hours in all. Choose with
-    ``FEDTUNE_BENCH_PARTITIONS``, ``FEDTUNE_BENCH_STRATEGIES``, ``FEDTUNE_BENCH_SEEDS``,
-    ``FEDTUNE_BENCH_CENTRAL`` (comma-separated names) and shorten with ``FEDTUNE_BENCH_MAX_ROUNDS`` /
-    ``FEDTUNE_BENCH_MAX_EPOCHS`` (the notes then say the protocol was cut). Every arm's result is
-    saved in ``results/arms/quality/``; ``FEDTUNE_BENCH_RESUME=1`` reuses an arm saved with the same
-    settings, and ``FEDTUNE_BENCH_SAVED_ONLY=1`` computes nothing and lists the arms not run yet.
+    The full protocol (5 partitions x 3 seeds; 50 rounds x 3 federated settings, 20 epochs x 4
+    centralized settings, 10 sites x 10 local rounds) takes about 7 hours per partition and seed on
+    2 CPU cores (a 30-step round about 3 minutes, a 10-step round about 1), ~100 hours in all.
+    Choose with ``FEDTUNE_BENCH_PARTITIONS``, ``FEDTUNE_BENCH_STRATEGIES``, ``FEDTUNE_BENCH_SEEDS``,
+    ``FEDTUNE_BENCH_FEDERATED``, ``FEDTUNE_BENCH_CENTRAL`` (comma-separated names) and shorten with
+    ``FEDTUNE_BENCH_MAX_ROUNDS`` / ``FEDTUNE_BENCH_MAX_EPOCHS`` (the notes then say the protocol was
+    cut). Every arm's result is saved in ``results/arms/quality/``; ``FEDTUNE_BENCH_RESUME=1`` reuses
+    an arm saved with the same settings, and ``FEDTUNE_BENCH_SAVED_ONLY=1`` computes nothing and lists
+    the arms not run yet.
 
 Quick: 3 sites, ``max-examples=600``, Dirichlet 0.3, 1 seed, 3 rounds / epochs, budget 2.
 """
@@ -68,6 +72,13 @@ PARTITIONS: dict[str, dict[str, Any]] = {
 }
 STRATEGIES: tuple[str, ...] = tuple(options.STRATEGIES)
 SEEDS: tuple[int, ...] = (42, 43, 44)
+# federated local recipes (the rest of the recipe at its defaults); validation picks one per strategy
+# and seed: fewer local steps per round drift less under label skew, a lower rate is steadier
+FEDERATED_GRID: dict[str, dict[str, Any]] = {
+    "s30-lr5e-3": {"local-steps": 30, "learning-rate": 5e-3},
+    "s10-lr5e-3": {"local-steps": 10, "learning-rate": 5e-3},
+    "s30-lr2e-3": {"local-steps": 30, "learning-rate": 2e-3},
+}
 # centralized settings; validation picks one per seed (the pooled label prior when logit-adjusted)
 CENTRAL_GRID: dict[str, dict[str, Any]] = {
     "lr5e-3": {"learning-rate": 5e-3, "label-skew": "none"},
@@ -89,6 +100,7 @@ def settings(quick: bool) -> dict[str, Any]:
             "local_rounds": 3,
             "partitions": ["dirichlet-0.3"],
             "strategies": ["fedavg"],
+            "federated": ["s30-lr5e-3"],
             "central": ["lr5e-3"],
             "seeds": [42],
         }
@@ -101,6 +113,7 @@ def settings(quick: bool) -> dict[str, Any]:
         "local_rounds": 10,
         "partitions": list(PARTITIONS),
         "strategies": ["fedavg"],
+        "federated": list(FEDERATED_GRID),
         "central": list(CENTRAL_GRID),
         "seeds": list(SEEDS),
     }
@@ -114,6 +127,9 @@ def chosen_settings(quick: bool) -> dict[str, Any]:
     )
     s["strategies"] = choose(
         "FEDTUNE_BENCH_STRATEGIES", env_list("FEDTUNE_BENCH_STRATEGIES", s["strategies"]), list(STRATEGIES)
+    )
+    s["federated"] = choose(
+        "FEDTUNE_BENCH_FEDERATED", env_list("FEDTUNE_BENCH_FEDERATED", s["federated"]), list(FEDERATED_GRID)
     )
     s["central"] = choose(
         "FEDTUNE_BENCH_CENTRAL", env_list("FEDTUNE_BENCH_CENTRAL", s["central"]), list(CENTRAL_GRID)
@@ -167,13 +183,14 @@ def _arm_plan(
     """``{arm: (saved file's label, key, compute)}`` for one partition and seed, in running order."""
     sites, plan = s["sites"], {}
     for strategy in s["strategies"]:
-        config = {**base, "strategy": strategy, "audit": "true"}
-        label = f"{part}-seed{seed}-{strategy}"
-        plan[strategy] = (
-            label,
-            {"sites": sites, "config": resolved(config)},
-            lambda label=label, config=config: federated_curve(NAME, label, config, sites),
-        )
+        for setting in s["federated"]:
+            config = {**base, "strategy": strategy, "audit": "true", **FEDERATED_GRID[setting]}
+            label = f"{part}-seed{seed}-{strategy}-{setting}"
+            plan[f"{strategy}-{setting}"] = (
+                label,
+                {"sites": sites, "config": resolved(config)},
+                lambda label=label, config=config: federated_curve(NAME, label, config, sites),
+            )
     for setting in s["central"]:
         config = {**base, **CENTRAL_GRID[setting]}
         plan[f"centralized-{setting}"] = (

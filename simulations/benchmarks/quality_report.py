@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .curves import summary
@@ -16,28 +16,27 @@ BUDGET_RATIO = 0.8  # federated / centralized macro-F1 at the default budget
 Judged = dict[str, dict[str, Any]]  # arm -> its figures at the best point and at the budget
 
 
-def arm_summaries(arms: Mapping[str, Any], budget: int) -> Judged:
+def arm_summaries(arms: Mapping[str, Any], budget: int, grids: Mapping[str, Sequence[str]]) -> Judged:
     """One partition and seed's arms judged at their best-validation point and at the budget.
 
-    Centralized: the grid setting with the best validation macro-F1, chosen separately at the best
-    point and at the budget (named in ``setting_best`` / ``setting_budget``). Local-only:
-    ``local-mean`` (mean over sites, each at its own best round) and ``local-best`` (the site best on
-    the held-out set, a reference).
+    ``grids`` maps each judged arm (a strategy, ``centralized``) to its settings; the run of setting
+    ``x`` is saved as arm ``"{arm}-{x}"``. An arm is its setting with the best validation macro-F1,
+    chosen separately at the best point and at the budget (named in ``setting_best`` /
+    ``setting_budget``). Local-only: ``local-mean`` (mean over sites, each at its own best round) and
+    ``local-best`` (the site best on the held-out set, a reference).
     """
     out: Judged = {}
-    for name, result in arms.items():
-        if "curve" in result and not name.startswith("centralized-"):
-            out[name] = summary(name, result["curve"], budget)
-    central = [summary(n, r["curve"], budget) for n, r in arms.items() if n.startswith("centralized-")]
-    if central:
-        at_best = max(central, key=lambda r: r["val_f1_best"])
-        at_budget = max(central, key=lambda r: r["val_f1_budget"])
-        out["centralized"] = {
-            **{k: at_best[k] for k in ("best", "val_f1_best", "test_f1_best", "test_acc_best")},
-            **{k: at_budget[k] for k in ("val_f1_budget", "test_f1_budget", "test_acc_budget")},
-            "setting_best": at_best["arm"].removeprefix("centralized-"),
-            "setting_budget": at_budget["arm"].removeprefix("centralized-"),
-        }
+    for arm, grid in grids.items():
+        runs = [summary(x, arms[f"{arm}-{x}"]["curve"], budget) for x in grid if f"{arm}-{x}" in arms]
+        if runs:
+            at_best = max(runs, key=lambda r: r["val_f1_best"])
+            at_budget = max(runs, key=lambda r: r["val_f1_budget"])
+            out[arm] = {
+                **{k: at_best[k] for k in ("best", "val_f1_best", "test_f1_best", "test_acc_best")},
+                **{k: at_budget[k] for k in ("val_f1_budget", "test_f1_budget", "test_acc_budget")},
+                "setting_best": at_best["arm"],
+                "setting_budget": at_budget["arm"],
+            }
     if "local" in arms:
         sites = arms["local"]["sites"]
         keys = ("best", "test_f1_best", "test_acc_best", "test_f1_budget", "test_acc_budget")
@@ -47,18 +46,27 @@ def arm_summaries(arms: Mapping[str, Any], budget: int) -> Judged:
     return out
 
 
+def grids(s: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The judged arms of settings ``s`` and the settings each chooses from (see :func:`arm_summaries`)."""
+    return {
+        **{strategy: list(s["federated"]) for strategy in s["strategies"]},
+        "centralized": list(s["central"]),
+    }
+
+
 def report(
     per_seed: Mapping[str, Mapping[int, Mapping[str, Any]]], s: Mapping[str, Any]
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """``(rows, notes)``: every arm by partition, mean ± std over seeds, and the targets."""
     judged = {
-        part: {seed: arm_summaries(arms, s["budget"]) for seed, arms in seeds.items()}
+        part: {seed: arm_summaries(arms, s["budget"], grids(s)) for seed, arms in seeds.items()}
         for part, seeds in per_seed.items()
     }
     rows = [_row(part, arm, runs) for part, seeds in judged.items() for arm, runs in _by_arm(seeds).items()]
     notes = [
         f"{s['sites']} hospitals, max-examples {s['max_examples']}, LoRA r=8, default recipe; seeds "
-        f"{', '.join(map(str, s['seeds']))}. Federated up to {s['max_rounds']} rounds, centralized up to "
+        f"{', '.join(map(str, s['seeds']))}. Federated up to {s['max_rounds']} rounds (settings "
+        f"{', '.join(s['federated'])}, one chosen per seed on validation), centralized up to "
         f"{s['max_epochs']} epochs (settings {', '.join(s['central'])}, one chosen per seed on validation), "
         f"each site alone up to {s['local_rounds']} rounds of its local steps. `best`: the round (epoch) of "
         "the best validation macro-F1 (validation = the sites' local splits; a site alone: its own split); "
@@ -104,7 +112,7 @@ def _row(part: str, arm: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
             mean, std = mean_std([r[f"{key}_{point}"] for r in runs])
             row[f"{metric}_{point}_mean"], row[f"{metric}_{point}_std"] = mean, std
             row[f"{metric}_{point}"] = pm(mean, std)
-    if arm == "centralized":
+    if "setting_best" in runs[0]:
         row["settings"] = sorted({r["setting_best"] for r in runs})
     return row
 
@@ -124,7 +132,9 @@ def _target_notes(part: str, arms: Mapping[str, list[dict[str, Any]]], s: Mappin
             continue
         fed = arms[arm]
         gap = 100 * (_f1(central, "best") - _f1(fed, "best"))
-        text = f"{part}, {arm}: macro-F1 at the best validation point {100 * _f1(fed, 'best'):.1f} (round "
+        chosen = ", ".join(sorted({r["setting_best"] for r in fed}))
+        text = f"{part}, {arm} ({chosen}): macro-F1 at the best validation point "
+        text += f"{100 * _f1(fed, 'best'):.1f} (round "
         text += f"{mean_std([r['best'] for r in fed])[0]:.0f}), centralized {100 * _f1(central, 'best'):.1f}"
         text += f" (epoch {mean_std([r['best'] for r in central])[0]:.0f}): gap {gap:+.1f} points"
         if part in TARGET_GAPS:

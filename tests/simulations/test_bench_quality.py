@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from fedtune.simulations.benchmarks import quality as bench_quality
-from fedtune.simulations.benchmarks.quality_report import arm_summaries, plot, report
+from fedtune.simulations.benchmarks.quality_report import arm_summaries, grids, plot, report
 from fedtune.simulations.benchmarks.spec import Outcome
 
 
@@ -32,32 +32,44 @@ def _site(best: int, f1_best: float, f1_budget: float) -> dict[str, Any]:
     }
 
 
-def test_centralized_setting_is_chosen_on_validation_separately_at_each_point() -> None:
+def test_each_arm_chooses_its_setting_on_validation_separately_at_each_point() -> None:
     # Prepare: "a" has the best validation peak (epoch 3), "b" the better validation at the budget
-    # (epoch 2); the held-out set would choose the other way round both times
+    # (epoch 2); the held-out set would choose the other way round both times. Federated: "s1"
+    # peaks higher on validation, "s2" on the held-out set.
     arms = {
-        "fedavg": _curve((0.1, 0.2), (0.3, 0.25), (0.2, 0.4)),
+        "fedavg-s1": _curve((0.1, 0.2), (0.3, 0.25), (0.2, 0.4)),
+        "fedavg-s2": _curve((0.1, 0.2), (0.25, 0.6), (0.2, 0.7)),
+        "fedavg-unlisted": _curve((0.9, 0.9), (0.9, 0.9), (0.9, 0.9)),
         "centralized-a": _curve((0.1, 0.7), (0.3, 0.35), (0.5, 0.4)),
         "centralized-b": _curve((0.45, 0.6), (0.4, 0.2), (0.1, 0.9)),
         "local": {"sites": [_site(1, 0.1, 0.05), _site(3, 0.3, 0.15)]},
     }
+    grids = {"fedavg": ["s1", "s2"], "centralized": ["a", "b"]}
 
     # Execute
-    judged = arm_summaries(arms, budget=2)
+    judged = arm_summaries(arms, budget=2, grids=grids)
 
-    # Assert: federated at its own validation peak (round 2), not its held-out peak
-    assert (judged["fedavg"]["best"], judged["fedavg"]["test_f1_best"]) == (2, 0.25)
+    # Assert: federated at its own validation peak (setting s1, round 2), not its held-out peak
+    fed = judged["fedavg"]
+    assert (fed["setting_best"], fed["best"], fed["test_f1_best"]) == ("s1", 2, 0.25)
+    assert (fed["setting_budget"], fed["test_f1_budget"]) == ("s1", 0.25)
     central = judged["centralized"]
     assert (central["setting_best"], central["best"], central["test_f1_best"]) == ("a", 3, 0.4)
     assert (central["setting_budget"], central["test_f1_budget"]) == ("b", 0.2)
     assert judged["local-mean"]["test_f1_best"] == pytest.approx(0.2)
     assert judged["local-mean"]["test_f1_budget"] == pytest.approx(0.1)
     assert judged["local-best"]["test_f1_best"] == 0.3 and judged["local-best"]["best"] == 3
+    assert set(judged) == {"fedavg", "centralized", "local-mean", "local-best"}
+
+
+def test_grids_name_every_strategy_and_centralized() -> None:
+    s = {"strategies": ["fedavg", "fedavgm"], "federated": ["s1"], "central": ["a", "b"]}
+    assert grids(s) == {"fedavg": ["s1"], "fedavgm": ["s1"], "centralized": ["a", "b"]}
 
 
 def _settings(**overrides: Any) -> dict[str, Any]:
     s = bench_quality.settings(quick=False)
-    s.update(max_rounds=3, budget=2, central=["a"], strategies=["fedavg"], seeds=[42, 43])
+    s.update(max_rounds=3, budget=2, central=["a"], federated=["x"], strategies=["fedavg"], seeds=[42, 43])
     s["protocol"] = {"max_rounds": 50, "max_epochs": 20, "seeds": 3}
     return {**s, **overrides}
 
@@ -68,12 +80,12 @@ def test_report_judges_each_target_on_the_mean_over_seeds(tmp_path: Path, monkey
     per_seed = {
         "dirichlet-0.3": {
             42: {
-                "fedavg": _curve((0.1, 0.2), (0.3, 0.30), (0.2, 0.1)),
+                "fedavg-x": _curve((0.1, 0.2), (0.3, 0.30), (0.2, 0.1)),
                 "centralized-a": _curve((0.2, 0.3), (0.4, 0.36), (0.5, 0.34)),
                 "local": {"sites": [_site(1, 0.05, 0.05), _site(2, 0.15, 0.10)]},
             },
             43: {
-                "fedavg": _curve((0.1, 0.2), (0.3, 0.30), (0.4, 0.32)),
+                "fedavg-x": _curve((0.1, 0.2), (0.3, 0.30), (0.4, 0.32)),
                 "centralized-a": _curve((0.2, 0.3), (0.4, 0.36), (0.5, 0.38)),
                 "local": {"sites": [_site(1, 0.05, 0.05), _site(2, 0.15, 0.10)]},
             },
@@ -89,10 +101,11 @@ def test_report_judges_each_target_on_the_mean_over_seeds(tmp_path: Path, monkey
     assert by_arm["fedavg"]["macro_f1_best_mean"] == pytest.approx(0.31)
     assert by_arm["fedavg"]["best"] == 2.5 and by_arm["fedavg"]["seeds"] == 2
     assert by_arm["centralized"]["macro_f1_budget_mean"] == pytest.approx(0.36)
-    assert by_arm["centralized"]["settings"] == ["a"]
+    assert by_arm["centralized"]["settings"] == ["a"] and by_arm["fedavg"]["settings"] == ["x"]
     # Assert: gap 36 - 31 = 5 > 3; lift 31 - 10 = 21 >= 10; budget 30 / 36 = 83% >= 80%
     assert notes[1] == "Protocol cut to fit the machine: federated rounds 3 of 50; 2 seed(s) of 3."
     target = notes[2]
+    assert target.startswith("dirichlet-0.3, fedavg (x): macro-F1 at the best validation point 31.0")
     assert "gap +5.0 points (target <= 3: missed)" in target
     assert "mean local-only site 10.0, lift +21.0 (target >= 10: met)" in target
     assert "30.0 vs centralized after 2 epochs 36.0 = 83% (target >= 80%: met)" in target
@@ -109,7 +122,7 @@ def test_report_judges_each_target_on_the_mean_over_seeds(tmp_path: Path, monkey
 def test_partitions_without_a_gap_target_are_reported_without_a_verdict(tmp_path: Path, monkeypatch) -> None:
     # Prepare
     monkeypatch.chdir(tmp_path)
-    per_seed = {"dirichlet-1.0": {42: {"fedavg": _curve((0.3, 0.3)), "centralized-a": _curve((0.3, 0.4))}}}
+    per_seed = {"dirichlet-1.0": {42: {"fedavg-x": _curve((0.3, 0.3)), "centralized-a": _curve((0.3, 0.4))}}}
 
     # Execute
     _, notes = report(per_seed, _settings(max_rounds=5, budget=1, seeds=[42, 43, 44]))
@@ -132,6 +145,12 @@ def test_shortened_protocol_is_checked_against_the_budget(monkeypatch) -> None:
     monkeypatch.setenv("FEDTUNE_BENCH_CENTRAL", "lr2e-3-la")
     s = bench_quality.chosen_settings(quick=False)
     assert (s["max_rounds"], s["max_epochs"], s["central"]) == (20, 20, ["lr2e-3-la"])
+    monkeypatch.setenv("FEDTUNE_BENCH_FEDERATED", "s10-lr5e-3")
+    assert bench_quality.chosen_settings(quick=False)["federated"] == ["s10-lr5e-3"]
+    monkeypatch.setenv("FEDTUNE_BENCH_FEDERATED", "s5")
+    with pytest.raises(ValueError, match="FEDTUNE_BENCH_FEDERATED: unknown s5"):
+        bench_quality.chosen_settings(quick=False)
+    monkeypatch.delenv("FEDTUNE_BENCH_FEDERATED")
     monkeypatch.setenv("FEDTUNE_BENCH_CENTRAL", "lr1")
     with pytest.raises(ValueError, match="FEDTUNE_BENCH_CENTRAL: unknown lr1"):
         bench_quality.chosen_settings(quick=False)
@@ -146,6 +165,7 @@ def test_saved_only_assembles_the_saved_arms_and_lists_the_rest(tmp_path: Path, 
     def fed(bench: str, label: str, config: dict, sites: int) -> dict:
         calls.append(label)
         assert config["audit"] == "true" and config["num-server-rounds"] == 3 and sites == 3
+        assert (config["local-steps"], config["learning-rate"]) == (30, 5e-3)
         return _curve((0.1, 0.2), (0.2, 0.3), (0.15, 0.35))
 
     monkeypatch.setattr(bench_quality, "federated_curve", fed)
@@ -155,7 +175,7 @@ def test_saved_only_assembles_the_saved_arms_and_lists_the_rest(tmp_path: Path, 
     monkeypatch.setattr(bench_quality, "local_only", lambda *a: {"sites": [_site(1, 0.1, 0.1)]})
     bench_quality.BENCHMARK.run(True)
     bench_quality.BENCHMARK.run(True)  # resumed: nothing recomputed
-    assert calls == ["dirichlet-0.3-seed42-fedavg"]
+    assert calls == ["dirichlet-0.3-seed42-fedavg-s30-lr5e-3"]
     (tmp_path / "results" / "arms" / "quality" / "dirichlet-0.3-seed42-local.json").unlink()
 
     # Execute: assemble from saved arms only; computing anything would fail
@@ -241,14 +261,21 @@ def test_bench_quality_quick_runs_every_arm_on_real_data(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "results" / "quality.json").read_text())
     arms = data["per_seed"]["dirichlet-0.3"]["42"]
-    assert [p["step"] for p in arms["fedavg"]["curve"]] == [1, 2, 3]
+    assert [p["step"] for p in arms["fedavg-s30-lr5e-3"]["curve"]] == [1, 2, 3]
     assert [p["step"] for p in arms["centralized-lr5e-3"]["curve"]] == [1, 2, 3]
     assert len(arms["local"]["sites"]) == 3 and all(len(x["curve"]) == 3 for x in arms["local"]["sites"])
     assert [r["arm"] for r in data["rows"]] == ["fedavg", "centralized", "local-mean", "local-best"]
     records = json.loads(
         (
-            tmp_path / "results" / "work" / "quality" / "dirichlet-0.3-seed42-fedavg" / "metrics.json"
+            tmp_path
+            / "results"
+            / "work"
+            / "quality"
+            / "dirichlet-0.3-seed42-fedavg-s30-lr5e-3"
+            / "metrics.json"
         ).read_text()
     )
-    assert [p["test_macro_f1"] for p in arms["fedavg"]["curve"]] == [r["macro_f1"] for r in records[1:]]
+    assert [p["test_macro_f1"] for p in arms["fedavg-s30-lr5e-3"]["curve"]] == [
+        r["macro_f1"] for r in records[1:]
+    ]
     assert (tmp_path / "results" / "quality_curves.png").read_bytes()[:4] == b"\x89PNG"
