@@ -1,0 +1,129 @@
+"""Closed-form classifier heads: statistics that pool over sites, the LDA solve, the model's head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fedtune.common.config import FedConfig
+from fedtune.common.data import TextDataset
+from fedtune.common.head_fit import ABSENT_MARGIN, HeadStatistics, head_inputs, set_head, solve_lda
+from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _blobs(n: int, d: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian classes with distinct means and a shared, correlated covariance."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(classes, size=n)
+    centres = rng.normal(size=(classes, d))
+    mix = rng.normal(size=(d, d)) / d**0.5
+    return centres[labels] + rng.normal(size=(n, d)) @ mix, labels
+
+
+def test_statistics_of_sites_pool_to_those_of_their_examples_together() -> None:
+    # Prepare: 3 sites of very different sizes and label mixes
+    x, y = _blobs(300, 5, 4, seed=0)
+    order = np.argsort(y, kind="stable")  # label skew: each site mostly holds a few classes
+    cuts = [(0, 40), (40, 250), (250, 300)]
+
+    # Execute
+    sites = [HeadStatistics.of(x[order[a:b]], y[order[a:b]], 4) for a, b in cuts]
+    pooled = HeadStatistics.pooled(sites)
+
+    # Assert: exactly the statistics of all examples; the last row of the cross moment = class shares
+    together = HeadStatistics.of(x, y, 4)
+    np.testing.assert_allclose(pooled.second_moment, together.second_moment, atol=1e-12)
+    np.testing.assert_allclose(pooled.cross_moment, together.cross_moment, atol=1e-12)
+    assert pooled.examples == 300
+    np.testing.assert_allclose(together.cross_moment[5], np.bincount(y, minlength=4) / 300)
+    np.testing.assert_allclose(together.second_moment[:5, 5], x.mean(axis=0))
+
+
+def test_lda_head_is_scikit_learns_with_the_class_prior_removed() -> None:
+    # Prepare: unbalanced classes
+    x, y = _blobs(400, 6, 3, seed=1)
+    y[:150] = 0
+    shares = np.bincount(y) / len(y)
+
+    # Execute
+    weight, bias = solve_lda(HeadStatistics.of(x, y, 3), shrinkage=0.0)
+
+    # Assert: scikit-learn's LDA (pooled within-class covariance, empirical prior) scores each class
+    # log(prior) higher; the solved head gives every class the same prior
+    reference = LinearDiscriminantAnalysis(solver="lsqr", priors=shares).fit(x, y)
+    np.testing.assert_allclose(
+        x @ weight.T + bias + np.log(shares), reference.decision_function(x), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_shrinkage_pulls_the_covariance_towards_a_scaled_identity() -> None:
+    # Prepare
+    x, y = _blobs(200, 4, 2, seed=2)
+    stats = HeadStatistics.of(x, y, 2)
+    means = np.stack([x[y == k].mean(axis=0) for k in (0, 1)], axis=1)
+    within = sum((y == k).mean() * np.cov(x[y == k].T, bias=True) for k in (0, 1))
+    shrunk = 0.7 * within + 0.3 * np.trace(within) / 4 * np.eye(4)
+
+    # Execute
+    weight, bias = solve_lda(stats, shrinkage=0.3)
+
+    # Assert: by hand
+    np.testing.assert_allclose(shrunk @ weight.T, means, atol=1e-9)
+    np.testing.assert_allclose(bias, -0.5 * np.einsum("dk,kd->k", means, weight), atol=1e-9)
+    with pytest.raises(ValueError, match="shrinkage must be in \\[0, 1\\], got 1.5"):
+        solve_lda(stats, shrinkage=1.5)
+
+
+def test_a_class_without_examples_is_never_predicted() -> None:
+    # Prepare: 3 classes declared, class 1 has no example
+    x, y = _blobs(120, 3, 2, seed=3)
+    y = np.where(y == 1, 2, 0)
+
+    # Execute
+    weight, bias = solve_lda(HeadStatistics.of(x, y, 3), shrinkage=0.1)
+
+    # Assert
+    assert not weight[1].any() and bias[1] == min(bias[0], bias[2]) - ABSENT_MARGIN
+    assert 1 not in (x @ weight.T + bias).argmax(axis=1)
+    assert (x @ weight.T + bias).argmax(axis=1).tolist() != [0] * len(x)
+
+
+def test_statistics_refuse_empty_sets() -> None:
+    with pytest.raises(ValueError, match="no examples"):
+        HeadStatistics.of(np.zeros((0, 3)), np.zeros(0, dtype=int), 2)
+    with pytest.raises(ValueError, match="hold no examples"):
+        HeadStatistics.pooled([])
+
+
+def test_head_inputs_and_set_head_act_on_the_models_classifier(tiny_base_model: Path) -> None:
+    # Prepare
+    model = build_peft_model(PeftSpec.from_config(FedConfig(seed=5), tiny_base_model, num_labels=2))
+    tokenizer = load_tokenizer(tiny_base_model)
+    ds = TextDataset(
+        texts=("chest pain", "fracture of the left femur", "type 2 diabetes", "asthma"),
+        labels=np.array([0, 1, 1, 0]),
+        label_names=("a", "b"),
+        serialisation="text",
+        source="test",
+    )
+    kwargs = {"batch_size": 3, "max_length": 16, "device": torch.device("cpu")}
+
+    # Execute
+    features = head_inputs(model, tokenizer, ds, **kwargs)
+    rng = np.random.default_rng(0)
+    weight, bias = rng.normal(size=(2, features.shape[1])), rng.normal(size=2)
+    set_head(model, weight, bias)
+
+    # Assert: the model's logits are the new head applied to the features it was handed
+    with torch.no_grad():
+        inputs = tokenizer(list(ds.texts), padding=True, return_tensors="pt")
+        logits = model.eval()(**inputs).logits.numpy()
+    np.testing.assert_allclose(logits, features @ weight.T + bias, rtol=1e-4, atol=1e-4)
+    assert features.shape[0] == 4 and np.unique(features, axis=0).shape[0] == 4
+    with pytest.raises(ValueError, match=r"set_head: got weight \(1, "):
+        set_head(model, weight[:1], bias)
