@@ -11,7 +11,13 @@ from pathlib import Path
 
 from fedtune.common import instructions
 from fedtune.common.audit import WireLog, message_record, payload_bytes, save_arrays, secagg_stage
-from fedtune.common.run_folder import WIRE_LOG, global_round_name, sent_round_name, site_audit_dir
+from fedtune.common.run_folder import (
+    WIRE_LOG,
+    global_round_name,
+    head_stats_round_name,
+    sent_round_name,
+    site_audit_dir,
+)
 from fedtune.common.site_config import site_config
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
@@ -57,6 +63,14 @@ def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
         server_round = int(fitins.config.get(instructions.ROUND, 0))
+        if fitins.config.get(instructions.HEAD_STATS, False):  # head-fit's statistics, not an update
+            save_arrays(
+                out_dir / head_stats_round_name(server_round),
+                parameters_to_ndarrays(fitres.parameters),
+                num_examples=fitres.num_examples,
+                node=ctxt.node_id,
+            )
+            return reply
         save_arrays(out_dir / global_round_name(server_round), parameters_to_ndarrays(fitins.parameters))
         save_arrays(
             out_dir / sent_round_name(server_round),

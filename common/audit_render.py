@@ -87,6 +87,14 @@ def _what_left(report: dict[str, Any]) -> list[str]:
         "",
         f"Only the adapter left the sites: {ok}.",
     ]
+    if report.get("head_statistics_shapes"):
+        shapes = " and ".join(str(tuple(s)) for s in report["head_statistics_shapes"])
+        lines += [
+            "",
+            f"With `head-fit`, the sites also sent the statistics of their features after every round "
+            f"(two tensors, {shapes}: means of x x^T and of x y^T over their training examples), through "
+            "the same aggregation as the adapter.",
+        ]
     if report["offending_tensors"]:
         lines += ["", "| node | round | stage | tensor | shape | dtype |", "|---|---|---|---|---|---|"]
         lines += [

@@ -41,6 +41,7 @@ from .run_folder import (
     SENT_ROUND,
     WIRE_LOG,
     RunFolder,
+    aggregate_round_name,
     global_round_name,
     received_round_name,
 )
@@ -121,8 +122,13 @@ def tensors_exchanged(server: list[dict], base_model_bytes: int) -> dict[str, An
 
 
 # --- only the adapter left ---------------------------------------------------------------------------
-def offending_uploads(records: list[dict], adapter_shapes: list[list[int]]) -> list[dict[str, Any]]:
-    """Uploaded tensors that are not the declared adapter (plain or masked) nor SecAgg+ key material."""
+def offending_uploads(
+    records: list[dict], adapter_shapes: list[list[int]], statistics_shapes: list[list[int]] | None = None
+) -> list[dict[str, Any]]:
+    """Uploaded tensors that are not the declared adapter (plain or masked) nor SecAgg+ key material.
+
+    ``statistics_shapes`` (``head-fit``): the head statistics a site may send as well.
+    """
     bad = []
     for r in records:
         if r["direction"] != "up":
@@ -140,6 +146,11 @@ def offending_uploads(records: list[dict], adapter_shapes: list[list[int]]) -> l
                 continue  # SecAgg+ public keys, encrypted key shares, unmask shares (not tensors)
             else:
                 bad.append({**_where(r), "name": t["name"], "shape": t["shape"], "dtype": t["dtype"]})
+        if (
+            statistics_shapes
+            and [t["shape"] for _, t in sorted(params, key=lambda p: p[0])] == statistics_shapes
+        ):
+            continue  # head-fit's feature statistics, declared in fedtune.json
         for index, t in params:
             if index >= len(adapter_shapes) or t["shape"] != adapter_shapes[index]:
                 bad.append({**_where(r), "name": t["name"], "shape": t["shape"], "dtype": t["dtype"]})
@@ -265,8 +276,9 @@ class ServerStep:
 def _aggregate_error(
     server_dir: Path, server_round: int, glob: list[np.ndarray], contrib: list, server_step: ServerStep
 ) -> dict[str, Any]:
+    averaged = server_dir / aggregate_round_name(server_round)  # head-fit: before its head was replaced
     later = server_dir / global_round_name(server_round + 1)
-    new_file = later if later.is_file() else server_dir / GLOBAL_FINAL
+    new_file = averaged if averaged.is_file() else later if later.is_file() else server_dir / GLOBAL_FINAL
     new, _ = _arrays(new_file)
     total = sum(w for w, _ in contrib)
     expected = server_step(_flat(glob), _flat(glob) + sum(w * u for w, u in contrib) / total)
@@ -338,7 +350,9 @@ def build_report(out_dir: Path) -> dict[str, Any]:
     mismatches = integrity_check(run.metrics, rounds, server_lines, site_lines)
     server = [r for f, n, r in server_lines if not record_problems(f, n, r)]  # well-formed records only
     site_records = [r for f, n, r in site_lines if not record_problems(f, n, r)]
-    offending = offending_uploads(server + site_records, meta["adapter_shapes"])
+    offending = offending_uploads(
+        server + site_records, meta["adapter_shapes"], meta.get("head_statistics_shapes")
+    )
     report: dict[str, Any] = {
         "run": str(out_dir),
         "base_model_fingerprint": meta["base_model_fingerprint"],
@@ -347,6 +361,7 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         "sites_recorded": len(site_logs),
         "tensors_exchanged": tensors_exchanged(server, meta["base_model_bytes"]),
         "only_adapter_left_sites": not offending,
+        "head_statistics_shapes": meta.get("head_statistics_shapes"),
         "offending_tensors": offending,
         # every record well formed and each site's record equal to the coordinator's
         "site_and_server_records_agree": not any(m.node for m in mismatches) if site_logs else None,

@@ -176,6 +176,18 @@ class FedConfig:
     restricted_softmax_alpha: float = _opt(
         0.5, "Restricted softmax: factor on the logits of labels absent at the site.", min=0.0, max=1.0
     )
+    head_fit: str = _opt(
+        "none",
+        "How the shared classifier head is made after each round (an extra SecAgg+ exchange of feature "
+        "statistics when `lda`).",
+        choices=options.HEAD_FITS,
+    )
+    head_fit_shrinkage: float = _opt(
+        0.1,
+        "`head-fit=lda`: shrinkage of the within-class covariance towards the identity.",
+        min=0.0,
+        max=1.0,
+    )
     device: str = _opt("auto", "Where sites train.", choices=options.DEVICES)
     # --- data ---------------------------------------------------------------------------
     task: str = _opt("icd10-chapter", "Task.", choices=options.TASKS)

@@ -34,6 +34,11 @@ def _federation(cfg: FedConfig) -> None:
             f"({cfg.secagg_reconstruction_threshold} >= {cfg.secagg_num_shares}): raise the shares or "
             "lower the threshold."
         )
+    if cfg.head_fit != "none" and cfg.dp_mode != "off":
+        raise ConfigError(
+            f"`head-fit={cfg.head_fit}` sends each site's feature statistics, which `dp-mode={cfg.dp_mode}` "
+            "does not protect: set `head-fit=none` under differential privacy."
+        )
     if cfg.example_dp and cfg.strategy == "fedprox":
         raise ConfigError(
             "`dp-mode` includes `example` (DP-SGD clips each example's gradient) but `strategy=fedprox` "
@@ -78,6 +83,11 @@ def _generation(cfg: FedConfig) -> None:
         )
     if cfg.task not in GENERATIVE_TASKS:
         return
+    if cfg.head_fit != "none":
+        raise ConfigError(
+            f"`head-fit={cfg.head_fit}` solves a classifier head, but `task={cfg.task}` generates its answer "
+            "with a causal LM: set `head-fit=none`."
+        )
     if cfg.label_skew != "none":
         raise ConfigError(
             f"`label-skew={cfg.label_skew}` corrects a classifier's logits, but `task={cfg.task}` generates "

@@ -28,8 +28,9 @@ from transformers import PreTrainedTokenizerBase
 
 from . import batching
 from .data import TextDataset
+from .updates import statistics_defect
 
-ABSENT_MARGIN = 100.0  # a class without training examples scores this far below the lowest other
+ABSENT_MARGIN = 100.0  # without a limit, the constant score of a class without training examples
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,19 @@ class HeadStatistics:
         n = len(features)
         return cls(second_moment=x.T @ x / n, cross_moment=x.T @ y / n, examples=n)
 
+    def arrays(self) -> list[np.ndarray]:
+        """The statistics as they travel: ``[second_moment, cross_moment]`` in float32."""
+        return [self.second_moment.astype(np.float32), self.cross_moment.astype(np.float32)]
+
+    @classmethod
+    def from_arrays(cls, arrays: Sequence[np.ndarray], examples: int) -> HeadStatistics:
+        """Statistics from their travelling form (:meth:`arrays`), over ``examples`` examples."""
+        defect = statistics_defect(arrays)
+        if defect:
+            raise ValueError(f"HeadStatistics: {defect}.")
+        second, cross = (np.asarray(a, dtype=np.float64) for a in arrays)
+        return cls(second_moment=second, cross_moment=cross, examples=examples)
+
     @staticmethod
     def pooled(sites: Sequence[HeadStatistics]) -> HeadStatistics:
         """The example-weighted mean of ``sites``' statistics: those of their examples taken together."""
@@ -73,13 +87,33 @@ class HeadStatistics:
         )
 
 
-def solve_lda(stats: HeadStatistics, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+def site_statistics(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    ds: TextDataset,
+    *,
+    batch_size: int,
+    max_length: int,
+    device: torch.device,
+) -> HeadStatistics:
+    """A site's statistics: its training examples through the shared adapter it received."""
+    features = head_inputs(model, tokenizer, ds, batch_size=batch_size, max_length=max_length, device=device)
+    return HeadStatistics.of(features, ds.labels, len(ds.label_names))
+
+
+def solve_lda(
+    stats: HeadStatistics, shrinkage: float, limit: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The LDA head ``(weight (C, d), bias (C,))`` of ``stats``, every class at the same prior.
 
     Class ``k``'s score is ``mu_k^T S^-1 x - mu_k^T S^-1 mu_k / 2``, with ``mu_k`` its mean feature
     and ``S`` the within-class covariance shrunk by ``shrinkage`` in [0, 1]:
-    ``(1 - shrinkage) S + shrinkage trace(S) / d I``. A class without examples is never predicted
-    (weight 0, bias :data:`ABSENT_MARGIN` below the lowest other).
+    ``(1 - shrinkage) S + shrinkage trace(S) / d I``; the scores are centred over the classes
+    (the same vector and constant taken from every class: the same class wins), so the winning
+    score is never negative. ``limit`` scales the head down (every score by the same factor) until
+    no value exceeds it in magnitude: what SecAgg+ can carry when the sites train and send the head
+    again. A class without examples is never predicted: weight 0, bias ``-limit`` (without a limit,
+    ``-``:data:`ABSENT_MARGIN`).
     """
     if not 0.0 <= shrinkage <= 1.0:
         raise ValueError(f"solve_lda: shrinkage must be in [0, 1], got {shrinkage}.")
@@ -94,9 +128,15 @@ def solve_lda(stats: HeadStatistics, shrinkage: float) -> tuple[np.ndarray, np.n
     coef = np.linalg.lstsq(shrunk, means, rcond=None)[0]  # S^-1 mu_k, column by column
     weight = np.zeros((len(shares), d))
     bias = np.zeros(len(shares))
-    weight[present] = coef.T
-    bias[present] = -0.5 * np.einsum("dk,dk->k", means, coef)
-    bias[~present] = bias[present].min() - ABSENT_MARGIN
+    # centred over the classes present: every example's mean score is 0, the winner's at least 0
+    scores_w, scores_b = coef.T, -0.5 * np.einsum("dk,dk->k", means, coef)
+    weight[present] = scores_w - scores_w.mean(axis=0)
+    bias[present] = scores_b - scores_b.mean()
+    if limit is not None:
+        largest = max(np.abs(weight).max(), np.abs(bias).max())
+        scale = min(1.0, limit / largest) if largest > 0 else 1.0
+        weight, bias = weight * scale, bias * scale
+    bias[~present] = -(limit if limit is not None else ABSENT_MARGIN)
     return weight, bias
 
 
@@ -112,6 +152,13 @@ def head_layer(model: torch.nn.Module) -> torch.nn.Linear:
             "is solved only for a sequence-classification task."
         )
     return linear[0]
+
+
+def statistics_shapes(model: torch.nn.Module) -> list[list[int]]:
+    """The shapes of the statistics a site sends for ``model``'s head: ``[[d + 1, d + 1], [d + 1, C]]``."""
+    head = head_layer(model)
+    k = head.in_features + 1
+    return [[k, k], [k, head.out_features]]
 
 
 @torch.no_grad()

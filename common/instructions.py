@@ -20,6 +20,7 @@ FROZEN_FINGERPRINT = "fedtune.frozen-adapter-fingerprint"  # FFA-LoRA's shared A
 DP_NOISE_STD = "fedtune.dp-noise-std"  # std of the Gaussian noise one site adds (distributed DP)
 PROXIMAL_MU = "proximal_mu"  # the key Flower's FedProx strategy puts in the fit config
 CLIPPING_NORM = "clipping_norm"  # the key Flower's `fixedclipping_mod` reads
+HEAD_STATS = "fedtune.head-stats"  # a train message asking for head statistics, not training (head-fit)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Instruction:
     dp_noise_std: float
     proximal_mu: float
     frozen_fingerprint: str = ""
+    head_stats: bool = False
 
 
 def encode(
@@ -71,4 +73,5 @@ def decode(config: Mapping[str, Any]) -> Instruction:
         dp_noise_std=float(config.get(DP_NOISE_STD, 0.0)),
         proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
         frozen_fingerprint=str(config.get(FROZEN_FINGERPRINT, "")),
+        head_stats=bool(config.get(HEAD_STATS, False)),
     )

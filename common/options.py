@@ -47,6 +47,11 @@ LABEL_SKEW: dict[str, str] = {
     "logit-adjust": "logits + `logit-adjust-tau` * log(site's label prior) in the loss (Menon et al. 2021)",
     "restricted-softmax": "logits of labels absent at the site scaled by `restricted-softmax-alpha` (FedRS)",
 }
+HEAD_FITS: dict[str, str] = {
+    "none": "the shared head is the average of the sites' trained heads",
+    "lda": "after every round the head is solved by LDA from the sites' securely aggregated feature "
+    "statistics (fedtune.common.head_fit)",
+}
 LR_SCHEDULES: dict[str, str] = {
     "constant": "the peak rate throughout",
     "cosine": "warm-up over `lr-warmup` of the run's local steps, then cosine decay to 0",

@@ -53,9 +53,25 @@ def sent_round_name(server_round: int) -> str:
     return f"{SENT_ROUND}{server_round:03d}.npz"
 
 
-def received_round_name(server_round: int, node: int) -> str:
-    """The coordinator's audit file of what site ``node`` sent: ``received-round-NNN-node-N.npz``."""
-    return f"received-round-{server_round:03d}-node-{node}.npz"
+def received_round_name(server_round: int, node: int, label: str = "") -> str:
+    """The coordinator's audit file of what site ``node`` sent: ``received-round-NNN-node-N.npz``.
+
+    ``label`` names an exchange other than the round's training (``received-LABEL-round-...``).
+    """
+    return f"received-{label + '-' if label else ''}round-{server_round:03d}-node-{node}.npz"
+
+
+HEAD_STATS_LABEL = "head-stats"  # head-fit's exchange of feature statistics (fedtune.server.head_fit)
+
+
+def head_stats_round_name(server_round: int) -> str:
+    """Head statistics of a round (a site's own, or the coordinator's mean): ``head-stats-round-NNN.npz``."""
+    return f"{HEAD_STATS_LABEL}-round-{server_round:03d}.npz"
+
+
+def aggregate_round_name(server_round: int) -> str:
+    """The coordinator's averaged adapter of a round before head-fit replaced its head."""
+    return f"aggregate-round-{server_round:03d}.npz"
 
 
 def site_audit_dir(audit_dir: str | Path, site: str) -> Path:

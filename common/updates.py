@@ -20,3 +20,18 @@ def update_defect(arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]
         if not np.isfinite(array).all():
             return f"tensor {index} holds non-finite values (NaN/Inf)"
     return ""
+
+
+def statistics_defect(arrays: Sequence[np.ndarray]) -> str:
+    """Why ``arrays`` are not head statistics (:meth:`HeadStatistics.arrays`), or ``""`` when they are."""
+    if len(arrays) != 2:
+        return f"head statistics are 2 tensors, got {len(arrays)}"
+    second, cross = arrays
+    k = second.shape[0] if second.ndim == 2 else -1
+    if second.shape != (k, k) or cross.ndim != 2 or cross.shape[0] != k:
+        return (
+            f"head statistics of shapes {second.shape} and {cross.shape} do not match (need (k, k), (k, C))"
+        )
+    if not (np.isfinite(second).all() and np.isfinite(cross).all()):
+        return "head statistics hold non-finite values (NaN/Inf)"
+    return ""

@@ -23,6 +23,7 @@ from fedtune.common.audit import save_arrays
 from fedtune.common.checkpoint import ServerState, rng_state, write_checkpoint
 from fedtune.common.config import FedConfig
 from fedtune.common.files import write_json_atomic
+from fedtune.common.head_fit import statistics_shapes
 from fedtune.common.options import GENERATIVE_TASKS
 from fedtune.common.plots import plot_records
 from fedtune.common.prompts import template_of
@@ -51,6 +52,7 @@ def metadata(state: RunState) -> dict[str, Any]:
         **(_generation(cfg) if cfg.task in GENERATIVE_TASKS else {}),
         "adapter_tensors": adapter_names(shared.model),
         "adapter_shapes": [list(a.shape) for a in shared.initial],
+        **({"head_statistics_shapes": statistics_shapes(shared.model)} if cfg.head_fit != "none" else {}),
         "adapter_bytes": nbytes(shared.initial),
         "base_model_bytes": shared.base_model_bytes,
         "trainable_parameters": shared.trainable,

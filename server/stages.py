@@ -7,6 +7,7 @@ on), :class:`fedtune.server.workflow.FedtuneWorkflow` runs around every round
   SecAgg+ and DP to the sampled sites; stop before a round that would go past the privacy
   budget; keep the shared adapter the round starts from (audit);
 - :data:`AFTER_FIT`: fail loudly when the round produced no aggregate (before scoring anything);
+  under ``head-fit=lda`` solve the shared head from the sites' statistics (:mod:`.head_fit`);
 - :data:`AFTER_ROUND`: record the round; checkpoint it; then write ``metrics.json`` (so it never
   runs ahead of the checkpoint) and show the round.
 
@@ -28,6 +29,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 
+from .head_fit import fit_head
 from .outputs import privacy_record, resume_advice, write_round_checkpoint
 from .run_state import RunState
 from .sampling import RoundSampler
@@ -239,5 +241,5 @@ BEFORE_FIT: tuple[Stage, ...] = (
     stop_at_privacy_budget,
     snapshot_global,
 )
-AFTER_FIT: tuple[Stage, ...] = (require_aggregate,)
+AFTER_FIT: tuple[Stage, ...] = (require_aggregate, fit_head)
 AFTER_ROUND: tuple[Stage, ...] = (record_round, checkpoint_round, write_round_outputs, show_round)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
@@ -85,6 +86,7 @@ class MeteredGrid(Grid):
         # message id -> destination node: a reply is filed under the node asked, even an error reply the
         # SuperLink writes on behalf of a node that went offline
         self._sent: dict[str, int] = {}
+        self._label = ""  # the exchange under way, when not the round's training (see labelled)
         self.errors: dict[int, dict[int, str]] = defaultdict(dict)  # round -> node id -> error reason
         # round -> direction ("down"/"up") -> node id -> bytes
         self.bytes: dict[int, dict[str, dict[int, int]]] = defaultdict(
@@ -117,7 +119,17 @@ class MeteredGrid(Grid):
         if direction == "up" and has and msg.metadata.message_type == MessageType.TRAIN:
             arrays = content_arrays(msg.content)
             if arrays:
-                save_arrays(self._audit_dir / received_round_name(message_round(msg), node), arrays)
+                name = received_round_name(message_round(msg), node, self._label)
+                save_arrays(self._audit_dir / name, arrays)
+
+    @contextmanager
+    def labelled(self, label: str) -> Iterator[None]:
+        """Within the block, the arrays sites upload are filed as ``received-LABEL-round-...``."""
+        self._label = label
+        try:
+            yield
+        finally:
+            self._label = ""
 
     def failed_replies(self, server_round: int) -> dict[int, str]:
         """``{node: error reason}`` of the error replies received in one round."""

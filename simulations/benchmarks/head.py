@@ -1,23 +1,21 @@
-"""``fedtune bench head``: where the federated gap is: the shared head vs a head solved from statistics.
+"""``fedtune bench head``: the averaged shared head vs a head solved from the sites' statistics.
 
 The main task under label skew (ICD-10 chapters, 10 hospitals, Dirichlet 0.3, ``max-examples=4000``,
-the run-config defaults): one ``fedtune simulate`` run. After every round (and before the first),
-the shared adapter is scored twice on the sites' validation splits and on the coordinator's held-out
-set:
+the run-config defaults), two ``fedtune simulate`` runs side by side (:data:`ARMS`):
 
-- **shared head** (baseline): the adapter as the federation built it, its head averaged from the
-  sites' heads;
-- **solved head** (candidate): the same encoder, with the head solved by LDA
-  (:func:`fedtune.common.head_fit.solve_lda`) from the **example-weighted mean of the sites' own
-  statistics** (:class:`~fedtune.common.head_fit.HeadStatistics`, each site's over its training
-  split). That mean is what secure aggregation computes from the sites' uploads, so the solved head
-  is the one a federated head fit would produce; the shrinkage is chosen on validation at each round
-  from :data:`SHRINKAGES`.
+- **averaged** (baseline, ``head-fit=none``): the shared head is the average of the sites' heads.
+  Its adapter after every round (and before the first) is also scored with a **solved** head: the
+  same encoder, the head solved by LDA (:func:`fedtune.common.head_fit.solve_lda`) from the
+  example-weighted mean of the sites' own statistics (what secure aggregation computes), its
+  shrinkage chosen on validation from :data:`SHRINKAGES`: where the gap is (head or encoder);
+- **lda** (candidate, ``head-fit=lda``): the federation solves the head from the sites' securely
+  aggregated statistics after every round (:mod:`fedtune.server.head_fit`), and the sites train
+  their adapters against it.
 
-Reported per round: validation and held-out macro-F1 (and held-out accuracy) of both heads and the
-held-out ratio solved / shared. Full: ~20 min on 2 CPU cores (5 rounds of 10 sites, 6 adapters
-scored); seeds with ``FEDTUNE_BENCH_SEEDS`` (default 42), ``FEDTUNE_BENCH_RESUME=1`` reuses a saved
-seed. Quick: 3 sites, ``max-examples=600``, 2 rounds.
+Reported per round: validation (the sites' local splits) and held-out macro-F1 of each, held-out
+accuracy, and the held-out ratio lda / averaged. Full: ~45 min on 2 CPU cores; seeds with
+``FEDTUNE_BENCH_SEEDS`` (default 42), ``FEDTUNE_BENCH_RESUME=1`` reuses saved runs. Quick: 3 sites,
+``max-examples=600``, 2 rounds.
 """
 
 from __future__ import annotations
@@ -35,15 +33,17 @@ NAME = "head"
 COLUMNS = (
     "seed",
     "round",
-    "shared_val_f1",
+    "averaged_val_f1",
+    "averaged_test_f1",
     "solved_val_f1",
-    "shared_test_f1",
     "solved_test_f1",
+    "lda_val_f1",
+    "lda_test_f1",
     "test_f1_ratio",
-    "shared_test_acc",
-    "solved_test_acc",
-    "shrinkage",
+    "averaged_test_acc",
+    "lda_test_acc",
 )
+ARMS: dict[str, dict[str, Any]] = {"averaged": {"head-fit": "none"}, "lda": {"head-fit": "lda"}}
 SHRINKAGES: tuple[float, ...] = (0.0, 0.1, 0.3)
 
 
@@ -72,22 +72,43 @@ def run_config(s: Mapping[str, Any], seed: int) -> dict[str, Any]:
 
 
 def measure(s: dict[str, Any]) -> Outcome:
-    """One federated run per seed (saved runs reused), both heads scored after every round."""
+    """Both arms' runs per seed (saved runs reused), their adapters scored after every round."""
     rows = []
     for seed in s["seeds"]:
-        config = run_config(s, seed)
-        label = f"seed{seed}"
-        result = cached(
-            arms_dir(NAME) / f"{label}.json",
-            {"sites": s["sites"], "config": resolved(config)},
-            lambda config=config, label=label: head_curve(label, config, s["sites"]),
-        )
-        rows += [{"seed": seed, **p} for p in result["curve"]]
+        runs = {}
+        for arm, overrides in ARMS.items():
+            config = {**run_config(s, seed), **overrides}
+            label = f"seed{seed}-{arm}"
+            runs[arm] = cached(
+                arms_dir(NAME) / f"{label}.json",
+                {"sites": s["sites"], "config": resolved(config)},
+                lambda config=config, label=label, arm=arm: head_curve(
+                    label, config, s["sites"], solve=arm == "averaged"
+                ),
+            )["curve"]
+        rows += [_row(seed, base, cand) for base, cand in zip(runs["averaged"], runs["lda"], strict=True)]
     return Outcome(rows, _notes(rows, s))
 
 
-def head_curve(label: str, config: Mapping[str, Any], sites: int) -> dict[str, Any]:
-    """Run the federation, then score each round's adapter with its shared head and a solved one."""
+def _row(seed: int, base: Mapping[str, Any], cand: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "seed": seed,
+        "round": base["round"],
+        "averaged_val_f1": base["shared_val_f1"],
+        "averaged_test_f1": base["shared_test_f1"],
+        "solved_val_f1": base["solved_val_f1"],
+        "solved_test_f1": base["solved_test_f1"],
+        "lda_val_f1": cand["shared_val_f1"],
+        "lda_test_f1": cand["shared_test_f1"],
+        "test_f1_ratio": cand["shared_test_f1"] / max(base["shared_test_f1"], 1e-9),
+        "averaged_test_acc": base["shared_test_acc"],
+        "lda_test_acc": cand["shared_test_acc"],
+        "shrinkage": base["shrinkage"],
+    }
+
+
+def head_curve(label: str, config: Mapping[str, Any], sites: int, *, solve: bool) -> dict[str, Any]:
+    """Run the federation, then score each round's adapter (with ``solve``: also with a solved head)."""
     from fedtune.common.audit import load_arrays
     from fedtune.common.config import parse_run_config
     from fedtune.common.run_folder import RunFolder
@@ -98,94 +119,107 @@ def head_curve(label: str, config: Mapping[str, Any], sites: int) -> dict[str, A
     curve = []
     for r in range(cfg.num_server_rounds + 1):  # round 0: the initial adapter
         path = run.global_round(r + 1) if r < cfg.num_server_rounds else run.global_final
-        curve.append({"round": r, **score_heads(cfg, sites, load_arrays(path)[0])})
+        curve.append({"round": r, **score_heads(cfg, sites, load_arrays(path)[0], solve=solve)})
     return {"curve": curve, "seconds": result.seconds}
 
 
-def score_heads(cfg: Any, sites: int, arrays: list[np.ndarray]) -> dict[str, float]:
-    """The adapter ``arrays`` scored with its own head and with the LDA head of the sites' statistics."""
+def score_heads(cfg: Any, sites: int, arrays: list[np.ndarray], *, solve: bool = True) -> dict[str, Any]:
+    """The adapter ``arrays`` scored with its own head and, with ``solve``, with a solved head.
+
+    Without ``solve`` the solved figures are ``None``.
+    """
     from fedtune.common.adapters import set_adapter_arrays
-    from fedtune.common.head_fit import HeadStatistics, head_inputs, solve_lda
     from fedtune.common.model import bring_up
     from fedtune.common.sites import coordinator_test_set, simulated_site
-    from fedtune.common.train import score
 
     from .curves import scorer
     from .training import bench_threads, concat, torch_threads
 
     test = coordinator_test_set(cfg)
     data = [simulated_site(cfg, i, sites) for i in range(sites)]
-    validation, classes = concat([d.test for d in data]), len(test.label_names)
-    parts = bring_up(cfg, classes)
+    validation = concat([d.test for d in data])
+    parts = bring_up(cfg, len(test.label_names))
     set_adapter_arrays(parts.model, arrays)
     with torch_threads(bench_threads()):
         shared = {name: scorer(cfg, parts)(ds) for name, ds in (("val", validation), ("test", test))}
+        solved = _solved_head_scores(cfg, parts, data, validation, test) if solve else None
+    return {
+        "shared_val_f1": shared["val"]["macro_f1"],
+        "shared_test_f1": shared["test"]["macro_f1"],
+        "shared_test_acc": shared["test"]["accuracy"],
+        "solved_val_f1": solved["val"]["macro_f1"] if solved else None,
+        "solved_test_f1": solved["test"]["macro_f1"] if solved else None,
+        "solved_test_acc": solved["test"]["accuracy"] if solved else None,
+        "shrinkage": solved["shrinkage"] if solved else None,
+    }
 
-        def inputs(ds: Any) -> np.ndarray:
-            kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": parts.device}
-            return head_inputs(parts.model, parts.tokenizer, ds, **kw)
 
-        stats = HeadStatistics.pooled(
-            [HeadStatistics.of(inputs(d.train), d.train.labels, classes) for d in data]
-        )
-        val_x, test_x = inputs(validation), inputs(test)
+def _solved_head_scores(cfg: Any, parts: Any, data: list[Any], validation: Any, test: Any) -> dict[str, Any]:
+    """Scores of the LDA head of the sites' pooled statistics, its shrinkage chosen on validation."""
+    from fedtune.common.head_fit import HeadStatistics, head_inputs, solve_lda
+    from fedtune.common.train import score
 
-    def scored(shrinkage: float, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    classes = len(test.label_names)
+
+    def inputs(ds: Any) -> np.ndarray:
+        kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": parts.device}
+        return head_inputs(parts.model, parts.tokenizer, ds, **kw)
+
+    stats = HeadStatistics.pooled([HeadStatistics.of(inputs(d.train), d.train.labels, classes) for d in data])
+    features = {"val": (inputs(validation), validation.labels), "test": (inputs(test), test.labels)}
+
+    def scored(shrinkage: float, split: str) -> dict[str, float]:
         weight, bias = solve_lda(stats, shrinkage)
+        x, labels = features[split]
         logits = x @ weight.T + bias
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         return score(probs / probs.sum(axis=1, keepdims=True), labels, classes).as_metrics()
 
-    best = max(SHRINKAGES, key=lambda lam: scored(lam, val_x, validation.labels)["macro_f1"])
-    solved = {"val": scored(best, val_x, validation.labels), "test": scored(best, test_x, test.labels)}
-    return {
-        "shared_val_f1": shared["val"]["macro_f1"],
-        "solved_val_f1": solved["val"]["macro_f1"],
-        "shared_test_f1": shared["test"]["macro_f1"],
-        "solved_test_f1": solved["test"]["macro_f1"],
-        "test_f1_ratio": solved["test"]["macro_f1"] / max(shared["test"]["macro_f1"], 1e-9),
-        "shared_test_acc": shared["test"]["accuracy"],
-        "solved_test_acc": solved["test"]["accuracy"],
-        "shrinkage": best,
-    }
+    best = max(SHRINKAGES, key=lambda lam: scored(lam, "val")["macro_f1"])
+    return {"val": scored(best, "val"), "test": scored(best, "test"), "shrinkage": best}
 
 
 def _notes(rows: list[dict[str, Any]], s: Mapping[str, Any]) -> list[str]:
     notes = [
         f"{s['sites']} hospitals, Dirichlet 0.3, max-examples {s['max_examples']}, the run-config defaults, "
         f"{s['rounds']} rounds; seeds {', '.join(map(str, s['seeds']))}. Round 0 is the initial adapter "
-        "(the base model's features). `solved`: the LDA head of the example-weighted mean of the sites' "
-        "statistics (what secure aggregation computes), its shrinkage chosen on validation from "
-        f"{', '.join(map(str, SHRINKAGES))}. Validation = the sites' local splits; test = the "
-        "coordinator's held-out set; ratio = solved / shared held-out macro-F1."
+        "(the base model's features). `averaged`: head-fit=none; `solved`: the averaged run's encoder "
+        "with the LDA head of the example-weighted mean of the sites' statistics (in-process, shrinkage "
+        f"chosen on validation from {', '.join(map(str, SHRINKAGES))}); `lda`: head-fit=lda (the "
+        "federation solves the head after every round under SecAgg+). Validation = the sites' local "
+        "splits; test = the coordinator's held-out set; ratio = lda / averaged held-out macro-F1."
     ]
     for seed in s["seeds"]:
         own = [r for r in rows if r["seed"] == seed]
         last = own[-1]
+        best = max(own, key=lambda r: r["lda_val_f1"])
         notes.append(
-            f"Seed {seed}, round {last['round']} (the default budget): held-out macro-F1 shared head "
-            f"{100 * last['shared_test_f1']:.1f}, solved head {100 * last['solved_test_f1']:.1f} "
-            f"({last['test_f1_ratio']:.2f}x); the base model's features alone (round 0) with a solved "
-            f"head: {100 * own[0]['solved_test_f1']:.1f}."
+            f"Seed {seed}, round {last['round']} (the default budget): held-out macro-F1 averaged head "
+            f"{100 * last['averaged_test_f1']:.1f}, head-fit=lda {100 * last['lda_test_f1']:.1f} "
+            f"({last['test_f1_ratio']:.2f}x; accuracy {last['averaged_test_acc']:.3f} vs "
+            f"{last['lda_test_acc']:.3f}); the averaged run's encoder with a solved head "
+            f"{100 * last['solved_test_f1']:.1f}; the base model's features with a solved head (round 0) "
+            f"{100 * own[0]['solved_test_f1']:.1f}. head-fit=lda at its best validation round "
+            f"({best['round']}): {100 * best['lda_test_f1']:.1f}."
         )
     return notes
 
 
 def plot(outcome: Outcome, s: Mapping[str, Any]) -> None:
-    """Held-out (solid) and validation (dashed) macro-F1 of both heads, round by round."""
+    """Held-out (solid) and validation (dashed) macro-F1 of each head, round by round."""
     if not outcome.rows:
         return
     fig, ax = new_figure(6, 4)
     for seed in s["seeds"]:
         own = [r for r in outcome.rows if r["seed"] == seed]
         x = [r["round"] for r in own]
-        for head in ("shared", "solved"):
-            (line,) = ax.plot(x, [r[f"{head}_test_f1"] for r in own], "-o", label=f"{head} head, seed {seed}")
+        for head in ("averaged", "solved", "lda"):
+            (line,) = ax.plot(x, [r[f"{head}_test_f1"] for r in own], "-o", label=f"{head}, seed {seed}")
             ax.plot(x, [r[f"{head}_val_f1"] for r in own], "--", color=line.get_color())
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round (0 = initial adapter)")
     ax.set_ylabel("macro-F1 (solid: held-out, dashed: validation)")
-    ax.set_title("ICD-10 chapters, Dirichlet 0.3: shared vs solved head")
+    ax.set_title("ICD-10 chapters, Dirichlet 0.3: averaged vs solved head")
     ax.legend(fontsize=7)
     save_figure(fig, NAME, "f1")
 

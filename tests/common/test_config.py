@@ -367,6 +367,15 @@ def test_bound_values_are_inclusive(key: str, value: Any) -> None:
             {"task": "instructions", "data-path": "/d.csv", "label-skew": "restricted-softmax"},
             ("label-skew=restricted-softmax", "task=instructions", "set `label-skew=none`"),
         ),
+        (
+            {"task": "icd10-code", "label-skew": "none", "head-fit": "lda"},
+            ("head-fit=lda", "task=icd10-code", "set `head-fit=none`"),
+        ),
+        (
+            {"head-fit": "lda", "dp-mode": "example"},
+            ("head-fit=lda", "dp-mode=example", "set `head-fit=none`"),
+        ),
+        ({"head-fit": "lda", "dp-mode": "distributed"}, ("head-fit=lda", "dp-mode=distributed")),
         ({"prompt-template": "Diagnosis: {txt}"}, ("prompt-template", "'Diagnosis: {txt}'", "no `{text}`")),
         (
             {"task": "icd10-code", "label-skew": "none", "prompt-template": "Code:"},
@@ -398,6 +407,7 @@ def test_cross_field_error_names_the_keys(run_config: dict[str, Any], needles: t
         {"task": "instructions", "label-skew": "none", "test-data-path": "/t.jsonl"},
         {"task": "icd10-chapter", "prompt-template": "Diagnosis: {text}"},
         {"task": "icd10-chapter", "audit-canaries": 4},
+        {"head-fit": "lda", "peft-method": "prefix", "secure-aggregation": False},
     ],
 )
 def test_consistent_cross_fields_are_accepted(run_config: dict[str, Any]) -> None:

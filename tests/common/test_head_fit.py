@@ -54,11 +54,20 @@ def test_lda_head_is_scikit_learns_with_the_class_prior_removed() -> None:
     weight, bias = solve_lda(HeadStatistics.of(x, y, 3), shrinkage=0.0)
 
     # Assert: scikit-learn's LDA (pooled within-class covariance, empirical prior) scores each class
-    # log(prior) higher; the solved head gives every class the same prior
+    # log(prior) higher; the solved head gives every class the same prior and centres the scores
     reference = LinearDiscriminantAnalysis(solver="lsqr", priors=shares).fit(x, y)
-    np.testing.assert_allclose(
-        x @ weight.T + bias + np.log(shares), reference.decision_function(x), rtol=1e-6, atol=1e-6
-    )
+    expected = reference.decision_function(x) - np.log(shares)
+    scores = x @ weight.T + bias
+    np.testing.assert_allclose(scores, expected - expected.mean(axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(scores.mean(axis=1), 0.0, atol=1e-9)
+    assert (scores.argmax(axis=1) == reference.predict(x)).mean() > 0.8  # the prior moves few examples
+
+    # Execute: under a limit every value fits it, and the same class wins
+    limited_w, limited_b = solve_lda(HeadStatistics.of(x, y, 3), shrinkage=0.0, limit=0.5)
+
+    # Assert
+    assert max(np.abs(limited_w).max(), np.abs(limited_b).max()) == pytest.approx(0.5)
+    np.testing.assert_array_equal((x @ limited_w.T + limited_b).argmax(axis=1), scores.argmax(axis=1))
 
 
 def test_shrinkage_pulls_the_covariance_towards_a_scaled_identity() -> None:
@@ -72,9 +81,11 @@ def test_shrinkage_pulls_the_covariance_towards_a_scaled_identity() -> None:
     # Execute
     weight, bias = solve_lda(stats, shrinkage=0.3)
 
-    # Assert: by hand
-    np.testing.assert_allclose(shrunk @ weight.T, means, atol=1e-9)
-    np.testing.assert_allclose(bias, -0.5 * np.einsum("dk,kd->k", means, weight), atol=1e-9)
+    # Assert: by hand, before centring over the two classes
+    coef = np.linalg.solve(shrunk, means)
+    raw_bias = -0.5 * np.einsum("dk,dk->k", means, coef)
+    np.testing.assert_allclose(weight, coef.T - coef.T.mean(axis=0), atol=1e-9)
+    np.testing.assert_allclose(bias, raw_bias - raw_bias.mean(), atol=1e-9)
     with pytest.raises(ValueError, match="shrinkage must be in \\[0, 1\\], got 1.5"):
         solve_lda(stats, shrinkage=1.5)
 
@@ -87,10 +98,15 @@ def test_a_class_without_examples_is_never_predicted() -> None:
     # Execute
     weight, bias = solve_lda(HeadStatistics.of(x, y, 3), shrinkage=0.1)
 
-    # Assert
-    assert not weight[1].any() and bias[1] == min(bias[0], bias[2]) - ABSENT_MARGIN
-    assert 1 not in (x @ weight.T + bias).argmax(axis=1)
-    assert (x @ weight.T + bias).argmax(axis=1).tolist() != [0] * len(x)
+    # Assert: the winning score is at least 0 for any input, the absent class scores -ABSENT_MARGIN
+    assert not weight[1].any() and bias[1] == -ABSENT_MARGIN
+    far = np.random.default_rng(0).normal(scale=50.0, size=(500, 3))  # far outside the training data
+    for inputs in (x, far):
+        scores = inputs @ weight.T + bias
+        assert 1 not in scores.argmax(axis=1) and (scores.max(axis=1) >= 0).all()
+    assert set((x @ weight.T + bias).argmax(axis=1)) == {0, 2}
+    limited_w, limited_b = solve_lda(HeadStatistics.of(x, y, 3), shrinkage=0.1, limit=2.0)
+    assert limited_b[1] == -2.0 and 1 not in (far @ limited_w.T + limited_b).argmax(axis=1)
 
 
 def test_statistics_refuse_empty_sets() -> None:
@@ -127,3 +143,26 @@ def test_head_inputs_and_set_head_act_on_the_models_classifier(tiny_base_model: 
     assert features.shape[0] == 4 and np.unique(features, axis=0).shape[0] == 4
     with pytest.raises(ValueError, match=r"set_head: got weight \(1, "):
         set_head(model, weight[:1], bias)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "needle"),
+    [
+        ([np.zeros((3, 3))], "2 tensors, got 1"),
+        ([np.zeros((3, 2)), np.zeros((3, 2))], "do not match"),
+        ([np.zeros((3, 3)), np.zeros((4, 2))], "do not match"),
+        ([np.zeros(3), np.zeros((3, 2))], "do not match"),
+        ([np.full((3, 3), np.nan), np.zeros((3, 2))], "non-finite"),
+        ([np.zeros((3, 3)), np.full((3, 2), np.inf)], "non-finite"),
+    ],
+)
+def test_malformed_statistics_are_named_and_refused(arrays: list[np.ndarray], needle: str) -> None:
+    from fedtune.common.updates import statistics_defect
+
+    assert needle in statistics_defect(arrays)
+    with pytest.raises(ValueError, match=needle):
+        HeadStatistics.from_arrays(arrays, 5)
+    good = HeadStatistics.of(np.ones((4, 2)), np.array([0, 1, 1, 0]), 2)
+    assert statistics_defect(good.arrays()) == ""
+    back = HeadStatistics.from_arrays(good.arrays(), 4)
+    np.testing.assert_array_equal(back.cross_moment, good.cross_moment)

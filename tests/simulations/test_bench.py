@@ -26,7 +26,7 @@ from fedtune.simulations.cli import main
 from sklearn.metrics import roc_auc_score
 
 ALL = [
-    *("quality", "rounds", "tuning", "diabetes", "methods", "comm"),
+    *("quality", "rounds", "tuning", "head", "diabetes", "methods", "comm"),
     *("secagg", "overhead", "scale", "privacy", "llm", "deploy"),
 ]
 

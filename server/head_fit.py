@@ -1,0 +1,156 @@
+"""``head-fit=lda``: after every round the shared head is solved from the sites' aggregated statistics.
+
+After a round's aggregate, the coordinator asks the round's sites for the statistics of their
+training examples under the new shared adapter (:func:`fedtune.common.head_fit.site_statistics`),
+through the run's own fit workflow, so under ``secure-aggregation`` the statistics are masked by
+SecAgg+ exactly like an update and the coordinator learns only their example-weighted mean. That
+mean is the pooled data's, so the LDA head solved from it (:func:`fedtune.common.head_fit.solve_lda`)
+is the one the pooled training splits would give. It replaces the averaged head in the shared
+adapter before the round is scored, checkpointed and sent out again.
+
+The exchange runs with a strategy of its own (:class:`StatisticsStrategy`: a plain weighted mean, no
+server optimiser, no update guard), and the shared adapter the workflow holds is restored around it.
+With ``audit=true`` the coordinator keeps the round's averaged adapter before its head was replaced
+(``aggregate-round-NNN.npz``, which the audit checks the aggregation against) and the statistics it
+learned (``head-stats-round-NNN.npz``); what each site sent is filed apart from its updates
+(:meth:`~fedtune.server.wire.MeteredGrid.labelled`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from fedtune.common import instructions
+from fedtune.common.adapters import adapter_names
+from fedtune.common.audit import save_arrays
+from fedtune.common.head_fit import HeadStatistics, head_layer, solve_lda
+from fedtune.common.run_folder import HEAD_STATS_LABEL, aggregate_round_name, head_stats_round_name
+from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.strategy.aggregate import aggregate
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+from flwr.server.workflow.default_workflows import default_fit_workflow
+from peft import PeftModel
+from peft.utils import ModulesToSaveWrapper
+
+from .run_state import RunState
+
+log = logging.getLogger(__name__)
+
+
+class StatisticsStrategy(Strategy):
+    """Asks ``sites`` for their head statistics and keeps their example-weighted mean."""
+
+    def __init__(self, sites: list[ClientProxy], config: dict[str, Scalar]) -> None:
+        self.sites = sites
+        self.config = config
+        self.pooled: HeadStatistics | None = None
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:  # noqa: D102
+        return None
+
+    def configure_fit(  # noqa: D102
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        return [(proxy, FitIns(parameters, dict(self.config))) for proxy in self.sites]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """The example-weighted mean (under SecAgg+ every result already holds it)."""
+        if not results:
+            return None, {}
+        weighted = [(parameters_to_ndarrays(res.parameters), res.num_examples) for _, res in results]
+        mean = aggregate(weighted)
+        try:
+            self.pooled = HeadStatistics.from_arrays(mean, sum(n for _, n in weighted))
+        except ValueError as err:
+            log.error("Round %d: the sites' head statistics are unusable: %s", server_round, err)
+            return None, {}
+        return ndarrays_to_parameters(mean), {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201, D102
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):  # noqa: ANN001, ANN201, D102
+        return None, {}
+
+    def evaluate(self, server_round, parameters):  # noqa: ANN001, ANN201, D102
+        return None
+
+
+def head_indices(model: PeftModel) -> tuple[int, int]:
+    """Where the classifier head's weight and bias are among the exchanged tensors (wire order).
+
+    Raises
+    ------
+    ValueError
+        When the exchanged tensors hold no head (not a sequence classifier).
+    """
+    head, names = head_layer(model), adapter_names(model)
+    owners = [
+        n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper) and head in m.modules()
+    ]
+    found = [
+        i
+        for kind in ("weight", "bias")
+        for i, name in enumerate(names)
+        if owners
+        and name in {f"{owners[0]}.{kind}", f"{owners[0]}.modules_to_save.{model.active_adapter}.{kind}"}
+    ]
+    if len(found) != 2:
+        raise ValueError(
+            f"head_indices: the exchanged tensors {names} hold no classifier head weight and bias."
+        )
+    return found[0], found[1]
+
+
+def fit_head(state: RunState, server_round: int, context: LegacyContext) -> bool:
+    """``head-fit=lda``: replace the round's averaged head by the LDA head of the sites' statistics.
+
+    Sites that fail to answer are left out of the mean (under SecAgg+ as its threshold allows); when
+    no statistics arrive, the round keeps its averaged head and a warning says so.
+    """
+    cfg = state.cfg
+    if cfg.head_fit == "none":
+        return True
+    record = context.state.array_records[MAIN_PARAMS_RECORD]
+    arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, True))
+    sites = [p for p in context.client_manager.all().values() if p.node_id in set(state.rounds.round_sites)]
+    config = {**state.strategies.base.on_fit_config_fn(server_round), instructions.HEAD_STATS: True}  # type: ignore[attr-defined]
+    collector, strategy = StatisticsStrategy(sites, config), context.strategy
+    context.strategy = collector
+    try:
+        with state.grid.labelled(HEAD_STATS_LABEL):
+            (state.secagg or default_fit_workflow)(state.grid, context)
+    finally:
+        context.strategy = strategy
+        context.state.array_records[MAIN_PARAMS_RECORD] = record
+    if collector.pooled is None:
+        log.warning(
+            "Round %d: no head statistics arrived; the shared head stays the sites' average.", server_round
+        )
+        return True
+    # under SecAgg+ the head stays within half its clipping range, so the head a site trains from it fits
+    limit = cfg.secagg_clipping_range / 2 if cfg.secure_aggregation else None
+    weight, bias = solve_lda(collector.pooled, cfg.head_fit_shrinkage, limit)
+    if cfg.audit:
+        save_arrays(state.folder.audit_server / aggregate_round_name(server_round), arrays)
+        save_arrays(
+            state.folder.audit_server / head_stats_round_name(server_round),
+            [collector.pooled.second_moment, collector.pooled.cross_moment],  # as solved (float64)
+        )
+    w, b = head_indices(state.shared.model)
+    arrays[w], arrays[b] = weight.astype(arrays[w].dtype), bias.astype(arrays[b].dtype)
+    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters([np.asarray(a) for a in arrays]), True
+    )
+    return True

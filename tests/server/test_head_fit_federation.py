@@ -1,0 +1,129 @@
+"""``head-fit=lda`` federated in process (:mod:`local_grid`): the head solved from summed statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import fake_task_identity
+from fedtune.common.adapters import set_adapter_arrays
+from fedtune.common.audit import load_arrays
+from fedtune.common.audit_report import build_report
+from fedtune.common.head_fit import HeadStatistics, head_inputs, solve_lda
+from fedtune.common.model import bring_up
+from fedtune.common.run_folder import (
+    RunFolder,
+    aggregate_round_name,
+    head_stats_round_name,
+    received_round_name,
+)
+from fedtune.common.sites import simulated_site
+from fedtune.server.head_fit import head_indices
+from fedtune.server.run_state import RunState
+from local_grid import fast_config, run_federation
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _task() -> Iterator[None]:
+    with fake_task_identity():
+        yield
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Path) -> RunState:
+    """3 sites, 2 rounds on the Pima table under SecAgg+, the head solved after every round, audited."""
+    out = tmp_path_factory.mktemp("head-fit")
+    cfg = fast_config(out, tiny_base_model, secure_aggregation=True, head_fit="lda", audit=True)
+    return run_federation(cfg)
+
+
+def _pooled_by_hand(state: RunState, arrays: list[np.ndarray]) -> HeadStatistics:
+    """Each site's statistics under ``arrays``, computed here from its data, pooled."""
+    cfg = state.cfg
+    parts = bring_up(cfg, 2)
+    set_adapter_arrays(parts.model, arrays)
+    sites = [simulated_site(cfg, i, 3).train for i in range(3)]
+    kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": parts.device}
+    return HeadStatistics.pooled(
+        [HeadStatistics.of(head_inputs(parts.model, parts.tokenizer, ds, **kw), ds.labels, 2) for ds in sites]
+    )
+
+
+@pytest.mark.parametrize("server_round", [1, 2])
+def test_the_shared_head_is_the_lda_head_of_the_sites_summed_statistics(
+    fitted: RunState, server_round: int
+) -> None:
+    # Prepare: the round's averaged adapter (before its head was replaced) and what followed it
+    run = RunFolder(Path(fitted.cfg.out_dir))
+    averaged, _ = load_arrays(run.audit_server / aggregate_round_name(server_round))
+    learned, _ = load_arrays(run.audit_server / head_stats_round_name(server_round))
+    after = load_arrays(run.global_round(server_round + 1) if server_round < 2 else run.global_final)[0]
+    w, b = head_indices(fitted.shared.model)
+
+    # Execute
+    by_hand = _pooled_by_hand(fitted, averaged)
+    weight, bias = solve_lda(HeadStatistics.from_arrays(learned, 1), fitted.cfg.head_fit_shrinkage, limit=4.0)
+
+    # Assert: the coordinator learned the pooled statistics (up to SecAgg+'s quantisation), solved its
+    # head from them within half the clipping range, and changed nothing else
+    np.testing.assert_allclose(learned[0], by_hand.second_moment, atol=1e-4)
+    np.testing.assert_allclose(learned[1], by_hand.cross_moment, atol=1e-4)
+    np.testing.assert_allclose(after[w], weight, atol=1e-5)
+    np.testing.assert_allclose(after[b], bias, atol=1e-5)
+    assert max(np.abs(after[w]).max(), np.abs(after[b]).max()) <= 4.0 + 1e-6
+    assert not np.allclose(after[w], averaged[w], atol=1e-3)
+    for i, (a, c) in enumerate(zip(after, averaged, strict=True)):
+        if i not in (w, b):
+            np.testing.assert_array_equal(a, c)
+
+
+def test_each_site_sends_its_statistics_apart_from_its_update_and_the_audit_accepts_them(
+    fitted: RunState,
+) -> None:
+    # Prepare
+    run = RunFolder(Path(fitted.cfg.out_dir))
+    nodes = sorted(
+        int(p.stem.rsplit("-", 1)[1]) for p in run.audit_server.glob("received-round-001-node-*.npz")
+    )
+
+    # Execute
+    report = build_report(run.root)
+
+    # Assert: per round and site, the update and the statistics are separate files, the site's own too
+    assert len(nodes) == 3
+    for r in (1, 2):
+        for node in nodes:
+            assert (run.audit_server / received_round_name(r, node, "head-stats")).is_file()
+    for site in run.audit_sites.glob("site-*"):
+        stats, scalars = load_arrays(site / head_stats_round_name(2))
+        assert [a.shape for a in stats] == [(17, 17), (17, 2)] and scalars["num_examples"] > 0
+    assert report["only_adapter_left_sites"] and report["head_statistics_shapes"] == [[17, 17], [17, 2]]
+    assert report["secagg"]["masked"] and report["secagg"]["aggregate_within_bound"]
+    assert fitted.rounds.records[-1].macro_f1 is not None
+
+
+def test_without_statistics_the_round_keeps_its_averaged_head(
+    tmp_path: Path, tiny_base_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import fedtune.client.site
+
+    # Prepare: plain aggregation, one round; every site fails to compute its statistics
+    cfg = fast_config(tmp_path, tiny_base_model, head_fit="lda", audit=True, num_server_rounds=1)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no statistics here")
+
+    monkeypatch.setattr(fedtune.client.site, "site_statistics", fail)
+
+    # Execute
+    state = run_federation(cfg)
+
+    # Assert: the round is kept, with the sites' averaged head, and a warning says so
+    run = RunFolder(Path(cfg.out_dir))
+    assert not (run.audit_server / aggregate_round_name(1)).exists()
+    assert [r.round for r in state.rounds.records] == [0, 1]
+    assert "no head statistics arrived; the shared head stays the sites' average" in caplog.text
