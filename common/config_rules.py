@@ -34,7 +34,7 @@ def _federation(cfg: FedConfig) -> None:
             f"({cfg.secagg_reconstruction_threshold} >= {cfg.secagg_num_shares}): raise the shares or "
             "lower the threshold."
         )
-    if cfg.head_fit != "none" and cfg.dp_mode != "off":
+    if cfg.head_fit == "lda" and cfg.dp_mode != "off":
         raise ConfigError(
             f"`head-fit={cfg.head_fit}` sends each site's feature statistics, which `dp-mode={cfg.dp_mode}` "
             "does not protect: set `head-fit=none` under differential privacy."
@@ -83,7 +83,7 @@ def _generation(cfg: FedConfig) -> None:
         )
     if cfg.task not in GENERATIVE_TASKS:
         return
-    if cfg.head_fit != "none":
+    if cfg.head_fit == "lda":
         raise ConfigError(
             f"`head-fit={cfg.head_fit}` solves a classifier head, but `task={cfg.task}` generates its answer "
             "with a causal LM: set `head-fit=none`."

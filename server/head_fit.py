@@ -1,6 +1,6 @@
 """``head-fit=lda``: after every round the shared head is solved from the sites' aggregated statistics.
 
-After a round's aggregate, the coordinator asks the round's sites for the statistics of their
+After a round's aggregate, the coordinator asks the sites in it for the statistics of their
 training examples under the new shared adapter (:func:`fedtune.common.head_fit.site_statistics`),
 through the run's own fit workflow, so under ``secure-aggregation`` the statistics are masked by
 SecAgg+ exactly like an update and the coordinator learns only their example-weighted mean. That
@@ -114,17 +114,21 @@ def head_indices(model: PeftModel) -> tuple[int, int]:
 
 
 def fit_head(state: RunState, server_round: int, context: LegacyContext) -> bool:
-    """``head-fit=lda``: replace the round's averaged head by the LDA head of the sites' statistics.
+    """Replace the round's averaged head by the LDA head of the sites' statistics (``head-fit``).
 
-    Sites that fail to answer are left out of the mean (under SecAgg+ as its threshold allows); when
-    no statistics arrive, the round keeps its averaged head and a warning says so.
+    The sites asked are those whose updates are in the round's aggregate (a site that dropped out of
+    the round is not waited for again). Sites that fail to answer are left out of the mean (under
+    SecAgg+ as its threshold allows); when no statistics arrive, the round keeps its averaged head
+    and a warning says so.
     """
     cfg = state.cfg
     if cfg.head_fit == "none":
         return True
     record = context.state.array_records[MAIN_PARAMS_RECORD]
     arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, True))
-    sites = [p for p in context.client_manager.all().values() if p.node_id in set(state.rounds.round_sites)]
+    outcome = state.strategies.guard.outcomes.get(server_round)
+    aggregated = outcome.sampled - set(outcome.excluded) if outcome else set(state.rounds.round_sites)
+    sites = [p for p in context.client_manager.all().values() if p.node_id in aggregated]
     config = {**state.strategies.base.on_fit_config_fn(server_round), instructions.HEAD_STATS: True}  # type: ignore[attr-defined]
     collector, strategy = StatisticsStrategy(sites, config), context.strategy
     context.strategy = collector
@@ -139,9 +143,9 @@ def fit_head(state: RunState, server_round: int, context: LegacyContext) -> bool
             "Round %d: no head statistics arrived; the shared head stays the sites' average.", server_round
         )
         return True
-    # under SecAgg+ the head stays within half its clipping range, so the head a site trains from it fits
-    limit = cfg.secagg_clipping_range / 2 if cfg.secure_aggregation else None
-    weight, bias = solve_lda(collector.pooled, cfg.head_fit_shrinkage, limit)
+    # within half SecAgg+'s clipping range, so the head a site trains from it fits SecAgg+ (the same
+    # head whether SecAgg+ is on or off)
+    weight, bias = solve_lda(collector.pooled, cfg.head_fit_shrinkage, cfg.secagg_clipping_range / 2)
     if cfg.audit:
         save_arrays(state.folder.audit_server / aggregate_round_name(server_round), arrays)
         save_arrays(

@@ -73,11 +73,13 @@ PARTITIONS: dict[str, dict[str, Any]] = {
 STRATEGIES: tuple[str, ...] = tuple(options.STRATEGIES)
 SEEDS: tuple[int, ...] = (42, 43, 44)
 # federated local recipes (the rest of the recipe at its defaults); validation picks one per strategy
-# and seed: fewer local steps per round drift less under label skew, a lower rate is steadier
+# and seed: fewer local steps per round drift less under label skew, a lower rate is steadier, and
+# head-fit=lda solves the shared head from the sites' statistics instead of averaging it
 FEDERATED_GRID: dict[str, dict[str, Any]] = {
     "s30-lr5e-3": {"local-steps": 30, "learning-rate": 5e-3},
     "s10-lr5e-3": {"local-steps": 10, "learning-rate": 5e-3},
     "s30-lr2e-3": {"local-steps": 30, "learning-rate": 2e-3},
+    "s30-lr5e-3-lda": {"local-steps": 30, "learning-rate": 5e-3, "head-fit": "lda"},
 }
 # centralized settings; validation picks one per seed (the pooled label prior when logit-adjusted)
 CENTRAL_GRID: dict[str, dict[str, Any]] = {
@@ -173,6 +175,7 @@ def _base_config(s: Mapping[str, Any], part: str, seed: int) -> dict[str, Any]:
         # pinned: the centralized and local arms aggregate nothing, and their saved results stay
         # valid when the default strategy changes (federated arms name theirs)
         "strategy": "fedavg",
+        "head-fit": "none",  # pinned likewise; a federated setting that solves the head names it
         **PARTITIONS[part],
     }
 

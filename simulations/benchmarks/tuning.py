@@ -210,6 +210,7 @@ def _plan(arm: str, seed: int, s: Mapping[str, Any]) -> tuple[dict[str, Any], Ca
         "fraction-evaluate": 0.0,
         "seed": seed,
         "strategy": "fedavg",  # pinned for the centralized arms (federated arms name theirs), see quality
+        "head-fit": "none",  # the local recipe is chosen with the sites' averaged head (bench head: lda)
     }
     if arm in FEDERATED:
         config = {**base, **FEDERATED[arm], "audit": "true"}

@@ -136,7 +136,9 @@ def test_patient_level_dp_under_secagg_records_each_sites_epsilon_and_its_adapte
 def test_secagg_aggregate_matches_plain_average_within_quantisation(tmp_path: Path) -> None:
     # Prepare: the same seeded round with and without SecAgg+, at 2 sites of more than 1,000 training
     # examples each (above Flower's default `max_weight`, which would clip their weights)
+    # (head-fit=none: a head solved from SecAgg+-quantised statistics is checked in process instead)
     one_round = "num-server-rounds=1 max-examples=3200 partitioning=iid fraction-evaluate=0 max-length=24"
+    one_round += " head-fit=none"
     masked = simulate(tmp_path / "secagg", f"{one_round} secure-aggregation=true", num_clients=2)
     plain = simulate(tmp_path / "plain", f"{one_round} secure-aggregation=false", num_clients=2)
 
@@ -179,8 +181,9 @@ def _upload_array_bytes(out: Path, prefix: str) -> int:
 
 
 def test_audit_of_masked_and_clear_runs(tmp_path: Path) -> None:
-    # Prepare: one round, 3 sites, with and without SecAgg+
+    # Prepare: one round, 3 sites, with and without SecAgg+ (the adapter only: head-fit=none)
     run = "num-server-rounds=1 max-examples=600 partitioning=iid fraction-evaluate=0 local-epochs=1"
+    run += " head-fit=none"
     simulate(tmp_path / "masked", f"{run} secure-aggregation=true")
     simulate(tmp_path / "clear", f"{run} secure-aggregation=false")
 
