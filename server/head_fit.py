@@ -137,8 +137,8 @@ def fit_head(state: RunState, server_round: int, context: LegacyContext) -> bool
             (state.secagg or default_fit_workflow)(state.grid, context)
     finally:
         context.strategy = strategy
-        context.state.array_records[MAIN_PARAMS_RECORD] = record
-    if collector.pooled is None:
+    # the workflow wrote the statistics' mean in place of the adapter (when it got one): put it back
+    if collector.pooled is None:  # no aggregate: the workflow left the adapter as it was
         log.warning(
             "Round %d: no head statistics arrived; the shared head stays the sites' average.", server_round
         )

@@ -31,8 +31,9 @@ DESCRIPTIONS: dict[str, str] = {
     "changes over 20 rounds, at equal examples seen.",
     "tuning": "The local recipe (label-skew correction, local work, learning rate and schedule), the server "
     "optimiser and LoRA variant, chosen on the sites' validation splits at Dirichlet 0.3.",
-    "head": "Where the federated gap is: the shared adapter's averaged head vs a head solved (LDA) from the "
-    "pooled statistics of the sites' features, on the same encoder after every round.",
+    "head": "The shared head averaged from the sites' heads vs `head-fit=lda` (solved by LDA from the sites' "
+    "securely aggregated feature statistics after every round), and the averaged run's encoder with a solved "
+    "head: where the federated gap is.",
     "diabetes": "Pima diabetes split over hospitals by age: federated vs each single site vs centralized, "
     "ROC AUC with bootstrap 95% CIs.",
     "methods": "LoRA r=4/8/16 vs prefix tuning 10/20 virtual tokens: trainable share, bytes per site per "

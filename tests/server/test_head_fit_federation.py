@@ -11,6 +11,7 @@ from conftest import fake_task_identity
 from fedtune.common.adapters import set_adapter_arrays
 from fedtune.common.audit import load_arrays
 from fedtune.common.audit_report import build_report
+from fedtune.common.config import FedConfig
 from fedtune.common.head_fit import HeadStatistics, head_inputs, solve_lda
 from fedtune.common.model import bring_up
 from fedtune.common.run_folder import (
@@ -37,16 +38,19 @@ def _task() -> Iterator[None]:
 def fitted(tmp_path_factory: pytest.TempPathFactory, tiny_base_model: Path) -> RunState:
     """3 sites, 2 rounds on the Pima table under SecAgg+, the head solved after every round, audited."""
     out = tmp_path_factory.mktemp("head-fit")
-    cfg = fast_config(out, tiny_base_model, secure_aggregation=True, head_fit="lda", audit=True)
+    cfg = fast_config(
+        out, tiny_base_model, secure_aggregation=True, head_fit="lda", audit=True, secagg_clipping_range=2.0
+    )
     return run_federation(cfg)
 
 
-def _pooled_by_hand(state: RunState, arrays: list[np.ndarray]) -> HeadStatistics:
-    """Each site's statistics under ``arrays``, computed here from its data, pooled."""
-    cfg = state.cfg
+def _pooled_by_hand(
+    cfg: FedConfig, arrays: list[np.ndarray], sites: tuple[int, ...] = (0, 1, 2)
+) -> HeadStatistics:
+    """The statistics of ``sites`` under ``arrays``, each computed here from its data, pooled."""
     parts = bring_up(cfg, 2)
     set_adapter_arrays(parts.model, arrays)
-    sites = [simulated_site(cfg, i, 3).train for i in range(3)]
+    sites = [simulated_site(cfg, i, 3).train for i in sites]
     kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": parts.device}
     return HeadStatistics.pooled(
         [HeadStatistics.of(head_inputs(parts.model, parts.tokenizer, ds, **kw), ds.labels, 2) for ds in sites]
@@ -65,8 +69,9 @@ def test_the_shared_head_is_the_lda_head_of_the_sites_summed_statistics(
     w, b = head_indices(fitted.shared.model)
 
     # Execute
-    by_hand = _pooled_by_hand(fitted, averaged)
-    weight, bias = solve_lda(HeadStatistics.from_arrays(learned, 1), fitted.cfg.head_fit_shrinkage, limit=4.0)
+    by_hand = _pooled_by_hand(fitted.cfg, averaged)
+    limit = fitted.cfg.secagg_clipping_range / 2
+    weight, bias = solve_lda(HeadStatistics.from_arrays(learned, 1), fitted.cfg.head_fit_shrinkage, limit)
 
     # Assert: the coordinator learned the pooled statistics (up to SecAgg+'s quantisation), solved its
     # head from them within half the clipping range, and changed nothing else
@@ -74,7 +79,7 @@ def test_the_shared_head_is_the_lda_head_of_the_sites_summed_statistics(
     np.testing.assert_allclose(learned[1], by_hand.cross_moment, atol=1e-4)
     np.testing.assert_allclose(after[w], weight, atol=1e-5)
     np.testing.assert_allclose(after[b], bias, atol=1e-5)
-    assert max(np.abs(after[w]).max(), np.abs(after[b]).max()) <= 4.0 + 1e-6
+    assert max(np.abs(after[w]).max(), np.abs(after[b]).max()) == pytest.approx(limit)  # scaled to fit
     assert not np.allclose(after[w], averaged[w], atol=1e-3)
     for i, (a, c) in enumerate(zip(after, averaged, strict=True)):
         if i not in (w, b):
@@ -112,7 +117,9 @@ def test_without_statistics_the_round_keeps_its_averaged_head(
     import fedtune.client.site
 
     # Prepare: plain aggregation, one round; every site fails to compute its statistics
-    cfg = fast_config(tmp_path, tiny_base_model, head_fit="lda", audit=True, num_server_rounds=1)
+    cfg = fast_config(
+        tmp_path, tiny_base_model, head_fit="lda", audit=True, num_server_rounds=1, secure_aggregation=False
+    )
 
     def fail(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no statistics here")
@@ -127,3 +134,45 @@ def test_without_statistics_the_round_keeps_its_averaged_head(
     assert not (run.audit_server / aggregate_round_name(1)).exists()
     assert [r.round for r in state.rounds.records] == [0, 1]
     assert "no head statistics arrived; the shared head stays the sites' average" in caplog.text
+
+
+def test_only_the_sites_in_the_aggregate_are_asked_for_statistics(
+    tmp_path: Path, tiny_base_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedtune.client.site
+    from fedtune.common import instructions
+    from local_grid import local_grid
+
+    # Prepare: plain aggregation, one round; site 0 fails to train (it drops out of the aggregate)
+    cfg = fast_config(
+        tmp_path, tiny_base_model, head_fit="lda", num_server_rounds=1, audit=True, secure_aggregation=False
+    )
+    first_text = simulated_site(cfg, 0, 3).train.texts[0]
+    train = fedtune.client.site.train_local
+
+    def train_unless_site_0(model, tokenizer, ds, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if ds.texts[0] == first_text:
+            raise RuntimeError("site 0 fails to train")
+        return train(model, tokenizer, ds, *args, **kwargs)
+
+    monkeypatch.setattr(fedtune.client.site, "train_local", train_unless_site_0)
+    grid = local_grid(cfg)
+
+    # Execute
+    state = run_federation(cfg, grid=grid)
+
+    # Assert: the two sites in the aggregate were asked, site 0 (node 101) was not
+    asked = [
+        m.metadata.dst_node_id
+        for m in grid.delivered
+        if m.metadata.message_type == "train"
+        and m.content.config_records.get("fitins.config", {}).get(instructions.HEAD_STATS)
+    ]
+    assert sorted(asked) == [102, 103]
+    assert list(state.rounds.records[1].excluded_sites) == ["101"]
+    # and the coordinator learned their example-weighted mean, averaged in the clear
+    run = RunFolder(Path(cfg.out_dir))
+    learned, _ = load_arrays(run.audit_server / head_stats_round_name(1))
+    by_hand = _pooled_by_hand(cfg, load_arrays(run.audit_server / aggregate_round_name(1))[0], (1, 2))
+    np.testing.assert_allclose(learned[0], by_hand.second_moment, atol=1e-6)
+    np.testing.assert_allclose(learned[1], by_hand.cross_moment, atol=1e-6)
