@@ -81,8 +81,8 @@ class HeadStatistics:
         if total == 0:
             raise ValueError("HeadStatistics.pooled: the sites hold no examples.")
         return HeadStatistics(
-            second_moment=sum(s.examples * s.second_moment for s in sites) / total,
-            cross_moment=sum(s.examples * s.cross_moment for s in sites) / total,
+            second_moment=np.sum([s.examples * s.second_moment for s in sites], axis=0) / total,
+            cross_moment=np.sum([s.examples * s.cross_moment for s in sites], axis=0) / total,
             examples=total,
         )
 

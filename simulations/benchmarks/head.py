@@ -20,6 +20,7 @@ accuracy, and the held-out ratio lda / averaged. Full: ~45 min on 2 CPU cores; s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -82,9 +83,7 @@ def measure(s: dict[str, Any]) -> Outcome:
             runs[arm] = cached(
                 arms_dir(NAME) / f"{label}.json",
                 {"sites": s["sites"], "config": resolved(config)},
-                lambda config=config, label=label, arm=arm: head_curve(
-                    label, config, s["sites"], solve=arm == "averaged"
-                ),
+                functools.partial(head_curve, label, config, s["sites"], solve=arm == "averaged"),
             )["curve"]
         rows += [_row(seed, base, cand) for base, cand in zip(runs["averaged"], runs["lda"], strict=True)]
     return Outcome(rows, _notes(rows, s))
