@@ -22,6 +22,7 @@ from typing import Any
 
 from . import options
 from .config_rules import ConfigError, check_rules
+from .options import GENERATIVE_TASKS
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors peft's field help
@@ -177,14 +178,14 @@ class FedConfig:
         0.5, "Restricted softmax: factor on the logits of labels absent at the site.", min=0.0, max=1.0
     )
     head_fit: str = _opt(
-        "none",
+        "auto",
         "How the shared classifier head is made after each round (an extra SecAgg+ exchange of feature "
-        "statistics when `lda`).",
+        "statistics when it solves the head).",
         choices=options.HEAD_FITS,
     )
     head_fit_shrinkage: float = _opt(
         0.1,
-        "`head-fit=lda`: shrinkage of the within-class covariance towards the identity.",
+        "When `head-fit` solves the head: shrinkage of the within-class covariance towards the identity.",
         min=0.0,
         max=1.0,
     )
@@ -250,6 +251,17 @@ class FedConfig:
     def example_dp(self) -> bool:
         """Patient-level DP-SGD at the sites (``dp-mode`` starts with ``example``)."""
         return self.dp_mode.startswith("example")
+
+    @property
+    def solves_head(self) -> bool:
+        """Whether the coordinator solves the shared head from the sites' statistics (``head-fit``).
+
+        ``auto`` does for a classification task without differential privacy: generative tasks have no
+        head, and DP does not cover the statistics.
+        """
+        if self.head_fit == "auto":
+            return self.task not in GENERATIVE_TASKS and self.dp_mode == "off"
+        return self.head_fit == "lda"
 
     @property
     def target_modules(self) -> tuple[str, ...]:

@@ -61,9 +61,14 @@ class HeadStatistics:
         n = len(features)
         return cls(second_moment=x.T @ x / n, cross_moment=x.T @ y / n, examples=n)
 
-    def arrays(self) -> list[np.ndarray]:
-        """The statistics as they travel: ``[second_moment, cross_moment]`` in float32."""
-        return [self.second_moment.astype(np.float32), self.cross_moment.astype(np.float32)]
+    def arrays(self, dtype: type[np.floating] = np.float32) -> list[np.ndarray]:
+        """The statistics as they travel: ``[second_moment's upper triangle, cross_moment]``.
+
+        ``second_moment`` is symmetric, so only its upper triangle (row by row, the diagonal
+        included: ``k (k + 1) / 2`` values) is sent, about half the values of the full matrix.
+        """
+        upper = self.second_moment[np.triu_indices(len(self.second_moment))]
+        return [upper.astype(dtype), self.cross_moment.astype(dtype)]
 
     @classmethod
     def from_arrays(cls, arrays: Sequence[np.ndarray], examples: int) -> HeadStatistics:
@@ -71,7 +76,11 @@ class HeadStatistics:
         defect = statistics_defect(arrays)
         if defect:
             raise ValueError(f"HeadStatistics: {defect}.")
-        second, cross = (np.asarray(a, dtype=np.float64) for a in arrays)
+        upper, cross = (np.asarray(a, dtype=np.float64) for a in arrays)
+        rows, cols = np.triu_indices(cross.shape[0])
+        second = np.zeros((cross.shape[0], cross.shape[0]))
+        second[rows, cols] = upper
+        second[cols, rows] = upper
         return cls(second_moment=second, cross_moment=cross, examples=examples)
 
     @staticmethod
@@ -155,10 +164,13 @@ def head_layer(model: torch.nn.Module) -> torch.nn.Linear:
 
 
 def statistics_shapes(model: torch.nn.Module) -> list[list[int]]:
-    """The shapes of the statistics a site sends for ``model``'s head: ``[[d + 1, d + 1], [d + 1, C]]``."""
+    """The shapes of the statistics a site sends for ``model``'s head (:meth:`HeadStatistics.arrays`).
+
+    ``[[k (k + 1) / 2], [k, C]]`` with ``k = d + 1``.
+    """
     head = head_layer(model)
     k = head.in_features + 1
-    return [[k, k], [k, head.out_features]]
+    return [[k * (k + 1) // 2], [k, head.out_features]]
 
 
 @torch.no_grad()

@@ -48,6 +48,7 @@ LABEL_SKEW: dict[str, str] = {
     "restricted-softmax": "logits of labels absent at the site scaled by `restricted-softmax-alpha` (FedRS)",
 }
 HEAD_FITS: dict[str, str] = {
+    "auto": "`lda` for a classification task without `dp-mode`, else `none`",
     "none": "the shared head is the average of the sites' trained heads",
     "lda": "after every round the head is solved by LDA from the sites' securely aggregated feature "
     "statistics (fedtune.common.head_fit)",

@@ -26,12 +26,13 @@ def statistics_defect(arrays: Sequence[np.ndarray]) -> str:
     """Why ``arrays`` are not head statistics (:meth:`HeadStatistics.arrays`), or ``""`` when they are."""
     if len(arrays) != 2:
         return f"head statistics are 2 tensors, got {len(arrays)}"
-    second, cross = arrays
-    k = second.shape[0] if second.ndim == 2 else -1
-    if second.shape != (k, k) or cross.ndim != 2 or cross.shape[0] != k:
+    upper, cross = arrays
+    k = cross.shape[0] if cross.ndim == 2 else -1
+    if cross.ndim != 2 or upper.shape != (k * (k + 1) // 2,):
         return (
-            f"head statistics of shapes {second.shape} and {cross.shape} do not match (need (k, k), (k, C))"
+            f"head statistics of shapes {upper.shape} and {cross.shape} do not match "
+            "(need (k (k + 1) / 2,), (k, C): an upper triangle, then k rows)"
         )
-    if not (np.isfinite(second).all() and np.isfinite(cross).all()):
+    if not (np.isfinite(upper).all() and np.isfinite(cross).all()):
         return "head statistics hold non-finite values (NaN/Inf)"
     return ""

@@ -1,4 +1,6 @@
-"""``head-fit=lda``: after every round the shared head is solved from the sites' aggregated statistics.
+"""After every round the shared head is solved from the sites' aggregated statistics (``head-fit``).
+
+``head-fit=lda`` does so always, ``auto`` (the default) for a classification task without DP.
 
 After a round's aggregate, the coordinator asks the sites in it for the statistics of their
 training examples under the new shared adapter (:func:`fedtune.common.head_fit.site_statistics`),
@@ -122,7 +124,7 @@ def fit_head(state: RunState, server_round: int, context: LegacyContext) -> bool
     and a warning says so.
     """
     cfg = state.cfg
-    if cfg.head_fit == "none":
+    if not cfg.solves_head:
         return True
     record = context.state.array_records[MAIN_PARAMS_RECORD]
     arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, True))
@@ -150,7 +152,7 @@ def fit_head(state: RunState, server_round: int, context: LegacyContext) -> bool
         save_arrays(state.folder.audit_server / aggregate_round_name(server_round), arrays)
         save_arrays(
             state.folder.audit_server / head_stats_round_name(server_round),
-            [collector.pooled.second_moment, collector.pooled.cross_moment],  # as solved (float64)
+            collector.pooled.arrays(np.float64),  # as solved
         )
     w, b = head_indices(state.shared.model)
     arrays[w], arrays[b] = weight.astype(arrays[w].dtype), bias.astype(arrays[b].dtype)

@@ -418,6 +418,28 @@ def test_consistent_cross_fields_are_accepted(run_config: dict[str, Any]) -> Non
     assert cfg.to_run_config() == {**defaults(), **run_config}
 
 
+@pytest.mark.parametrize(
+    ("run_config", "solves"),
+    [
+        ({}, True),  # the default, auto, on the default classification task
+        ({"task": "diabetes"}, True),
+        ({"dp-mode": "central"}, False),  # DP does not cover the statistics
+        ({"dp-mode": "example"}, False),
+        ({"task": "icd10-code", "label-skew": "none"}, False),  # a causal LM has no head
+        ({"head-fit": "lda"}, True),
+        ({"head-fit": "none"}, False),
+    ],
+)
+def test_head_fit_auto_solves_the_head_for_classification_without_dp(
+    run_config: dict[str, Any], solves: bool
+) -> None:
+    # Prepare / Execute
+    cfg = parse_run_config(run_config)
+
+    # Assert
+    assert cfg.solves_head is solves
+
+
 def test_cross_field_rules_also_guard_direct_construction() -> None:
     # Prepare / Execute / Assert
     with pytest.raises(ConfigError, match="data-path"):

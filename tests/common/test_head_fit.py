@@ -148,12 +148,12 @@ def test_head_inputs_and_set_head_act_on_the_models_classifier(tiny_base_model: 
 @pytest.mark.parametrize(
     ("arrays", "needle"),
     [
-        ([np.zeros((3, 3))], "2 tensors, got 1"),
-        ([np.zeros((3, 2)), np.zeros((3, 2))], "do not match"),
-        ([np.zeros((3, 3)), np.zeros((4, 2))], "do not match"),
-        ([np.zeros(3), np.zeros((3, 2))], "do not match"),
-        ([np.full((3, 3), np.nan), np.zeros((3, 2))], "non-finite"),
-        ([np.zeros((3, 3)), np.full((3, 2), np.inf)], "non-finite"),
+        ([np.zeros(6)], "2 tensors, got 1"),
+        ([np.zeros((3, 3)), np.zeros((3, 2))], "do not match"),  # the full matrix, not its triangle
+        ([np.zeros(6), np.zeros((4, 2))], "do not match"),
+        ([np.zeros(6), np.zeros(3)], "do not match"),
+        ([np.full(6, np.nan), np.zeros((3, 2))], "non-finite"),
+        ([np.zeros(6), np.full((3, 2), np.inf)], "non-finite"),
     ],
 )
 def test_malformed_statistics_are_named_and_refused(arrays: list[np.ndarray], needle: str) -> None:
@@ -162,7 +162,23 @@ def test_malformed_statistics_are_named_and_refused(arrays: list[np.ndarray], ne
     assert needle in statistics_defect(arrays)
     with pytest.raises(ValueError, match=needle):
         HeadStatistics.from_arrays(arrays, 5)
-    good = HeadStatistics.of(np.ones((4, 2)), np.array([0, 1, 1, 0]), 2)
-    assert statistics_defect(good.arrays()) == ""
-    back = HeadStatistics.from_arrays(good.arrays(), 4)
-    np.testing.assert_array_equal(back.cross_moment, good.cross_moment)
+
+
+def test_statistics_travel_as_the_upper_triangle_and_come_back_whole() -> None:
+    from fedtune.common.updates import statistics_defect
+
+    # Prepare: 3 features (k = 4 with the constant), 2 classes
+    rng = np.random.default_rng(0)
+    stats = HeadStatistics.of(rng.normal(size=(7, 3)), np.array([0, 1, 1, 0, 1, 0, 0]), 2)
+
+    # Execute
+    arrays = stats.arrays()
+    back = HeadStatistics.from_arrays(arrays, 7)
+
+    # Assert: 10 = 4 * 5 / 2 values for the symmetric matrix, row by row from its upper triangle
+    assert [a.shape for a in arrays] == [(10,), (4, 2)] and statistics_defect(arrays) == ""
+    assert arrays[0].dtype == np.float32 and stats.arrays(np.float64)[0].dtype == np.float64
+    np.testing.assert_allclose(arrays[0][:4], stats.second_moment[0], rtol=1e-6)
+    np.testing.assert_allclose(back.second_moment, stats.second_moment, rtol=1e-6)
+    np.testing.assert_allclose(back.cross_moment, stats.cross_moment, rtol=1e-6)
+    assert back.examples == 7

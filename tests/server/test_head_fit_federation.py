@@ -75,8 +75,9 @@ def test_the_shared_head_is_the_lda_head_of_the_sites_summed_statistics(
 
     # Assert: the coordinator learned the pooled statistics (up to SecAgg+'s quantisation), solved its
     # head from them within half the clipping range, and changed nothing else
-    np.testing.assert_allclose(learned[0], by_hand.second_moment, atol=1e-4)
-    np.testing.assert_allclose(learned[1], by_hand.cross_moment, atol=1e-4)
+    pooled = HeadStatistics.from_arrays(learned, 1)
+    np.testing.assert_allclose(pooled.second_moment, by_hand.second_moment, atol=1e-4)
+    np.testing.assert_allclose(pooled.cross_moment, by_hand.cross_moment, atol=1e-4)
     np.testing.assert_allclose(after[w], weight, atol=1e-5)
     np.testing.assert_allclose(after[b], bias, atol=1e-5)
     assert max(np.abs(after[w]).max(), np.abs(after[b]).max()) == pytest.approx(limit)  # scaled to fit
@@ -105,8 +106,8 @@ def test_each_site_sends_its_statistics_apart_from_its_update_and_the_audit_acce
             assert (run.audit_server / received_round_name(r, node, "head-stats")).is_file()
     for site in run.audit_sites.glob("site-*"):
         stats, scalars = load_arrays(site / head_stats_round_name(2))
-        assert [a.shape for a in stats] == [(17, 17), (17, 2)] and scalars["num_examples"] > 0
-    assert report["only_adapter_left_sites"] and report["head_statistics_shapes"] == [[17, 17], [17, 2]]
+        assert [a.shape for a in stats] == [(153,), (17, 2)] and scalars["num_examples"] > 0  # 17 * 18 / 2
+    assert report["only_adapter_left_sites"] and report["head_statistics_shapes"] == [[153], [17, 2]]
     assert report["secagg"]["masked"] and report["secagg"]["aggregate_within_bound"]
     assert fitted.rounds.records[-1].macro_f1 is not None
 
@@ -174,5 +175,6 @@ def test_only_the_sites_in_the_aggregate_are_asked_for_statistics(
     run = RunFolder(Path(cfg.out_dir))
     learned, _ = load_arrays(run.audit_server / head_stats_round_name(1))
     by_hand = _pooled_by_hand(cfg, load_arrays(run.audit_server / aggregate_round_name(1))[0], (1, 2))
-    np.testing.assert_allclose(learned[0], by_hand.second_moment, atol=1e-6)
-    np.testing.assert_allclose(learned[1], by_hand.cross_moment, atol=1e-6)
+    pooled = HeadStatistics.from_arrays(learned, 1)
+    np.testing.assert_allclose(pooled.second_moment, by_hand.second_moment, atol=1e-6)
+    np.testing.assert_allclose(pooled.cross_moment, by_hand.cross_moment, atol=1e-6)

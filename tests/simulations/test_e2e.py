@@ -101,15 +101,21 @@ def _plain_peft_accuracy(out: Path) -> tuple[float, int]:
     return float((pred == test.labels).mean()), len(test)
 
 
-def test_the_default_recipe_learns_clearly_beyond_its_first_round_under_label_skew(tmp_path: Path) -> None:
-    # Prepare / Execute: the embedded defaults at 3 sites, 3 rounds, on a small Dirichlet(0.3) set
-    records = simulate(
-        tmp_path / "skewed", "num-server-rounds=3 max-examples=600 dirichlet-alpha=0.3 fraction-evaluate=0"
-    )
+def test_the_defaults_learn_at_once_under_label_skew_and_the_site_recipe_beyond_its_first_round(
+    tmp_path: Path,
+) -> None:
+    # Prepare / Execute: the embedded defaults at 3 sites, 3 rounds, on a small Dirichlet(0.3) set; and
+    # the same with the sites' averaged head (head-fit=none), which isolates what local training adds
+    skewed = "num-server-rounds=3 max-examples=600 dirichlet-alpha=0.3 fraction-evaluate=0"
+    f1 = [r["macro_f1"] for r in simulate(tmp_path / "defaults", skewed)]
+    averaged = [r["macro_f1"] for r in simulate(tmp_path / "averaged", f"{skewed} head-fit=none")]
 
-    # Assert: macro-F1 after round 3 well above round 1's (and above the untrained adapter's)
-    f1 = [r["macro_f1"] for r in records]
-    assert f1[3] >= f1[1] + 0.05 and f1[3] > 2 * f1[0], f1
+    # Assert: the solved head (head-fit=auto) is far above the untrained adapter from round 1 on, and
+    # every round above the best the averaged head reached (measured: 0.36-0.45 vs at most 0.19)
+    assert min(f1[1:]) > 4 * f1[0] and min(f1[1:]) >= max(averaged[1:]) + 0.1, (f1, averaged)
+    # the sites' recipe (local steps, schedule, logit adjustment) learns clearly beyond its first round
+    # (measured: 0.07 after round 1, 0.19 after round 3)
+    assert averaged[3] >= averaged[1] + 0.05 and averaged[3] > 2 * averaged[0], averaged
 
 
 def test_patient_level_dp_under_secagg_records_each_sites_epsilon_and_its_adapter_loads_with_plain_peft(
