@@ -1,6 +1,7 @@
 """After every round the shared head is solved from the sites' aggregated statistics (``head-fit``).
 
-``head-fit=lda`` does so always, ``auto`` (the default) for a classification task without DP.
+``head-fit=lda`` does so always, ``auto`` (the default) for a classification task of 3 or more labels
+without DP.
 
 After a round's aggregate, the coordinator asks the sites in it for the statistics of their
 training examples under the new shared adapter (:func:`fedtune.common.head_fit.site_statistics`),
@@ -124,7 +125,7 @@ def fit_head(state: RunState, server_round: int, context: LegacyContext) -> bool
     and a warning says so.
     """
     cfg = state.cfg
-    if not cfg.solves_head:
+    if not state.solves_head:
         return True
     record = context.state.array_records[MAIN_PARAMS_RECORD]
     arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, True))

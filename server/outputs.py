@@ -52,7 +52,7 @@ def metadata(state: RunState) -> dict[str, Any]:
         **(_generation(cfg) if cfg.task in GENERATIVE_TASKS else {}),
         "adapter_tensors": adapter_names(shared.model),
         "adapter_shapes": [list(a.shape) for a in shared.initial],
-        **({"head_statistics_shapes": statistics_shapes(shared.model)} if cfg.solves_head else {}),
+        **({"head_statistics_shapes": statistics_shapes(shared.model)} if state.solves_head else {}),
         "adapter_bytes": nbytes(shared.initial),
         "base_model_bytes": shared.base_model_bytes,
         "trainable_parameters": shared.trainable,

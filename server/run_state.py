@@ -196,6 +196,11 @@ class RunState:
     max_weight: float
     progress: RunProgress | None
 
+    @property
+    def solves_head(self) -> bool:
+        """Whether the coordinator solves the shared head from the sites' statistics (``head-fit``)."""
+        return self.cfg.solves_head(len(self.shared.test_set.label_names))
+
 
 def make_accountant(cfg: FedConfig, resumed: ServerState | None) -> PrivacyAccountant | None:
     """Client-level DP's accountant (continued from ``resumed``), else ``None``."""

@@ -7,7 +7,7 @@ on), :class:`fedtune.server.workflow.FedtuneWorkflow` runs around every round
   SecAgg+ and DP to the sampled sites; stop before a round that would go past the privacy
   budget; keep the shared adapter the round starts from (audit);
 - :data:`AFTER_FIT`: fail loudly when the round produced no aggregate (before scoring anything);
-  when ``head-fit`` solves the head (``lda``, or ``auto`` for classification without DP), solve
+  when ``head-fit`` solves the head (``lda``, or ``auto`` for 3+ labels without DP), solve
   the shared head from the sites' statistics (:mod:`.head_fit`);
 - :data:`AFTER_ROUND`: record the round; checkpoint it; then write ``metrics.json`` (so it never
   runs ahead of the checkpoint) and show the round.

@@ -419,25 +419,26 @@ def test_consistent_cross_fields_are_accepted(run_config: dict[str, Any]) -> Non
 
 
 @pytest.mark.parametrize(
-    ("run_config", "solves"),
+    ("run_config", "labels", "solves"),
     [
-        ({}, True),  # the default, auto, on the default classification task
-        ({"task": "diabetes"}, True),
-        ({"dp-mode": "central"}, False),  # DP does not cover the statistics
-        ({"dp-mode": "example"}, False),
-        ({"task": "icd10-code", "label-skew": "none"}, False),  # a causal LM has no head
-        ({"head-fit": "lda"}, True),
-        ({"head-fit": "none"}, False),
+        ({}, 22, True),  # the default, auto, on the default classification task
+        ({}, 3, True),
+        ({"task": "diabetes"}, 2, False),  # two labels: every site holds both
+        ({"dp-mode": "central"}, 22, False),  # DP does not cover the statistics
+        ({"dp-mode": "example"}, 22, False),
+        ({"task": "icd10-code", "label-skew": "none"}, 22, False),  # a causal LM has no head
+        ({"head-fit": "lda"}, 2, True),
+        ({"head-fit": "none"}, 22, False),
     ],
 )
-def test_head_fit_auto_solves_the_head_for_classification_without_dp(
-    run_config: dict[str, Any], solves: bool
+def test_head_fit_auto_solves_the_head_for_three_labels_or_more_without_dp(
+    run_config: dict[str, Any], labels: int, solves: bool
 ) -> None:
     # Prepare / Execute
     cfg = parse_run_config(run_config)
 
     # Assert
-    assert cfg.solves_head is solves
+    assert cfg.solves_head(labels) is solves
 
 
 def test_cross_field_rules_also_guard_direct_construction() -> None:

@@ -523,11 +523,10 @@ def test_three_sites_over_tls_with_auth_train_an_adapter_plain_peft_loads(deploy
     assert len(list((out / "audit" / "sites").glob("site-*/sent-round-002.npz"))) == 3
     for name in ("superlink.log", "site-0.log", "site-1.log", "site-2.log", "run.log", "flwr-cli.log"):
         assert (out / "logs" / name).is_file(), name
-    # each site's worker trained it in both rounds and gave its head statistics after each (head-fit);
-    # the ClientApp processes loaded no model
+    # each site's worker trained it in both rounds (the ClientApp processes loaded no model)
     for site in summary["sites"]:
         served = Path(site["worker_log"]).read_text()
-        assert served.count(f"fit for node {site['node_id']}") == 4, served[-2000:]
+        assert served.count(f"fit for node {site['node_id']}") == 2, served[-2000:]
 
     # Assert: no site had the coordinator's base model: each received it, verified and cached it
     meta = json.loads((out / "adapter" / "fedtune.json").read_text())
