@@ -258,7 +258,7 @@ class FedConfig:
         ``auto`` does for a classification task of at least :data:`~.options.AUTO_HEAD_FIT_MIN_LABELS`
         labels without differential privacy: generative tasks have no head, DP does not cover the
         statistics, and with two labels every site holds both, so the averaged head is not diluted
-        (measured: the solved head loses AUC on Pima diabetes; see the README).
+        (measured: under SecAgg+ the solved head loses AUC on Pima diabetes; see the README).
         """
         if self.head_fit == "auto":
             return (
