@@ -63,17 +63,11 @@ def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
         server_round = int(fitins.config.get(instructions.ROUND, 0))
-        if fitins.config.get(instructions.HEAD_STATS, False):  # head-fit's statistics, not an update
-            save_arrays(
-                out_dir / head_stats_round_name(server_round),
-                parameters_to_ndarrays(fitres.parameters),
-                num_examples=fitres.num_examples,
-                node=ctxt.node_id,
-            )
-            return reply
-        save_arrays(out_dir / global_round_name(server_round), parameters_to_ndarrays(fitins.parameters))
+        head_stats = fitins.config.get(instructions.HEAD_STATS, False)  # head-fit's statistics, not an update
+        if not head_stats:
+            save_arrays(out_dir / global_round_name(server_round), parameters_to_ndarrays(fitins.parameters))
         save_arrays(
-            out_dir / sent_round_name(server_round),
+            out_dir / (head_stats_round_name if head_stats else sent_round_name)(server_round),
             parameters_to_ndarrays(fitres.parameters),
             num_examples=fitres.num_examples,
             node=ctxt.node_id,

@@ -26,8 +26,8 @@ import torch
 from peft.utils import ModulesToSaveWrapper
 from transformers import PreTrainedTokenizerBase
 
-from . import batching
 from .data import TextDataset
+from .train import predict_proba
 from .updates import statistics_defect
 
 ABSENT_MARGIN = 100.0  # without a limit, the constant score of a class without training examples
@@ -183,16 +183,17 @@ def head_inputs(
     max_length: int,
     device: torch.device,
 ) -> np.ndarray:
-    """What the classifier head receives for each example of ``ds`` (eval mode), shape ``(n, d)``."""
+    """What the classifier head receives for each example of ``ds`` (eval mode), shape ``(n, d)``.
+
+    Captured by a hook on the head while :func:`~fedtune.common.train.predict_proba` scores ``ds``
+    (the same batches and autocast as the scoring).
+    """
     head, seen = head_layer(model), []
     hook = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].float().cpu()))
     try:
-        model.to(device).eval()
-        for inputs, _ in batching.batches(tokenizer, ds, batch_size, max_length, None):
-            model(**{k: v.to(device) for k, v in inputs.items()})
+        predict_proba(model, tokenizer, ds, batch_size=batch_size, max_length=max_length, device=device)
     finally:
         hook.remove()
-        model.cpu()
     return torch.cat(seen).numpy() if seen else np.zeros((0, head.in_features), dtype=np.float32)
 
 

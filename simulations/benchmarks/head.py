@@ -21,7 +21,7 @@ accuracy, and the held-out ratio lda / averaged. Full: ~45 min on 2 CPU cores; s
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,17 +115,19 @@ def head_curve(label: str, config: Mapping[str, Any], sites: int, *, solve: bool
     result = federated_arm(NAME, label, sites, config)
     cfg = parse_run_config(dict(config))
     run = RunFolder(result.out)
-    curve = []
-    for r in range(cfg.num_server_rounds + 1):  # round 0: the initial adapter
-        path = run.global_round(r + 1) if r < cfg.num_server_rounds else run.global_final
-        curve.append({"round": r, **score_heads(cfg, sites, load_arrays(path)[0], solve=solve)})
+    paths = [run.global_round(r + 1) for r in range(cfg.num_server_rounds)] + [run.global_final]
+    scores = score_heads(cfg, sites, [load_arrays(p)[0] for p in paths], solve=solve)
+    curve = [{"round": r, **row} for r, row in enumerate(scores)]  # round 0: the initial adapter
     return {"curve": curve, "seconds": result.seconds}
 
 
-def score_heads(cfg: Any, sites: int, arrays: list[np.ndarray], *, solve: bool = True) -> dict[str, Any]:
-    """The adapter ``arrays`` scored with its own head and, with ``solve``, with a solved head.
+def score_heads(
+    cfg: Any, sites: int, adapters: Sequence[list[np.ndarray]], *, solve: bool = True
+) -> list[dict[str, Any]]:
+    """Each of ``adapters`` scored with its own head and, with ``solve``, with a solved head.
 
-    Without ``solve`` the solved figures are ``None``.
+    The data and the model are loaded once for all of them. Without ``solve`` the solved figures
+    are ``None``.
     """
     from fedtune.common.adapters import set_adapter_arrays
     from fedtune.common.model import bring_up
@@ -138,19 +140,24 @@ def score_heads(cfg: Any, sites: int, arrays: list[np.ndarray], *, solve: bool =
     data = [simulated_site(cfg, i, sites) for i in range(sites)]
     validation = concat([d.test for d in data])
     parts = bring_up(cfg, len(test.label_names))
-    set_adapter_arrays(parts.model, arrays)
-    with torch_threads(bench_threads()):
-        shared = {name: scorer(cfg, parts)(ds) for name, ds in (("val", validation), ("test", test))}
-        solved = _solved_head_scores(cfg, parts, data, validation, test) if solve else None
-    return {
-        "shared_val_f1": shared["val"]["macro_f1"],
-        "shared_test_f1": shared["test"]["macro_f1"],
-        "shared_test_acc": shared["test"]["accuracy"],
-        "solved_val_f1": solved["val"]["macro_f1"] if solved else None,
-        "solved_test_f1": solved["test"]["macro_f1"] if solved else None,
-        "solved_test_acc": solved["test"]["accuracy"] if solved else None,
-        "shrinkage": solved["shrinkage"] if solved else None,
-    }
+    rows = []
+    for arrays in adapters:
+        set_adapter_arrays(parts.model, arrays)
+        with torch_threads(bench_threads()):
+            shared = {name: scorer(cfg, parts)(ds) for name, ds in (("val", validation), ("test", test))}
+            solved = _solved_head_scores(cfg, parts, data, validation, test) if solve else None
+        rows.append(
+            {
+                "shared_val_f1": shared["val"]["macro_f1"],
+                "shared_test_f1": shared["test"]["macro_f1"],
+                "shared_test_acc": shared["test"]["accuracy"],
+                "solved_val_f1": solved["val"]["macro_f1"] if solved else None,
+                "solved_test_f1": solved["test"]["macro_f1"] if solved else None,
+                "solved_test_acc": solved["test"]["accuracy"] if solved else None,
+                "shrinkage": solved["shrinkage"] if solved else None,
+            }
+        )
+    return rows
 
 
 def _solved_head_scores(cfg: Any, parts: Any, data: list[Any], validation: Any, test: Any) -> dict[str, Any]:

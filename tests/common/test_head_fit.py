@@ -9,7 +9,14 @@ import pytest
 import torch
 from fedtune.common.config import FedConfig
 from fedtune.common.data import TextDataset
-from fedtune.common.head_fit import ABSENT_MARGIN, HeadStatistics, head_inputs, set_head, solve_lda
+from fedtune.common.head_fit import (
+    ABSENT_MARGIN,
+    HeadStatistics,
+    head_inputs,
+    head_layer,
+    set_head,
+    solve_lda,
+)
 from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
@@ -131,6 +138,7 @@ def test_head_inputs_and_set_head_act_on_the_models_classifier(tiny_base_model: 
 
     # Execute
     features = head_inputs(model, tokenizer, ds, **kwargs)
+    assert not head_layer(model)._forward_hooks  # the capturing hook is gone
     rng = np.random.default_rng(0)
     weight, bias = rng.normal(size=(2, features.shape[1])), rng.normal(size=2)
     set_head(model, weight, bias)

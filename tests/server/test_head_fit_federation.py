@@ -17,6 +17,7 @@ from fedtune.common.model import bring_up
 from fedtune.common.run_folder import (
     RunFolder,
     aggregate_round_name,
+    global_round_name,
     head_stats_round_name,
     received_round_name,
 )
@@ -107,6 +108,10 @@ def test_each_site_sends_its_statistics_apart_from_its_update_and_the_audit_acce
     for site in run.audit_sites.glob("site-*"):
         stats, scalars = load_arrays(site / head_stats_round_name(2))
         assert [a.shape for a in stats] == [(153,), (17, 2)] and scalars["num_examples"] > 0  # 17 * 18 / 2
+        # the adapter a site keeps for round 2 is the one it trained from, not the statistics request's
+        received = load_arrays(site / global_round_name(2))[0]
+        for a, b in zip(received, load_arrays(run.global_round(2))[0], strict=True):
+            np.testing.assert_array_equal(a, b)
     assert report["only_adapter_left_sites"] and report["head_statistics_shapes"] == [[153], [17, 2]]
     assert report["secagg"]["masked"] and report["secagg"]["aggregate_within_bound"]
     assert fitted.rounds.records[-1].macro_f1 is not None

@@ -28,7 +28,7 @@ def test_solved_head_is_the_lda_head_of_all_training_examples_together(tiny_base
     arrays = get_adapter_arrays(parts.model)
 
     # Execute
-    got = bench_head.score_heads(cfg, 3, arrays)
+    got = bench_head.score_heads(cfg, 3, [arrays])[0]
 
     # Assert: by hand, from every site's training split taken together (not site by site)
     kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": parts.device}
@@ -45,7 +45,7 @@ def test_solved_head_is_the_lda_head_of_all_training_examples_together(tiny_base
     assert got["solved_test_acc"] == pytest.approx(expected.accuracy)
     shared = evaluate(parts.model, parts.tokenizer, validation, **kw)
     assert got["shared_val_f1"] == pytest.approx(shared.macro_f1)
-    assert bench_head.score_heads(cfg, 3, arrays, solve=False)["solved_test_f1"] is None
+    assert bench_head.score_heads(cfg, 3, [arrays], solve=False)[0]["solved_test_f1"] is None
 
 
 def _curve(shared: list[float], solved: list[float] | None) -> dict[str, Any]:
