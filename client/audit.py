@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from fedtune.common import instructions
 from fedtune.common.audit import WireLog, message_record, payload_bytes, save_arrays, secagg_stage
 from fedtune.common.run_folder import (
+    HEAD_STATS_FRAMED_LABEL,
+    HEAD_STATS_LABEL,
     WIRE_LOG,
     global_round_name,
     head_stats_round_name,
@@ -63,15 +66,17 @@ def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
         fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
         server_round = int(fitins.config.get(instructions.ROUND, 0))
-        head_stats = fitins.config.get(instructions.HEAD_STATS, False)  # head-fit's statistics, not an update
-        if not head_stats:
+        sent = parameters_to_ndarrays(fitres.parameters)
+        if fitins.config.get(instructions.HEAD_STATS, False):  # head-fit's statistics, not an update
+            frame = fitins.config.get(instructions.HEAD_FRAME)
+            label = HEAD_STATS_FRAMED_LABEL if isinstance(frame, bytes) else HEAD_STATS_LABEL
+            name = head_stats_round_name(server_round, label)
+            if isinstance(frame, bytes):  # the frame follows the statistics: [..., centre, scale]
+                sent += [*np.split(np.frombuffer(frame, dtype="<f8"), 2)]
+        else:
             save_arrays(out_dir / global_round_name(server_round), parameters_to_ndarrays(fitins.parameters))
-        save_arrays(
-            out_dir / (head_stats_round_name if head_stats else sent_round_name)(server_round),
-            parameters_to_ndarrays(fitres.parameters),
-            num_examples=fitres.num_examples,
-            node=ctxt.node_id,
-        )
+            name = sent_round_name(server_round)
+        save_arrays(out_dir / name, sent, num_examples=fitres.num_examples, node=ctxt.node_id)
         return reply
 
     return wire_mod, capture_mod

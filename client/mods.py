@@ -31,11 +31,14 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 
-def check_secagg_range(arrays: list[np.ndarray], num_examples: int, max_weight: float, clip: float) -> None:
+def check_secagg_range(
+    arrays: list[np.ndarray], num_examples: int, max_weight: float, clip: float, what: str = "adapter value"
+) -> None:
     """Refuse an upload that SecAgg+ would silently distort.
 
     SecAgg+ multiplies each value by ``num_examples / max_weight`` and clips it to
-    ``[-clip, clip]`` before quantising; either overflow would corrupt the aggregate.
+    ``[-clip, clip]`` before quantising; either overflow would corrupt the aggregate. ``what``: what
+    the arrays hold, for the message.
 
     Raises
     ------
@@ -50,7 +53,7 @@ def check_secagg_range(arrays: list[np.ndarray], num_examples: int, max_weight: 
     peak = max(float(np.abs(a).max()) for a in arrays if a.size) * num_examples / max_weight
     if peak > clip:
         raise UpdateRefusedError(
-            f"Weighted adapter value {peak:.3g} exceeds SecAgg+ `secagg-clipping-range` {clip:g} "
+            f"Weighted {what} {peak:.3g} exceeds SecAgg+ `secagg-clipping-range` {clip:g} "
             "and would be clipped; raise `secagg-clipping-range`."
         )
 
@@ -109,6 +112,7 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
                 fitres.num_examples,
                 cast(float, state["max_weight"]),
                 cast(float, state["clipping_range"]),
+                "head statistic" if head_stats else "adapter value",
             )
         return out
 

@@ -11,7 +11,7 @@ from fedtune.common.adapters import frozen_adapter_fingerprint, get_adapter_arra
 from fedtune.common.base_files import FingerprintMismatchError
 from fedtune.common.config import FedConfig
 from fedtune.common.dp_sgd import SITE_LABEL, example_dp, site_metrics
-from fedtune.common.head_fit import site_statistics
+from fedtune.common.head_fit import StatisticsFrame, site_statistics
 from fedtune.common.model import bring_up
 from fedtune.common.site_config import SiteConfig
 from fedtune.common.sites import SiteData, site_data
@@ -63,6 +63,7 @@ class SiteClient(NumPyClient):
                 batch_size=cfg.batch_size,
                 max_length=cfg.max_length,
                 device=device,
+                frame=StatisticsFrame.from_bytes(ins.head_frame) if ins.head_frame else None,
             )
             return stats.arrays(), stats.examples, {}
         dp = example_dp(cfg, len(data.train)) if cfg.example_dp else None

@@ -96,6 +96,91 @@ class HeadStatistics:
         )
 
 
+@dataclass(frozen=True)
+class StatisticsFrame:
+    """The coordinates a site's features are summarised in: ``z = (x - centre) / scale``, feature by feature.
+
+    SecAgg+ quantises every value it sums with one step over ``+-clipping range``. The raw statistics
+    waste it: their ``x x^T`` block is dominated by the features' mean, and a trained encoder's
+    features vary little about it (on Pima diabetes most covariance eigenvalues lie far below the
+    step), so the quantisation noise swamps the covariance and the solved head. In a frame that
+    centres each feature on the pooled mean and scales its variance to a known spread, every value
+    is a few times the step's reciprocal at most, and the coordinator maps the pooled statistics
+    back to ``x`` exactly (:meth:`undo`): an affine change of coordinates is linear in the sums.
+
+    Attributes
+    ----------
+    centre
+        ``(d,)``: subtracted from each feature.
+    scale
+        ``(d,)``: each centred feature is divided by it (positive).
+    """
+
+    centre: np.ndarray
+    scale: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.centre.shape != self.scale.shape or self.centre.ndim != 1:
+            raise ValueError(
+                f"StatisticsFrame: centre {self.centre.shape} and scale {self.scale.shape} must be the "
+                "same 1-d shape."
+            )
+        finite = np.all(np.isfinite(self.centre)) and np.all(np.isfinite(self.scale))
+        if not (finite and np.all(self.scale > 0)):
+            raise ValueError("StatisticsFrame: centre must be finite and scale finite and positive.")
+
+    @classmethod
+    def of(cls, reference: HeadStatistics, *, spread: float, floor: float) -> StatisticsFrame:
+        """The frame that centres ``reference``'s features and gives each the variance ``spread``.
+
+        A variance below ``floor`` (what the reference cannot tell from 0) counts as ``floor``.
+        """
+        d = reference.second_moment.shape[0] - 1
+        mean = reference.second_moment[:d, d]
+        variance = np.maximum(np.diag(reference.second_moment)[:d] - mean**2, floor)
+        return cls(centre=mean.copy(), scale=np.sqrt(variance / spread))
+
+    def to_bytes(self) -> bytes:
+        """The frame as it travels in a message's config: ``centre`` then ``scale``, float64."""
+        return np.concatenate([self.centre, self.scale]).astype("<f8").tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StatisticsFrame:
+        """A frame from :meth:`to_bytes`."""
+        values = np.frombuffer(data, dtype="<f8")
+        if len(values) == 0 or len(values) % 2:
+            raise ValueError(f"StatisticsFrame: {len(data)} bytes are not a centre and a scale of float64.")
+        centre, scale = np.split(values.astype(np.float64), 2)
+        return cls(centre=centre, scale=scale)
+
+    def apply(self, features: np.ndarray) -> np.ndarray:
+        """``features`` ``(n, d)`` in this frame."""
+        if features.shape[1:] != self.centre.shape:
+            raise ValueError(
+                f"StatisticsFrame: the frame is for {len(self.centre)} features, the head receives "
+                f"{features.shape[1:]}: the coordinator's model differs from this site's."
+            )
+        return (features.astype(np.float64) - self.centre) / self.scale
+
+    def undo(self, stats: HeadStatistics) -> HeadStatistics:
+        """``stats`` of features in this frame, mapped back to the features themselves.
+
+        With ``x~ = A z~``, ``A = [[diag(scale), centre], [0, 1]]``: ``x~ x~^T = A z~ z~^T A^T`` and
+        ``x~ y^T = A z~ y^T``, and so for their means. The mean of ``z~`` (the last row and column of
+        ``z~ z~^T``) is taken from the cross moment, where it also lies (every example has one label:
+        ``z~ = sum_k z~ y_k``): the two copies SecAgg+ quantised apart would not cancel where the
+        centre is brought back, and the covariance, far smaller than ``centre centre^T``, would drown.
+        """
+        d = len(self.centre)
+        a = np.eye(d + 1)
+        a[:d, :d] = np.diag(self.scale)
+        a[:d, d] = self.centre
+        moment = stats.second_moment.copy()
+        moment[:, d] = moment[d, :] = stats.cross_moment.sum(axis=1)
+        second = a @ moment @ a.T
+        return HeadStatistics((second + second.T) / 2, a @ stats.cross_moment, stats.examples)
+
+
 def site_statistics(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -104,9 +189,15 @@ def site_statistics(
     batch_size: int,
     max_length: int,
     device: torch.device,
+    frame: StatisticsFrame | None = None,
 ) -> HeadStatistics:
-    """A site's statistics: its training examples through the shared adapter it received."""
+    """A site's statistics: its training examples through the shared adapter it received.
+
+    ``frame``: the coordinates the features are summarised in (under SecAgg+), else the features.
+    """
     features = head_inputs(model, tokenizer, ds, batch_size=batch_size, max_length=max_length, device=device)
+    if frame is not None:
+        features = frame.apply(features)
     return HeadStatistics.of(features, ds.labels, len(ds.label_names))
 
 

@@ -21,6 +21,7 @@ DP_NOISE_STD = "fedtune.dp-noise-std"  # std of the Gaussian noise one site adds
 PROXIMAL_MU = "proximal_mu"  # the key Flower's FedProx strategy puts in the fit config
 CLIPPING_NORM = "clipping_norm"  # the key Flower's `fixedclipping_mod` reads
 HEAD_STATS = "fedtune.head-stats"  # a train message asking for head statistics, not training (head-fit)
+HEAD_FRAME = "fedtune.head-frame"  # the coordinates of those statistics (head_fit.StatisticsFrame bytes)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Instruction:
     proximal_mu: float
     frozen_fingerprint: str = ""
     head_stats: bool = False
+    head_frame: bytes = b""
 
 
 def encode(
@@ -74,4 +76,5 @@ def decode(config: Mapping[str, Any]) -> Instruction:
         proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
         frozen_fingerprint=str(config.get(FROZEN_FINGERPRINT, "")),
         head_stats=bool(config.get(HEAD_STATS, False)),
+        head_frame=bytes(config.get(HEAD_FRAME, b"")),
     )

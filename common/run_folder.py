@@ -62,11 +62,15 @@ def received_round_name(server_round: int, node: int, label: str = "") -> str:
 
 
 HEAD_STATS_LABEL = "head-stats"  # head-fit's exchange of feature statistics (fedtune.server.head_fit)
+HEAD_STATS_FRAMED_LABEL = "head-stats-framed"  # under SecAgg+, its second exchange: in a StatisticsFrame
 
 
-def head_stats_round_name(server_round: int) -> str:
-    """Head statistics of a round (a site's own, or the coordinator's mean): ``head-stats-round-NNN.npz``."""
-    return f"{HEAD_STATS_LABEL}-round-{server_round:03d}.npz"
+def head_stats_round_name(server_round: int, label: str = HEAD_STATS_LABEL) -> str:
+    """Head statistics of a round (a site's own, or the coordinator's mean): ``head-stats-round-NNN.npz``.
+
+    ``label``: :data:`HEAD_STATS_FRAMED_LABEL` names a site's statistics in the frame it was sent.
+    """
+    return f"{label}-round-{server_round:03d}.npz"
 
 
 def aggregate_round_name(server_round: int) -> str:

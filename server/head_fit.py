@@ -11,12 +11,20 @@ mean is the pooled data's, so the LDA head solved from it (:func:`fedtune.common
 is the one the pooled training splits would give. It replaces the averaged head in the shared
 adapter before the round is scored, checkpointed and sent out again.
 
+Under SecAgg+ the sites send their statistics twice (:func:`pooled_statistics`). SecAgg+ quantises
+every value with one step over its clipping range, far too coarse for the covariance of a trained
+encoder's features about their mean: the first exchange fixes where the features lie and how far they
+spread, and the second sends them centred and scaled in that frame
+(:class:`~fedtune.common.head_fit.StatisticsFrame`), which the coordinator maps back exactly. The
+sites learn the frame: the pooled mean and variance of each feature under the shared adapter.
+
 The exchange runs with a strategy of its own (:class:`StatisticsStrategy`: a plain weighted mean, no
 server optimiser, no update guard), and the shared adapter the workflow holds is restored around it.
 With ``audit=true`` the coordinator keeps the round's averaged adapter before its head was replaced
 (``aggregate-round-NNN.npz``, which the audit checks the aggregation against) and the statistics it
 learned (``head-stats-round-NNN.npz``); what each site sent is filed apart from its updates
-(:meth:`~fedtune.server.wire.MeteredGrid.labelled`).
+(:meth:`~fedtune.server.wire.MeteredGrid.labelled`: ``received-head-stats-...`` and, in the frame,
+``received-head-stats-framed-...``).
 """
 
 from __future__ import annotations
@@ -27,8 +35,14 @@ import numpy as np
 from fedtune.common import instructions
 from fedtune.common.adapters import adapter_names
 from fedtune.common.audit import save_arrays
-from fedtune.common.head_fit import HeadStatistics, head_layer, solve_lda
-from fedtune.common.run_folder import HEAD_STATS_LABEL, aggregate_round_name, head_stats_round_name
+from fedtune.common.config import FedConfig
+from fedtune.common.head_fit import HeadStatistics, StatisticsFrame, head_layer, solve_lda
+from fedtune.common.run_folder import (
+    HEAD_STATS_FRAMED_LABEL,
+    HEAD_STATS_LABEL,
+    aggregate_round_name,
+    head_stats_round_name,
+)
 from flwr.common import FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager
@@ -44,6 +58,9 @@ from peft.utils import ModulesToSaveWrapper
 from .run_state import RunState
 
 log = logging.getLogger(__name__)
+
+SPREAD_SHARE = 1 / 4  # of SecAgg+'s clipping range: a frame's pooled mean square of a feature, weighted
+FLOOR_STEPS = 4  # SecAgg+ quantisation steps: the smallest variance an unframed exchange tells from 0
 
 
 class StatisticsStrategy(Strategy):
@@ -116,6 +133,67 @@ def head_indices(model: PeftModel) -> tuple[int, int]:
     return found[0], found[1]
 
 
+def _exchange(
+    state: RunState,
+    context: LegacyContext,
+    sites: list[ClientProxy],
+    config: dict[str, Scalar],
+    label: str = HEAD_STATS_LABEL,
+) -> HeadStatistics | None:
+    """One exchange of head statistics through the run's fit workflow: their mean, else ``None``.
+
+    The sites compute them under the shared adapter the workflow holds, which is kept: the workflow
+    writes the statistics' mean in its place, and it is put back.
+    """
+    collector, strategy = StatisticsStrategy(sites, config), context.strategy
+    adapter = context.state.array_records[MAIN_PARAMS_RECORD]
+    context.strategy = collector
+    try:
+        with state.grid.labelled(label):
+            (state.secagg or default_fit_workflow)(state.grid, context)
+    finally:
+        context.strategy = strategy
+        context.state.array_records[MAIN_PARAMS_RECORD] = adapter
+    return collector.pooled
+
+
+def secagg_frame(cfg: FedConfig, max_weight: float, raw: HeadStatistics) -> StatisticsFrame:
+    """The frame of the second exchange under SecAgg+, from the round's first, unframed one (``raw``).
+
+    SecAgg+ sums ``n_i / max_weight`` times each site's values, so a site's weighted mean square of a
+    feature is at most the pooled one (a sum of non-negative terms), and every other value is bounded
+    by it too (Cauchy-Schwarz). The frame makes that pooled sum :data:`SPREAD_SHARE` of the clipping
+    range, so no site's value is clipped. A variance ``raw`` could not resolve (below
+    :data:`FLOOR_STEPS` quantisation steps) counts as that floor.
+    """
+    load = raw.examples / max_weight  # what SecAgg+ weighs the sites with in all
+    step = 2 * cfg.secagg_clipping_range / cfg.secagg_quantization_range / load  # in the pooled mean
+    spread = SPREAD_SHARE * cfg.secagg_clipping_range / load
+    return StatisticsFrame.of(raw, spread=spread, floor=FLOOR_STEPS * step)
+
+
+def pooled_statistics(
+    state: RunState, context: LegacyContext, sites: list[ClientProxy], config: dict[str, Scalar]
+) -> HeadStatistics | None:
+    """The sites' pooled head statistics, ``None`` when none arrive.
+
+    Without SecAgg+ the sites send their statistics as they are. Under SecAgg+ they send them twice:
+    as they are, which SecAgg+'s quantisation resolves too coarsely for the solve but well enough to
+    centre and scale each feature, then in that frame (:func:`secagg_frame`), from which the
+    coordinator maps them back exactly. When the second exchange brings nothing, the first's are used.
+    """
+    raw = _exchange(state, context, sites, config)
+    if state.secagg is None or raw is None:
+        return raw
+    frame = secagg_frame(state.cfg, state.max_weight, raw)
+    framed_config = {**config, instructions.HEAD_FRAME: frame.to_bytes()}
+    framed = _exchange(state, context, sites, framed_config, HEAD_STATS_FRAMED_LABEL)
+    if framed is None:
+        log.warning("No head statistics arrived in their frame; the head is solved from the unframed ones.")
+        return raw
+    return frame.undo(framed)
+
+
 def fit_head(state: RunState, server_round: int, context: LegacyContext) -> bool:
     """Replace the round's averaged head by the LDA head of the sites' statistics (``head-fit``).
 
@@ -133,27 +211,20 @@ def fit_head(state: RunState, server_round: int, context: LegacyContext) -> bool
     aggregated = outcome.sampled - set(outcome.excluded) if outcome else set(state.rounds.round_sites)
     sites = [p for p in context.client_manager.all().values() if p.node_id in aggregated]
     config = {**state.strategies.base.on_fit_config_fn(server_round), instructions.HEAD_STATS: True}  # type: ignore[attr-defined]
-    collector, strategy = StatisticsStrategy(sites, config), context.strategy
-    context.strategy = collector
-    try:
-        with state.grid.labelled(HEAD_STATS_LABEL):
-            (state.secagg or default_fit_workflow)(state.grid, context)
-    finally:
-        context.strategy = strategy
-    # the workflow wrote the statistics' mean in place of the adapter (when it got one): put it back
-    if collector.pooled is None:  # no aggregate: the workflow left the adapter as it was
+    pooled = pooled_statistics(state, context, sites, config)
+    if pooled is None:
         log.warning(
             "Round %d: no head statistics arrived; the shared head stays the sites' average.", server_round
         )
         return True
     # within half SecAgg+'s clipping range, so the head a site trains from it fits SecAgg+ (the same
     # head whether SecAgg+ is on or off)
-    weight, bias = solve_lda(collector.pooled, cfg.head_fit_shrinkage, cfg.secagg_clipping_range / 2)
+    weight, bias = solve_lda(pooled, cfg.head_fit_shrinkage, cfg.secagg_clipping_range / 2)
     if cfg.audit:
         save_arrays(state.folder.audit_server / aggregate_round_name(server_round), arrays)
         save_arrays(
             state.folder.audit_server / head_stats_round_name(server_round),
-            collector.pooled.arrays(np.float64),  # as solved
+            pooled.arrays(np.float64),  # as solved
         )
     w, b = head_indices(state.shared.model)
     arrays[w], arrays[b] = weight.astype(arrays[w].dtype), bias.astype(arrays[b].dtype)

@@ -12,6 +12,7 @@ from fedtune.common.data import TextDataset
 from fedtune.common.head_fit import (
     ABSENT_MARGIN,
     HeadStatistics,
+    StatisticsFrame,
     head_inputs,
     head_layer,
     set_head,
@@ -190,3 +191,52 @@ def test_statistics_travel_as_the_upper_triangle_and_come_back_whole() -> None:
     np.testing.assert_allclose(back.second_moment, stats.second_moment, rtol=1e-6)
     np.testing.assert_allclose(back.cross_moment, stats.cross_moment, rtol=1e-6)
     assert back.examples == 7
+
+
+def test_statistics_taken_in_a_frame_map_back_to_the_features_exactly() -> None:
+    # Prepare: 3 skewed sites; a frame from the pooled statistics, spread 0.5, one feature constant
+    x, y = _blobs(300, 5, 4, seed=2)
+    x[:, 3] = 7.0
+    order = np.argsort(y, kind="stable")
+    cuts = [(0, 40), (40, 250), (250, 300)]
+    together = HeadStatistics.of(x, y, 4)
+    frame = StatisticsFrame.of(together, spread=0.5, floor=1e-6)
+
+    # Execute
+    framed = HeadStatistics.pooled(
+        [HeadStatistics.of(frame.apply(x[order[a:b]]), y[order[a:b]], 4) for a, b in cuts]
+    )
+    back = frame.undo(framed)
+
+    # Assert: in the frame every feature is centred with mean square 0.5 (the constant one at the floor:
+    # 0); mapped back, exactly the statistics of the features themselves
+    np.testing.assert_allclose(framed.second_moment[:5, 5], 0.0, atol=1e-12)
+    np.testing.assert_allclose(np.diag(framed.second_moment)[[0, 1, 2, 4]], 0.5)
+    assert framed.second_moment[3, 3] == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(frame.centre, x.mean(axis=0))
+    np.testing.assert_allclose(frame.scale[3], np.sqrt(1e-6 / 0.5))
+    np.testing.assert_allclose(back.second_moment, together.second_moment, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(back.cross_moment, together.cross_moment, rtol=1e-10, atol=1e-12)
+    assert back.examples == 300
+
+
+def test_a_frame_travels_as_bytes_and_a_malformed_one_is_refused() -> None:
+    # Prepare
+    frame = StatisticsFrame(centre=np.array([0.5, -1.0, 2.0]), scale=np.array([1e-3, 2.0, 3.0]))
+
+    # Execute
+    back = StatisticsFrame.from_bytes(frame.to_bytes())
+
+    # Assert: exact round trip; a truncated or empty payload, a bad scale or a wrong width is refused
+    np.testing.assert_array_equal(back.centre, frame.centre)
+    np.testing.assert_array_equal(back.scale, frame.scale)
+    for payload in (frame.to_bytes()[:-8], b""):
+        with pytest.raises(ValueError, match="not a centre and a scale"):
+            StatisticsFrame.from_bytes(payload)
+    for scale in (np.array([1.0, 0.0, 1.0]), np.array([1.0, np.nan, 1.0])):
+        with pytest.raises(ValueError, match="scale finite and positive"):
+            StatisticsFrame(centre=np.zeros(3), scale=scale)
+    with pytest.raises(ValueError, match="same 1-d shape"):
+        StatisticsFrame(centre=np.zeros(3), scale=np.ones(2))
+    with pytest.raises(ValueError, match="frame is for 3 features, the head receives"):
+        frame.apply(np.zeros((4, 5)))

@@ -15,6 +15,7 @@ from fedtune.common.config import FedConfig
 from fedtune.common.head_fit import HeadStatistics, head_inputs, solve_lda
 from fedtune.common.model import bring_up
 from fedtune.common.run_folder import (
+    HEAD_STATS_FRAMED_LABEL,
     RunFolder,
     aggregate_round_name,
     global_round_name,
@@ -105,9 +106,12 @@ def test_each_site_sends_its_statistics_apart_from_its_update_and_the_audit_acce
     for r in (1, 2):
         for node in nodes:
             assert (run.audit_server / received_round_name(r, node, "head-stats")).is_file()
+            assert (run.audit_server / received_round_name(r, node, HEAD_STATS_FRAMED_LABEL)).is_file()
     for site in run.audit_sites.glob("site-*"):
         stats, scalars = load_arrays(site / head_stats_round_name(2))
         assert [a.shape for a in stats] == [(153,), (17, 2)] and scalars["num_examples"] > 0  # 17 * 18 / 2
+        framed, _ = load_arrays(site / head_stats_round_name(2, HEAD_STATS_FRAMED_LABEL))
+        assert [a.shape for a in framed] == [(153,), (17, 2), (16,), (16,)]  # the frame follows
         # the adapter a site keeps for round 2 is the one it trained from, not the statistics request's
         received = load_arrays(site / global_round_name(2))[0]
         for a, b in zip(received, load_arrays(run.global_round(2))[0], strict=True):
@@ -183,3 +187,77 @@ def test_only_the_sites_in_the_aggregate_are_asked_for_statistics(
     pooled = HeadStatistics.from_arrays(learned, 1)
     np.testing.assert_allclose(pooled.second_moment, by_hand.second_moment, atol=1e-6)
     np.testing.assert_allclose(pooled.cross_moment, by_hand.cross_moment, atol=1e-6)
+
+
+def test_under_secagg_the_sites_send_their_statistics_again_in_the_frame_of_the_first(
+    fitted: RunState,
+) -> None:
+    from fedtune.common.head_fit import StatisticsFrame
+
+    # Prepare: what each site sent in round 2, as it was and in the frame the coordinator sent
+    run = RunFolder(Path(fitted.cfg.out_dir))
+    sites = sorted(run.audit_sites.glob("site-*"))
+    plain = [load_arrays(site / head_stats_round_name(2)) for site in sites]
+    framed = [load_arrays(site / head_stats_round_name(2, HEAD_STATS_FRAMED_LABEL))[0] for site in sites]
+    frames = [StatisticsFrame(centre=f[2], scale=f[3]) for f in framed]
+
+    # Execute: the example-weighted means of what the sites sent (what SecAgg+ let the coordinator learn)
+    weights = [scalars["num_examples"] for _, scalars in plain]
+    raw = HeadStatistics.pooled(
+        [HeadStatistics.from_arrays(a, n) for (a, _), n in zip(plain, weights, strict=True)]
+    )
+    in_frame = HeadStatistics.pooled(
+        [HeadStatistics.from_arrays(f[:2], n) for f, n in zip(framed, weights, strict=True)]
+    )
+
+    # Assert: every site got the one frame, centred on the first exchange's mean; mapped back, the
+    # framed statistics are those the coordinator solved from, and those of the first exchange
+    for frame in frames[1:]:
+        np.testing.assert_array_equal(frame.centre, frames[0].centre)
+        np.testing.assert_array_equal(frame.scale, frames[0].scale)
+    np.testing.assert_allclose(frames[0].centre, raw.second_moment[:-1, -1], atol=1e-5)
+    np.testing.assert_allclose(
+        in_frame.second_moment[:-1, -1], 0.0, atol=2e-3
+    )  # off by the first exchange's quantisation
+    learned = HeadStatistics.from_arrays(load_arrays(run.audit_server / head_stats_round_name(2))[0], 1)
+    back = frames[0].undo(in_frame)
+    # (SecAgg+ rounds each site's values to steps of 4 / 2^22 ~ 1e-6)
+    np.testing.assert_allclose(learned.second_moment, back.second_moment, atol=1e-5)
+    np.testing.assert_allclose(learned.cross_moment, back.cross_moment, atol=1e-5)
+    np.testing.assert_allclose(back.second_moment, raw.second_moment, atol=1e-4)
+
+
+def test_when_no_statistics_arrive_in_the_frame_the_head_is_solved_from_the_first_exchange(
+    tmp_path: Path, tiny_base_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import fedtune.client.site
+
+    # Prepare: SecAgg+, one round; every site fails to compute its statistics in a frame
+    cfg = fast_config(
+        tmp_path, tiny_base_model, head_fit="lda", audit=True, num_server_rounds=1, secagg_clipping_range=2.0
+    )
+    compute = fedtune.client.site.site_statistics
+
+    def fail_in_a_frame(*args, frame=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if frame is not None:
+            raise RuntimeError("no statistics in a frame here")
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(fedtune.client.site, "site_statistics", fail_in_a_frame)
+
+    # Execute
+    state = run_federation(cfg)
+
+    # Assert: the head is the LDA head of the first exchange's statistics, and a warning says so
+    run = RunFolder(Path(cfg.out_dir))
+    learned, _ = load_arrays(run.audit_server / head_stats_round_name(1))
+    by_hand = _pooled_by_hand(cfg, load_arrays(run.audit_server / aggregate_round_name(1))[0])
+    np.testing.assert_allclose(
+        HeadStatistics.from_arrays(learned, 1).second_moment, by_hand.second_moment, atol=1e-4
+    )
+    w, _ = head_indices(state.shared.model)
+    weight, _ = solve_lda(HeadStatistics.from_arrays(learned, 1), cfg.head_fit_shrinkage, 1.0)
+    np.testing.assert_allclose(load_arrays(run.global_final)[0][w], weight, atol=1e-5)
+    assert (
+        "No head statistics arrived in their frame; the head is solved from the unframed ones" in caplog.text
+    )
