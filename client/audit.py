@@ -13,7 +13,7 @@ import numpy as np
 from fedtune.common import instructions
 from fedtune.common.audit import WireLog, message_record, payload_bytes, save_arrays, secagg_stage
 from fedtune.common.run_folder import (
-    HEAD_STATS_FRAMED_LABEL,
+    HEAD_MOMENTS_LABEL,
     HEAD_STATS_LABEL,
     WIRE_LOG,
     global_round_name,
@@ -68,9 +68,9 @@ def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
         server_round = int(fitins.config.get(instructions.ROUND, 0))
         sent = parameters_to_ndarrays(fitres.parameters)
         if fitins.config.get(instructions.HEAD_STATS, False):  # head-fit's statistics, not an update
+            moments = fitins.config.get(instructions.HEAD_MOMENTS, False)
+            name = head_stats_round_name(server_round, HEAD_MOMENTS_LABEL if moments else HEAD_STATS_LABEL)
             frame = fitins.config.get(instructions.HEAD_FRAME)
-            label = HEAD_STATS_FRAMED_LABEL if isinstance(frame, bytes) else HEAD_STATS_LABEL
-            name = head_stats_round_name(server_round, label)
             if isinstance(frame, bytes):  # the frame follows the statistics: [..., centre, scale]
                 sent += [*np.split(np.frombuffer(frame, dtype="<f8"), 2)]
         else:

@@ -15,7 +15,7 @@ from fedtune.common import instructions
 from fedtune.common.secagg_wire import narrow
 from fedtune.common.site_config import site_config
 from fedtune.common.site_errors import SecAggRequiredError, UpdateRefusedError
-from fedtune.common.updates import statistics_defect, update_defect
+from fedtune.common.updates import moments_defect, statistics_defect, update_defect
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
@@ -66,7 +66,8 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
     """Run train messages of a SecAgg+ round through ``secaggplus_mod``; pass others through.
 
     Before SecAgg+ masks the site's reply, the update must be a finite adapter of the shapes
-    the site received, or finite head statistics when it answers a head-statistics request (the
+    the site received, or finite head statistics (or feature moments) when it answers a
+    head-statistics request (the
     coordinator cannot check a masked update), and its values must fit
     SecAgg+'s weight normaliser and clipping range (:func:`check_secagg_range`); otherwise the
     site raises, drops out of the round, and SecAgg+ unmasks the other sites' sum without it. The
@@ -96,12 +97,19 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
         ins = _train_ins(inner)
         shapes = [a.shape for a in parameters_to_ndarrays(ins.parameters)]
         head_stats = bool(ins.config.get(instructions.HEAD_STATS, False))
+        moments = head_stats and bool(ins.config.get(instructions.HEAD_MOMENTS, False))
         out = call_next(inner, context)
         if not out.has_error():
             state = context.state.config_records[RECORD_KEY_STATE]
             fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
             arrays = parameters_to_ndarrays(fitres.parameters)
-            defect = statistics_defect(arrays) if head_stats else update_defect(arrays, shapes)
+            defect = (
+                moments_defect(arrays)
+                if moments
+                else statistics_defect(arrays)
+                if head_stats
+                else update_defect(arrays, shapes)
+            )
             if defect:
                 raise UpdateRefusedError(
                     f"Node {context.node_id} refuses to mask its update: {defect}. It drops out of this "

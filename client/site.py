@@ -11,7 +11,7 @@ from fedtune.common.adapters import frozen_adapter_fingerprint, get_adapter_arra
 from fedtune.common.base_files import FingerprintMismatchError
 from fedtune.common.config import FedConfig
 from fedtune.common.dp_sgd import SITE_LABEL, example_dp, site_metrics
-from fedtune.common.head_fit import StatisticsFrame, site_statistics
+from fedtune.common.head_fit import StatisticsFrame, site_moments, site_statistics
 from fedtune.common.model import bring_up
 from fedtune.common.site_config import SiteConfig
 from fedtune.common.sites import SiteData, site_data
@@ -51,20 +51,19 @@ class SiteClient(NumPyClient):
         """Train the adapter locally and return it (never the base model, never data).
 
         A head-statistics request (``head-fit``) trains nothing: the site returns the statistics of its
-        training examples under the adapter it received (:func:`~fedtune.common.head_fit.site_statistics`).
+        training examples under the adapter it received (:func:`~fedtune.common.head_fit.site_statistics`,
+        in the frame the request holds), or only their features' moments
+        (:func:`~fedtune.common.head_fit.site_moments`).
         """
         ins, data, model, tokenizer, device = self._prepare(parameters, config)
         cfg: FedConfig = ins.cfg
         if ins.head_stats:  # head-fit: the statistics of its examples under the shared adapter, no training
-            stats = site_statistics(
-                model,
-                tokenizer,
-                data.train,
-                batch_size=cfg.batch_size,
-                max_length=cfg.max_length,
-                device=device,
-                frame=StatisticsFrame.from_bytes(ins.head_frame) if ins.head_frame else None,
-            )
+            kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": device}
+            if ins.head_moments:
+                moments = site_moments(model, tokenizer, data.train, **kw)
+                return moments.arrays(), moments.examples, {}
+            frame = StatisticsFrame.from_bytes(ins.head_frame) if ins.head_frame else None
+            stats = site_statistics(model, tokenizer, data.train, frame=frame, **kw)
             return stats.arrays(), stats.examples, {}
         dp = example_dp(cfg, len(data.train)) if cfg.example_dp else None
         epsilon = dp.check_budget(ins.server_round) if dp else 0.0  # refuses a round past the budget

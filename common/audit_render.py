@@ -95,6 +95,14 @@ def _what_left(report: dict[str, Any]) -> list[str]:
             f"(two tensors, {shapes}: means of x x^T and of x y^T over their training examples), through "
             "the same aggregation as the adapter.",
         ]
+    if report.get("head_moments_shapes"):
+        shapes = " and ".join(str(tuple(s)) for s in report["head_moments_shapes"])
+        lines += [
+            "",
+            f"Under SecAgg+ they first sent their features' moments (two tensors, {shapes}: the mean of "
+            "each feature and of its square), and the statistics then centred and scaled in the frame "
+            "the pooled moments give.",
+        ]
     if report["offending_tensors"]:
         lines += ["", "| node | round | stage | tensor | shape | dtype |", "|---|---|---|---|---|---|"]
         lines += [

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +124,12 @@ def tensors_exchanged(server: list[dict], base_model_bytes: int) -> dict[str, An
 
 # --- only the adapter left ---------------------------------------------------------------------------
 def offending_uploads(
-    records: list[dict], adapter_shapes: list[list[int]], statistics_shapes: list[list[int]] | None = None
+    records: list[dict], adapter_shapes: list[list[int]], declared: Sequence[list[list[int]]] = ()
 ) -> list[dict[str, Any]]:
     """Uploaded tensors that are not the declared adapter (plain or masked) nor SecAgg+ key material.
 
-    ``statistics_shapes`` (``head-fit``): the head statistics a site may send as well.
+    ``declared``: the shapes of each other upload a site may send whole (``head-fit``'s statistics,
+    and under SecAgg+ its feature moments).
     """
     bad = []
     for r in records:
@@ -146,11 +148,8 @@ def offending_uploads(
                 continue  # SecAgg+ public keys, encrypted key shares, unmask shares (not tensors)
             else:
                 bad.append({**_where(r), "name": t["name"], "shape": t["shape"], "dtype": t["dtype"]})
-        if (
-            statistics_shapes
-            and [t["shape"] for _, t in sorted(params, key=lambda p: p[0])] == statistics_shapes
-        ):
-            continue  # head-fit's feature statistics, declared in fedtune.json
+        if [t["shape"] for _, t in sorted(params, key=lambda p: p[0])] in declared:
+            continue  # head-fit's feature statistics or moments, declared in fedtune.json
         for index, t in params:
             if index >= len(adapter_shapes) or t["shape"] != adapter_shapes[index]:
                 bad.append({**_where(r), "name": t["name"], "shape": t["shape"], "dtype": t["dtype"]})
@@ -350,9 +349,8 @@ def build_report(out_dir: Path) -> dict[str, Any]:
     mismatches = integrity_check(run.metrics, rounds, server_lines, site_lines)
     server = [r for f, n, r in server_lines if not record_problems(f, n, r)]  # well-formed records only
     site_records = [r for f, n, r in site_lines if not record_problems(f, n, r)]
-    offending = offending_uploads(
-        server + site_records, meta["adapter_shapes"], meta.get("head_statistics_shapes")
-    )
+    head_uploads = [meta[k] for k in ("head_statistics_shapes", "head_moments_shapes") if meta.get(k)]
+    offending = offending_uploads(server + site_records, meta["adapter_shapes"], head_uploads)
     report: dict[str, Any] = {
         "run": str(out_dir),
         "base_model_fingerprint": meta["base_model_fingerprint"],
@@ -362,6 +360,7 @@ def build_report(out_dir: Path) -> dict[str, Any]:
         "tensors_exchanged": tensors_exchanged(server, meta["base_model_bytes"]),
         "only_adapter_left_sites": not offending,
         "head_statistics_shapes": meta.get("head_statistics_shapes"),
+        "head_moments_shapes": meta.get("head_moments_shapes"),
         "offending_tensors": offending,
         # every record well formed and each site's record equal to the coordinator's
         "site_and_server_records_agree": not any(m.node for m in mismatches) if site_logs else None,

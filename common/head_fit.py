@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .data import TextDataset
 from .train import predict_proba
-from .updates import statistics_defect
+from .updates import moments_defect, statistics_defect
 
 ABSENT_MARGIN = 100.0  # without a limit, the constant score of a class without training examples
 
@@ -97,16 +97,60 @@ class HeadStatistics:
 
 
 @dataclass(frozen=True)
+class FeatureMoments:
+    """Means over a set of examples of each feature and of its square: where the features lie.
+
+    Under SecAgg+ the sites send these first, so the coordinator can centre and scale the
+    statistics they send next (:class:`StatisticsFrame`): ``2 d`` values, not the statistics' own.
+
+    Attributes
+    ----------
+    mean
+        ``(d,)``: mean of ``x``.
+    mean_square
+        ``(d,)``: mean of ``x ** 2``, feature by feature.
+    examples
+        How many examples the means are over.
+    """
+
+    mean: np.ndarray
+    mean_square: np.ndarray
+    examples: int
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> FeatureMoments:
+        """The moments of ``features`` ``(n, d)``."""
+        if len(features) == 0:
+            raise ValueError("FeatureMoments: no examples to compute feature moments from.")
+        x = features.astype(np.float64)
+        return cls(mean=x.mean(axis=0), mean_square=(x**2).mean(axis=0), examples=len(x))
+
+    def arrays(self, dtype: type[np.floating] = np.float32) -> list[np.ndarray]:
+        """The moments as they travel: ``[mean, mean_square]``."""
+        return [self.mean.astype(dtype), self.mean_square.astype(dtype)]
+
+    @classmethod
+    def from_arrays(cls, arrays: Sequence[np.ndarray], examples: int) -> FeatureMoments:
+        """Moments from their travelling form (:meth:`arrays`), over ``examples`` examples."""
+        defect = moments_defect(arrays)
+        if defect:
+            raise ValueError(f"FeatureMoments: {defect}.")
+        mean, square = (np.asarray(a, dtype=np.float64) for a in arrays)
+        return cls(mean=mean, mean_square=square, examples=examples)
+
+
+@dataclass(frozen=True)
 class StatisticsFrame:
     """The coordinates a site's features are summarised in: ``z = (x - centre) / scale``, feature by feature.
 
-    SecAgg+ quantises every value it sums with one step over ``+-clipping range``. The raw statistics
-    waste it: their ``x x^T`` block is dominated by the features' mean, and a trained encoder's
-    features vary little about it (on Pima diabetes most covariance eigenvalues lie far below the
-    step), so the quantisation noise swamps the covariance and the solved head. In a frame that
-    centres each feature on the pooled mean and scales its variance to a known spread, every value
-    is a few times the step's reciprocal at most, and the coordinator maps the pooled statistics
-    back to ``x`` exactly (:meth:`undo`): an affine change of coordinates is linear in the sums.
+    SecAgg+ quantises every value it sums with one step over ``+-clipping range``. The statistics of
+    the features themselves waste it: their ``x x^T`` block is dominated by the features' mean, and a
+    trained encoder's features vary little about it (on Pima diabetes most covariance eigenvalues lie
+    far below the step), so the quantisation noise swamps the covariance and the solved head. In a
+    frame that centres each feature on the pooled mean and scales its variance to a known spread
+    (from the sites' :class:`FeatureMoments`), every value is resolved to a small fraction of its
+    spread, and the coordinator maps the pooled statistics back to ``x`` exactly (:meth:`undo`): an
+    affine change of coordinates is linear in the sums.
 
     Attributes
     ----------
@@ -130,15 +174,13 @@ class StatisticsFrame:
             raise ValueError("StatisticsFrame: centre must be finite and scale finite and positive.")
 
     @classmethod
-    def of(cls, reference: HeadStatistics, *, spread: float, floor: float) -> StatisticsFrame:
-        """The frame that centres ``reference``'s features and gives each the variance ``spread``.
+    def of(cls, moments: FeatureMoments, *, spread: float, floor: float) -> StatisticsFrame:
+        """The frame that centres the features of ``moments`` and gives each the variance ``spread``.
 
-        A variance below ``floor`` (what the reference cannot tell from 0) counts as ``floor``.
+        A variance below ``floor`` (what the moments cannot tell from 0) counts as ``floor``.
         """
-        d = reference.second_moment.shape[0] - 1
-        mean = reference.second_moment[:d, d]
-        variance = np.maximum(np.diag(reference.second_moment)[:d] - mean**2, floor)
-        return cls(centre=mean.copy(), scale=np.sqrt(variance / spread))
+        variance = np.maximum(moments.mean_square - moments.mean**2, floor)
+        return cls(centre=moments.mean.copy(), scale=np.sqrt(variance / spread))
 
     def to_bytes(self) -> bytes:
         """The frame as it travels in a message's config: ``centre`` then ``scale``, float64."""
@@ -179,6 +221,21 @@ class StatisticsFrame:
         moment[:, d] = moment[d, :] = stats.cross_moment.sum(axis=1)
         second = a @ moment @ a.T
         return HeadStatistics((second + second.T) / 2, a @ stats.cross_moment, stats.examples)
+
+
+def site_moments(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    ds: TextDataset,
+    *,
+    batch_size: int,
+    max_length: int,
+    device: torch.device,
+) -> FeatureMoments:
+    """A site's feature moments: its training examples through the shared adapter it received."""
+    return FeatureMoments.of(
+        head_inputs(model, tokenizer, ds, batch_size=batch_size, max_length=max_length, device=device)
+    )
 
 
 def site_statistics(
@@ -262,6 +319,12 @@ def statistics_shapes(model: torch.nn.Module) -> list[list[int]]:
     head = head_layer(model)
     k = head.in_features + 1
     return [[k * (k + 1) // 2], [k, head.out_features]]
+
+
+def moments_shapes(model: torch.nn.Module) -> list[list[int]]:
+    """The shapes of the feature moments a site sends for ``model``'s head: ``[[d], [d]]``."""
+    d = head_layer(model).in_features
+    return [[d], [d]]
 
 
 @torch.no_grad()

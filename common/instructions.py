@@ -22,6 +22,7 @@ PROXIMAL_MU = "proximal_mu"  # the key Flower's FedProx strategy puts in the fit
 CLIPPING_NORM = "clipping_norm"  # the key Flower's `fixedclipping_mod` reads
 HEAD_STATS = "fedtune.head-stats"  # a train message asking for head statistics, not training (head-fit)
 HEAD_FRAME = "fedtune.head-frame"  # the coordinates of those statistics (head_fit.StatisticsFrame bytes)
+HEAD_MOMENTS = "fedtune.head-moments"  # with HEAD_STATS: the features' moments only (head_fit.FeatureMoments)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Instruction:
     frozen_fingerprint: str = ""
     head_stats: bool = False
     head_frame: bytes = b""
+    head_moments: bool = False
 
 
 def encode(
@@ -77,4 +79,5 @@ def decode(config: Mapping[str, Any]) -> Instruction:
         frozen_fingerprint=str(config.get(FROZEN_FINGERPRINT, "")),
         head_stats=bool(config.get(HEAD_STATS, False)),
         head_frame=bytes(config.get(HEAD_FRAME, b"")),
+        head_moments=bool(config.get(HEAD_MOMENTS, False)),
     )

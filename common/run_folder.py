@@ -62,13 +62,13 @@ def received_round_name(server_round: int, node: int, label: str = "") -> str:
 
 
 HEAD_STATS_LABEL = "head-stats"  # head-fit's exchange of feature statistics (fedtune.server.head_fit)
-HEAD_STATS_FRAMED_LABEL = "head-stats-framed"  # under SecAgg+, its second exchange: in a StatisticsFrame
+HEAD_MOMENTS_LABEL = "head-moments"  # under SecAgg+, the exchange of feature moments before it
 
 
 def head_stats_round_name(server_round: int, label: str = HEAD_STATS_LABEL) -> str:
     """Head statistics of a round (a site's own, or the coordinator's mean): ``head-stats-round-NNN.npz``.
 
-    ``label``: :data:`HEAD_STATS_FRAMED_LABEL` names a site's statistics in the frame it was sent.
+    ``label``: :data:`HEAD_MOMENTS_LABEL` names the feature moments of the exchange before them.
     """
     return f"{label}-round-{server_round:03d}.npz"
 

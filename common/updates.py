@@ -36,3 +36,15 @@ def statistics_defect(arrays: Sequence[np.ndarray]) -> str:
     if not (np.isfinite(upper).all() and np.isfinite(cross).all()):
         return "head statistics hold non-finite values (NaN/Inf)"
     return ""
+
+
+def moments_defect(arrays: Sequence[np.ndarray]) -> str:
+    """Why ``arrays`` are not feature moments (:meth:`FeatureMoments.arrays`), or ``""`` when they are."""
+    if len(arrays) != 2:
+        return f"feature moments are 2 tensors, got {len(arrays)}"
+    mean, square = arrays
+    if mean.ndim != 1 or mean.shape != square.shape:
+        return f"feature moments of shapes {mean.shape} and {square.shape} do not match (need (d,), (d,))"
+    if not (np.isfinite(mean).all() and np.isfinite(square).all()):
+        return "feature moments hold non-finite values (NaN/Inf)"
+    return ""

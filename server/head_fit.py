@@ -11,34 +11,37 @@ mean is the pooled data's, so the LDA head solved from it (:func:`fedtune.common
 is the one the pooled training splits would give. It replaces the averaged head in the shared
 adapter before the round is scored, checkpointed and sent out again.
 
-Under SecAgg+ the sites send their statistics twice (:func:`pooled_statistics`). SecAgg+ quantises
-every value with one step over its clipping range, far too coarse for the covariance of a trained
-encoder's features about their mean: the first exchange fixes where the features lie and how far they
-spread, and the second sends them centred and scaled in that frame
-(:class:`~fedtune.common.head_fit.StatisticsFrame`), which the coordinator maps back exactly. The
-sites learn the frame: the pooled mean and variance of each feature under the shared adapter.
+Under SecAgg+ the statistics are preceded by an exchange of each feature's mean and mean square
+(:func:`pooled_statistics`). SecAgg+ quantises every value with one step over its clipping range,
+far too coarse for the covariance of a trained encoder's features about their mean: the moments fix
+where the features lie and how far they spread, and the statistics then travel centred and scaled in
+that frame (:class:`~fedtune.common.head_fit.StatisticsFrame`), which the coordinator maps back
+exactly. The sites learn the frame: the pooled mean and variance of each feature under the shared
+adapter.
 
 The exchange runs with a strategy of its own (:class:`StatisticsStrategy`: a plain weighted mean, no
 server optimiser, no update guard), and the shared adapter the workflow holds is restored around it.
 With ``audit=true`` the coordinator keeps the round's averaged adapter before its head was replaced
 (``aggregate-round-NNN.npz``, which the audit checks the aggregation against) and the statistics it
 learned (``head-stats-round-NNN.npz``); what each site sent is filed apart from its updates
-(:meth:`~fedtune.server.wire.MeteredGrid.labelled`: ``received-head-stats-...`` and, in the frame,
-``received-head-stats-framed-...``).
+(:meth:`~fedtune.server.wire.MeteredGrid.labelled`: ``received-head-stats-...`` and, under SecAgg+,
+``received-head-moments-...``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 import numpy as np
 from fedtune.common import instructions
 from fedtune.common.adapters import adapter_names
 from fedtune.common.audit import save_arrays
 from fedtune.common.config import FedConfig
-from fedtune.common.head_fit import HeadStatistics, StatisticsFrame, head_layer, solve_lda
+from fedtune.common.head_fit import FeatureMoments, HeadStatistics, StatisticsFrame, head_layer, solve_lda
 from fedtune.common.run_folder import (
-    HEAD_STATS_FRAMED_LABEL,
+    HEAD_MOMENTS_LABEL,
     HEAD_STATS_LABEL,
     aggregate_round_name,
     head_stats_round_name,
@@ -58,18 +61,29 @@ from peft.utils import ModulesToSaveWrapper
 from .run_state import RunState
 
 log = logging.getLogger(__name__)
+Pooled = TypeVar("Pooled", HeadStatistics, FeatureMoments)
 
 SPREAD_SHARE = 1 / 4  # of SecAgg+'s clipping range: a frame's pooled mean square of a feature, weighted
-FLOOR_STEPS = 4  # SecAgg+ quantisation steps: the smallest variance an unframed exchange tells from 0
+FLOOR_STEPS = 4  # SecAgg+ quantisation steps: the smallest variance the quantised moments tell from 0
 
 
-class StatisticsStrategy(Strategy):
-    """Asks ``sites`` for their head statistics and keeps their example-weighted mean."""
+class StatisticsStrategy(Strategy, Generic[Pooled]):
+    """Asks ``sites`` for their head statistics (or feature moments) and keeps their example-weighted mean.
 
-    def __init__(self, sites: list[ClientProxy], config: dict[str, Scalar]) -> None:
+    ``parse`` reads the mean (``(arrays, examples)``): :meth:`HeadStatistics.from_arrays` or
+    :meth:`FeatureMoments.from_arrays`.
+    """
+
+    def __init__(
+        self,
+        sites: list[ClientProxy],
+        config: dict[str, Scalar],
+        parse: Callable[[Sequence[np.ndarray], int], Pooled],
+    ) -> None:
         self.sites = sites
         self.config = config
-        self.pooled: HeadStatistics | None = None
+        self.parse: Callable[[Sequence[np.ndarray], int], Pooled] = parse
+        self.pooled: Pooled | None = None
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:  # noqa: D102
         return None
@@ -91,7 +105,7 @@ class StatisticsStrategy(Strategy):
         weighted = [(parameters_to_ndarrays(res.parameters), res.num_examples) for _, res in results]
         mean = aggregate(weighted)
         try:
-            self.pooled = HeadStatistics.from_arrays(mean, sum(n for _, n in weighted))
+            self.pooled = self.parse(mean, sum(n for _, n in weighted))
         except ValueError as err:
             log.error("Round %d: the sites' head statistics are unusable: %s", server_round, err)
             return None, {}
@@ -138,14 +152,15 @@ def _exchange(
     context: LegacyContext,
     sites: list[ClientProxy],
     config: dict[str, Scalar],
+    parse: Callable[[Sequence[np.ndarray], int], Pooled],
     label: str = HEAD_STATS_LABEL,
-) -> HeadStatistics | None:
-    """One exchange of head statistics through the run's fit workflow: their mean, else ``None``.
+) -> Pooled | None:
+    """One exchange through the run's fit workflow: the mean of what the sites sent, else ``None``.
 
-    The sites compute them under the shared adapter the workflow holds, which is kept: the workflow
-    writes the statistics' mean in its place, and it is put back.
+    The sites compute it under the shared adapter the workflow holds, which is kept: the workflow
+    writes the mean in its place, and it is put back.
     """
-    collector, strategy = StatisticsStrategy(sites, config), context.strategy
+    collector, strategy = StatisticsStrategy(sites, config, parse), context.strategy
     adapter = context.state.array_records[MAIN_PARAMS_RECORD]
     context.strategy = collector
     try:
@@ -157,41 +172,49 @@ def _exchange(
     return collector.pooled
 
 
-def secagg_frame(cfg: FedConfig, max_weight: float, raw: HeadStatistics) -> StatisticsFrame:
-    """The frame of the second exchange under SecAgg+, from the round's first, unframed one (``raw``).
+def secagg_frame(cfg: FedConfig, max_weight: float, moments: FeatureMoments) -> StatisticsFrame:
+    """The frame the statistics travel in under SecAgg+, from the sites' pooled feature ``moments``.
 
     SecAgg+ sums ``n_i / max_weight`` times each site's values, so a site's weighted mean square of a
     feature is at most the pooled one (a sum of non-negative terms), and every other value is bounded
     by it too (Cauchy-Schwarz). The frame makes that pooled sum :data:`SPREAD_SHARE` of the clipping
-    range, so no site's value is clipped. A variance ``raw`` could not resolve (below
+    range, so no site's value is clipped. A variance the quantised moments cannot resolve (below
     :data:`FLOOR_STEPS` quantisation steps) counts as that floor.
     """
-    load = raw.examples / max_weight  # what SecAgg+ weighs the sites with in all
+    load = moments.examples / max_weight  # what SecAgg+ weighs the sites with in all
     step = 2 * cfg.secagg_clipping_range / cfg.secagg_quantization_range / load  # in the pooled mean
     spread = SPREAD_SHARE * cfg.secagg_clipping_range / load
-    return StatisticsFrame.of(raw, spread=spread, floor=FLOOR_STEPS * step)
+    return StatisticsFrame.of(moments, spread=spread, floor=FLOOR_STEPS * step)
 
 
 def pooled_statistics(
-    state: RunState, context: LegacyContext, sites: list[ClientProxy], config: dict[str, Scalar]
+    state: RunState,
+    server_round: int,
+    context: LegacyContext,
+    sites: list[ClientProxy],
+    config: dict[str, Scalar],
 ) -> HeadStatistics | None:
     """The sites' pooled head statistics, ``None`` when none arrive.
 
-    Without SecAgg+ the sites send their statistics as they are. Under SecAgg+ they send them twice:
-    as they are, which SecAgg+'s quantisation resolves too coarsely for the solve but well enough to
-    centre and scale each feature, then in that frame (:func:`secagg_frame`), from which the
-    coordinator maps them back exactly. When the second exchange brings nothing, the first's are used.
+    Without SecAgg+ the sites send their statistics as they are. Under SecAgg+, whose quantisation
+    is far too coarse for them as they are, the sites first send their features' moments, and then
+    their statistics centred and scaled in the frame those give (:func:`secagg_frame`), from which
+    the coordinator maps them back exactly. With ``audit=true`` the coordinator keeps the moments it
+    learned (``head-moments-round-NNN.npz``).
     """
-    raw = _exchange(state, context, sites, config)
-    if state.secagg is None or raw is None:
-        return raw
-    frame = secagg_frame(state.cfg, state.max_weight, raw)
+    if state.secagg is None:
+        return _exchange(state, context, sites, config, HeadStatistics.from_arrays)
+    moments_config = {**config, instructions.HEAD_MOMENTS: True}
+    moments = _exchange(state, context, sites, moments_config, FeatureMoments.from_arrays, HEAD_MOMENTS_LABEL)
+    if moments is None:
+        return None
+    if state.cfg.audit:
+        name = head_stats_round_name(server_round, HEAD_MOMENTS_LABEL)
+        save_arrays(state.folder.audit_server / name, moments.arrays(np.float64), examples=moments.examples)
+    frame = secagg_frame(state.cfg, state.max_weight, moments)
     framed_config = {**config, instructions.HEAD_FRAME: frame.to_bytes()}
-    framed = _exchange(state, context, sites, framed_config, HEAD_STATS_FRAMED_LABEL)
-    if framed is None:
-        log.warning("No head statistics arrived in their frame; the head is solved from the unframed ones.")
-        return raw
-    return frame.undo(framed)
+    framed = _exchange(state, context, sites, framed_config, HeadStatistics.from_arrays)
+    return frame.undo(framed) if framed is not None else None
 
 
 def fit_head(state: RunState, server_round: int, context: LegacyContext) -> bool:
@@ -211,7 +234,7 @@ def fit_head(state: RunState, server_round: int, context: LegacyContext) -> bool
     aggregated = outcome.sampled - set(outcome.excluded) if outcome else set(state.rounds.round_sites)
     sites = [p for p in context.client_manager.all().values() if p.node_id in aggregated]
     config = {**state.strategies.base.on_fit_config_fn(server_round), instructions.HEAD_STATS: True}  # type: ignore[attr-defined]
-    pooled = pooled_statistics(state, context, sites, config)
+    pooled = pooled_statistics(state, server_round, context, sites, config)
     if pooled is None:
         log.warning(
             "Round %d: no head statistics arrived; the shared head stays the sites' average.", server_round

@@ -23,7 +23,7 @@ from fedtune.common.audit import save_arrays
 from fedtune.common.checkpoint import ServerState, rng_state, write_checkpoint
 from fedtune.common.config import FedConfig
 from fedtune.common.files import write_json_atomic
-from fedtune.common.head_fit import statistics_shapes
+from fedtune.common.head_fit import moments_shapes, statistics_shapes
 from fedtune.common.options import GENERATIVE_TASKS
 from fedtune.common.plots import plot_records
 from fedtune.common.prompts import template_of
@@ -36,6 +36,15 @@ def _generation(cfg: FedConfig) -> dict[str, Any]:
     """How a generative task's prompts were built and answers generated (to use the adapter alike)."""
     template = template_of(cfg.task, cfg.prompt_template)
     return {"prompt_template": template, "max_new_tokens": cfg.max_new_tokens}
+
+
+def _head_uploads(state: RunState) -> dict[str, Any]:
+    """The shapes of what ``head-fit`` has the sites send besides the adapter (none when it is off)."""
+    if not state.solves_head:
+        return {}
+    model = state.shared.model
+    moments = {"head_moments_shapes": moments_shapes(model)} if state.secagg is not None else {}
+    return {"head_statistics_shapes": statistics_shapes(model), **moments}
 
 
 def metadata(state: RunState) -> dict[str, Any]:
@@ -52,7 +61,7 @@ def metadata(state: RunState) -> dict[str, Any]:
         **(_generation(cfg) if cfg.task in GENERATIVE_TASKS else {}),
         "adapter_tensors": adapter_names(shared.model),
         "adapter_shapes": [list(a.shape) for a in shared.initial],
-        **({"head_statistics_shapes": statistics_shapes(shared.model)} if state.solves_head else {}),
+        **_head_uploads(state),
         "adapter_bytes": nbytes(shared.initial),
         "base_model_bytes": shared.base_model_bytes,
         "trainable_parameters": shared.trainable,

@@ -11,6 +11,7 @@ from fedtune.common.config import FedConfig
 from fedtune.common.data import TextDataset
 from fedtune.common.head_fit import (
     ABSENT_MARGIN,
+    FeatureMoments,
     HeadStatistics,
     StatisticsFrame,
     head_inputs,
@@ -200,7 +201,7 @@ def test_statistics_taken_in_a_frame_map_back_to_the_features_exactly() -> None:
     order = np.argsort(y, kind="stable")
     cuts = [(0, 40), (40, 250), (250, 300)]
     together = HeadStatistics.of(x, y, 4)
-    frame = StatisticsFrame.of(together, spread=0.5, floor=1e-6)
+    frame = StatisticsFrame.of(FeatureMoments.of(x), spread=0.5, floor=1e-6)
 
     # Execute
     framed = HeadStatistics.pooled(
@@ -240,3 +241,32 @@ def test_a_frame_travels_as_bytes_and_a_malformed_one_is_refused() -> None:
         StatisticsFrame(centre=np.zeros(3), scale=np.ones(2))
     with pytest.raises(ValueError, match="frame is for 3 features, the head receives"):
         frame.apply(np.zeros((4, 5)))
+
+
+def test_feature_moments_pool_and_travel_as_two_vectors() -> None:
+    from fedtune.common.updates import moments_defect
+
+    # Prepare: 2 sites
+    x, _ = _blobs(50, 4, 2, seed=3)
+
+    # Execute
+    sites = [FeatureMoments.of(x[:20]), FeatureMoments.of(x[20:])]
+    arrays = [np.average([s.arrays(np.float64)[i] for s in sites], axis=0, weights=[20, 30]) for i in (0, 1)]
+    pooled = FeatureMoments.from_arrays(arrays, 50)
+
+    # Assert: the example-weighted mean of the sites' moments is the moments of their examples together;
+    # a malformed upload is refused
+    np.testing.assert_allclose(pooled.mean, x.mean(axis=0))
+    np.testing.assert_allclose(pooled.mean_square, (x**2).mean(axis=0))
+    assert [a.shape for a in sites[0].arrays()] == [(4,), (4,)] and sites[0].arrays()[0].dtype == np.float32
+    assert moments_defect(arrays) == ""
+    for bad, needle in (
+        ([arrays[0]], "2 tensors, got 1"),
+        ([arrays[0], arrays[1][:3]], "do not match"),
+        ([arrays[0], np.full(4, np.inf)], "non-finite"),
+    ):
+        assert needle in moments_defect(bad)
+        with pytest.raises(ValueError, match=needle):
+            FeatureMoments.from_arrays(bad, 50)
+    with pytest.raises(ValueError, match="no examples"):
+        FeatureMoments.of(np.zeros((0, 4)))

@@ -15,7 +15,7 @@ from fedtune.common.config import FedConfig
 from fedtune.common.head_fit import HeadStatistics, head_inputs, solve_lda
 from fedtune.common.model import bring_up
 from fedtune.common.run_folder import (
-    HEAD_STATS_FRAMED_LABEL,
+    HEAD_MOMENTS_LABEL,
     RunFolder,
     aggregate_round_name,
     global_round_name,
@@ -106,17 +106,19 @@ def test_each_site_sends_its_statistics_apart_from_its_update_and_the_audit_acce
     for r in (1, 2):
         for node in nodes:
             assert (run.audit_server / received_round_name(r, node, "head-stats")).is_file()
-            assert (run.audit_server / received_round_name(r, node, HEAD_STATS_FRAMED_LABEL)).is_file()
+            assert (run.audit_server / received_round_name(r, node, HEAD_MOMENTS_LABEL)).is_file()
     for site in run.audit_sites.glob("site-*"):
         stats, scalars = load_arrays(site / head_stats_round_name(2))
-        assert [a.shape for a in stats] == [(153,), (17, 2)] and scalars["num_examples"] > 0  # 17 * 18 / 2
-        framed, _ = load_arrays(site / head_stats_round_name(2, HEAD_STATS_FRAMED_LABEL))
-        assert [a.shape for a in framed] == [(153,), (17, 2), (16,), (16,)]  # the frame follows
+        # 17 * 18 / 2 values of x x^T, then x y^T, then the frame's centre and scale
+        assert [a.shape for a in stats] == [(153,), (17, 2), (16,), (16,)] and scalars["num_examples"] > 0
+        moments, _ = load_arrays(site / head_stats_round_name(2, HEAD_MOMENTS_LABEL))
+        assert [a.shape for a in moments] == [(16,), (16,)]
         # the adapter a site keeps for round 2 is the one it trained from, not the statistics request's
         received = load_arrays(site / global_round_name(2))[0]
         for a, b in zip(received, load_arrays(run.global_round(2))[0], strict=True):
             np.testing.assert_array_equal(a, b)
     assert report["only_adapter_left_sites"] and report["head_statistics_shapes"] == [[153], [17, 2]]
+    assert report["head_moments_shapes"] == [[16], [16]]
     assert report["secagg"]["masked"] and report["secagg"]["aggregate_within_bound"]
     assert fitted.rounds.records[-1].macro_f1 is not None
 
@@ -189,75 +191,67 @@ def test_only_the_sites_in_the_aggregate_are_asked_for_statistics(
     np.testing.assert_allclose(pooled.cross_moment, by_hand.cross_moment, atol=1e-6)
 
 
-def test_under_secagg_the_sites_send_their_statistics_again_in_the_frame_of_the_first(
+def test_under_secagg_the_sites_send_their_statistics_in_the_frame_of_their_pooled_moments(
     fitted: RunState,
 ) -> None:
-    from fedtune.common.head_fit import StatisticsFrame
+    from fedtune.common.head_fit import FeatureMoments, StatisticsFrame
 
-    # Prepare: what each site sent in round 2, as it was and in the frame the coordinator sent
+    # Prepare: what each site sent in round 2, its moments and its statistics with the frame it got
     run = RunFolder(Path(fitted.cfg.out_dir))
     sites = sorted(run.audit_sites.glob("site-*"))
-    plain = [load_arrays(site / head_stats_round_name(2)) for site in sites]
-    framed = [load_arrays(site / head_stats_round_name(2, HEAD_STATS_FRAMED_LABEL))[0] for site in sites]
-    frames = [StatisticsFrame(centre=f[2], scale=f[3]) for f in framed]
+    sent = [load_arrays(site / head_stats_round_name(2)) for site in sites]
+    moments = [load_arrays(site / head_stats_round_name(2, HEAD_MOMENTS_LABEL))[0] for site in sites]
+    frames = [StatisticsFrame(centre=a[2], scale=a[3]) for a, _ in sent]
 
     # Execute: the example-weighted means of what the sites sent (what SecAgg+ let the coordinator learn)
-    weights = [scalars["num_examples"] for _, scalars in plain]
-    raw = HeadStatistics.pooled(
-        [HeadStatistics.from_arrays(a, n) for (a, _), n in zip(plain, weights, strict=True)]
-    )
+    weights = [scalars["num_examples"] for _, scalars in sent]
     in_frame = HeadStatistics.pooled(
-        [HeadStatistics.from_arrays(f[:2], n) for f, n in zip(framed, weights, strict=True)]
+        [HeadStatistics.from_arrays(a[:2], n) for (a, _), n in zip(sent, weights, strict=True)]
     )
+    mean = np.average([m[0] for m in moments], axis=0, weights=weights)
+    learned_moments, scalars = load_arrays(run.audit_server / head_stats_round_name(2, HEAD_MOMENTS_LABEL))
 
-    # Assert: every site got the one frame, centred on the first exchange's mean; mapped back, the
-    # framed statistics are those the coordinator solved from, and those of the first exchange
+    # Assert: every site got the one frame, centred on the pooled mean the coordinator learned; in it
+    # the features are centred; mapped back, the statistics are those the coordinator solved from, and
+    # those of the features themselves
     for frame in frames[1:]:
         np.testing.assert_array_equal(frame.centre, frames[0].centre)
         np.testing.assert_array_equal(frame.scale, frames[0].scale)
-    np.testing.assert_allclose(frames[0].centre, raw.second_moment[:-1, -1], atol=1e-5)
-    np.testing.assert_allclose(
-        in_frame.second_moment[:-1, -1], 0.0, atol=2e-3
-    )  # off by the first exchange's quantisation
+    pooled_moments = FeatureMoments.from_arrays(learned_moments, scalars["examples"])
+    np.testing.assert_allclose(frames[0].centre, pooled_moments.mean)
+    # (SecAgg+ rounds each site's values to steps of 4 / 2^22 ~ 1e-6)
+    np.testing.assert_allclose(pooled_moments.mean, mean, atol=1e-5)
+    np.testing.assert_allclose(in_frame.second_moment[:-1, -1], 0.0, atol=2e-3)
     learned = HeadStatistics.from_arrays(load_arrays(run.audit_server / head_stats_round_name(2))[0], 1)
     back = frames[0].undo(in_frame)
-    # (SecAgg+ rounds each site's values to steps of 4 / 2^22 ~ 1e-6)
     np.testing.assert_allclose(learned.second_moment, back.second_moment, atol=1e-5)
     np.testing.assert_allclose(learned.cross_moment, back.cross_moment, atol=1e-5)
-    np.testing.assert_allclose(back.second_moment, raw.second_moment, atol=1e-4)
+    averaged, _ = load_arrays(run.audit_server / aggregate_round_name(2))
+    by_hand = _pooled_by_hand(fitted.cfg, averaged)
+    np.testing.assert_allclose(back.second_moment, by_hand.second_moment, atol=1e-5)
 
 
-def test_when_no_statistics_arrive_in_the_frame_the_head_is_solved_from_the_first_exchange(
+def test_when_no_statistics_arrive_in_the_frame_the_round_keeps_its_averaged_head(
     tmp_path: Path, tiny_base_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import fedtune.client.site
 
-    # Prepare: SecAgg+, one round; every site fails to compute its statistics in a frame
+    # Prepare: SecAgg+, one round; the sites send their moments, then fail to compute their statistics
     cfg = fast_config(
         tmp_path, tiny_base_model, head_fit="lda", audit=True, num_server_rounds=1, secagg_clipping_range=2.0
     )
-    compute = fedtune.client.site.site_statistics
 
-    def fail_in_a_frame(*args, frame=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if frame is not None:
-            raise RuntimeError("no statistics in a frame here")
-        return compute(*args, **kwargs)
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no statistics here")
 
-    monkeypatch.setattr(fedtune.client.site, "site_statistics", fail_in_a_frame)
+    monkeypatch.setattr(fedtune.client.site, "site_statistics", fail)
 
     # Execute
     state = run_federation(cfg)
 
-    # Assert: the head is the LDA head of the first exchange's statistics, and a warning says so
+    # Assert: the moments arrived; the round is kept with the sites' averaged head, and a warning says so
     run = RunFolder(Path(cfg.out_dir))
-    learned, _ = load_arrays(run.audit_server / head_stats_round_name(1))
-    by_hand = _pooled_by_hand(cfg, load_arrays(run.audit_server / aggregate_round_name(1))[0])
-    np.testing.assert_allclose(
-        HeadStatistics.from_arrays(learned, 1).second_moment, by_hand.second_moment, atol=1e-4
-    )
-    w, _ = head_indices(state.shared.model)
-    weight, _ = solve_lda(HeadStatistics.from_arrays(learned, 1), cfg.head_fit_shrinkage, 1.0)
-    np.testing.assert_allclose(load_arrays(run.global_final)[0][w], weight, atol=1e-5)
-    assert (
-        "No head statistics arrived in their frame; the head is solved from the unframed ones" in caplog.text
-    )
+    assert (run.audit_server / head_stats_round_name(1, HEAD_MOMENTS_LABEL)).is_file()
+    assert not (run.audit_server / head_stats_round_name(1)).exists()
+    assert [r.round for r in state.rounds.records] == [0, 1]
+    assert "no head statistics arrived; the shared head stays the sites' average" in caplog.text

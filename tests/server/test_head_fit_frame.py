@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from fedtune.common.config import FedConfig
-from fedtune.common.head_fit import HeadStatistics, solve_lda
+from fedtune.common.head_fit import FeatureMoments, HeadStatistics, solve_lda
 from fedtune.server.head_fit import FLOOR_STEPS, SPREAD_SHARE, secagg_frame
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
@@ -21,15 +21,28 @@ def _features(seed: int, wiggle: float = 1e-3) -> tuple[list[np.ndarray], list[n
     return xs, ys
 
 
-def _secagg_mean(sites: list[HeadStatistics], cfg: FedConfig, max_weight: float) -> HeadStatistics:
+def _secagg_mean(
+    sites: list[list[np.ndarray]], weights: list[int], cfg: FedConfig, max_weight: float
+) -> list:
     """Flower SecAgg+'s arithmetic: weigh ``n / max_weight``, clip, quantise, sum, dequantise, divide."""
     clip, levels = cfg.secagg_clipping_range, cfg.secagg_quantization_range
-    ratios = [s.examples / max_weight for s in sites]
-    sent = [[r * a for a in s.arrays(np.float64)] for s, r in zip(sites, ratios, strict=True)]
+    ratios = [n / max_weight for n in weights]
+    sent = [[r * a for a in arrays] for arrays, r in zip(sites, ratios, strict=True)]
     assert max(np.abs(a).max() for arrays in sent for a in arrays) <= clip  # nothing clipped
     total = [sum(q) for q in zip(*(quantize(arrays, clip, levels) for arrays in sent), strict=True)]
-    mean = [(v - (len(sites) - 1) * clip) / sum(ratios) for v in dequantize(total, clip, levels)]
-    return HeadStatistics.from_arrays(mean, sum(s.examples for s in sites))
+    return [(v - (len(sites) - 1) * clip) / sum(ratios) for v in dequantize(total, clip, levels)]
+
+
+def _secagg_statistics(sites: list[HeadStatistics], cfg: FedConfig, max_weight: float) -> HeadStatistics:
+    weights = [s.examples for s in sites]
+    mean = _secagg_mean([s.arrays(np.float64) for s in sites], weights, cfg, max_weight)
+    return HeadStatistics.from_arrays(mean, sum(weights))
+
+
+def _secagg_moments(xs: list[np.ndarray], cfg: FedConfig, max_weight: float) -> FeatureMoments:
+    weights = [len(x) for x in xs]
+    mean = _secagg_mean([FeatureMoments.of(x).arrays(np.float64) for x in xs], weights, cfg, max_weight)
+    return FeatureMoments.from_arrays(mean, sum(weights))
 
 
 def _error(stats: HeadStatistics, exact: tuple[np.ndarray, np.ndarray], shrinkage: float) -> float:
@@ -48,11 +61,13 @@ def test_the_framed_exchange_solves_the_exact_head_where_the_unframed_one_does_n
     )
     np.random.seed(0)  # Flower's stochastic rounding
 
-    # Execute: the first exchange as the features are, the second in the frame made from it
-    raw = _secagg_mean([HeadStatistics.of(x, y, 3) for x, y in zip(xs, ys, strict=True)], cfg, max_weight)
-    frame = secagg_frame(cfg, max_weight, raw)
+    # Execute: the statistics as the features are; the moments, then the statistics in their frame
+    raw = _secagg_statistics(
+        [HeadStatistics.of(x, y, 3) for x, y in zip(xs, ys, strict=True)], cfg, max_weight
+    )
+    frame = secagg_frame(cfg, max_weight, _secagg_moments(xs, cfg, max_weight))
     framed_sites = [HeadStatistics.of(frame.apply(x), y, 3) for x, y in zip(xs, ys, strict=True)]
-    framed = _secagg_mean(framed_sites, cfg, max_weight)
+    framed = _secagg_statistics(framed_sites, cfg, max_weight)
 
     # Assert: the quantised features' head is far off, the framed one within 0.1% of the exact head;
     # every site's weighted value stays within the share of the clipping range the frame allows
@@ -63,7 +78,7 @@ def test_the_framed_exchange_solves_the_exact_head_where_the_unframed_one_does_n
     assert max(s.examples / max_weight * np.abs(s.arrays(np.float64)[0]).max() for s in framed_sites) <= 2.0
 
 
-def test_a_variance_the_first_exchange_cannot_resolve_is_floored() -> None:
+def test_a_variance_the_moments_cannot_resolve_is_floored() -> None:
     # Prepare: one feature constant at every site
     cfg = FedConfig()
     xs, ys = _features(seed=1, wiggle=0.1)
@@ -72,8 +87,7 @@ def test_a_variance_the_first_exchange_cannot_resolve_is_floored() -> None:
     max_weight = 2.0 * sum(len(x) for x in xs)  # the sites weigh half the normaliser
 
     # Execute
-    raw = HeadStatistics.pooled([HeadStatistics.of(x, y, 3) for x, y in zip(xs, ys, strict=True)])
-    frame = secagg_frame(cfg, max_weight, raw)
+    frame = secagg_frame(cfg, max_weight, FeatureMoments.of(np.concatenate(xs)))
 
     # Assert: its scale is that of FLOOR_STEPS quantisation steps in the pooled mean, the others' that
     # of their variance; a load of 1/2 doubles the spread a frame asks for
