@@ -258,7 +258,7 @@ class FedConfig:
         ``auto`` does for a classification task of at least :data:`~.options.AUTO_HEAD_FIT_MIN_LABELS`
         labels without differential privacy: generative tasks have no head, DP does not cover the
         statistics, and with two labels every site holds both, so the averaged head is not diluted
-        (measured on Pima diabetes: the solved head is on par, at three times the upload; see the README).
+        (measured on Pima diabetes: the solved head is on par, at twice the upload; see the README).
         """
         if self.head_fit == "auto":
             return (

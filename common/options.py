@@ -55,7 +55,7 @@ HEAD_FITS: dict[str, str] = {
 }
 # head-fit=auto solves the head from this many labels on: with two, every site holds both labels and
 # the averaged head is not diluted; on Pima diabetes the solved one measured on par with it, for
-# three times the upload under SecAgg+ (see the README's Measured)
+# twice the upload (see the README's Measured)
 AUTO_HEAD_FIT_MIN_LABELS = 3
 LR_SCHEDULES: dict[str, str] = {
     "constant": "the peak rate throughout",
