@@ -7,7 +7,9 @@ under SecAgg+ that is the masked vectors (uint32, :mod:`fedtune.common.secagg_wi
 exchange and secret shares, not the fp32 adapter. The adapter upload alone (the plain training reply,
 or the masked vector) is read from the coordinator's wire log (``audit/server/wire.jsonl``), so
 SecAgg+ is compared with plain both without and with its key material. Only training messages are
-exchanged (``fraction-evaluate=0``), so a round is exactly what full fine-tuning would replace.
+exchanged (``fraction-evaluate=0``) and the head is not solved (``head-fit=none``: its statistics
+and moments exchanges are measured on the default run, see the README), so a round is exactly what
+full fine-tuning would replace.
 
 Full fine-tuning of the same base model would download and upload the whole base state every
 round: ``base_model_nbytes`` of the checkpoint (fp32, ~90.9 MB for all-MiniLM-L6-v2; the
@@ -72,6 +74,7 @@ def measure(s: dict[str, Any]) -> Outcome:
         "max-examples": 40 * sites,
         "partitioning": "iid",
         "fraction-evaluate": 0.0,
+        "head-fit": "none",  # the adapter's bytes alone: no statistics exchanges
         "min-clients": sites,
         "audit": "true",  # the wire log separates the adapter upload from SecAgg+'s key material
         "seed": 42,
