@@ -12,7 +12,7 @@ best-validation point and its point at the default budget.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from fedtune.common.run_folder import RunFolder
 
 from .arms import federated_arm
 from .stats import mean_std
-from .training import concat, predict, train_central
+from .training import bench_threads, concat, predict, torch_threads, train_central
 
 if TYPE_CHECKING:
     from fedtune.common.config import FedConfig
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from fedtune.common.model import ModelParts
 
 Curve = list[dict[str, float]]
+SHRINKAGES: tuple[float, ...] = (0.0, 0.1, 0.3)  # a solved head's shrinkage, chosen on validation
 
 
 def sets(cfg: FedConfig, sites: int) -> tuple[TextDataset, TextDataset, TextDataset]:
@@ -87,20 +88,75 @@ def federated_curve(bench: str, arm: str, run_config: Mapping[str, Any], sites: 
 
 
 def centralized_curve(run_config: Mapping[str, Any], sites: int, epochs: int) -> dict[str, Any]:
-    """Centralized PEFT on the pooled training splits, scored on both sets after every epoch."""
+    """Centralized PEFT on the pooled training splits, scored on both sets after every epoch.
+
+    When the run config solves the head (``head-fit=lda``), the curve scores the encoder of each
+    epoch with the LDA head of the pooled training data's statistics (:func:`solved_head_scores`,
+    the centralized counterpart of a federation that solves its head); the trained head's scores
+    are kept beside it as ``trained_head_curve``. Training itself is the same either way.
+    """
     from fedtune.common.config import parse_run_config
 
     cfg = parse_run_config(dict(run_config))
     pool, validation, test = sets(cfg, sites)
     parts = bring_up(cfg, len(pool.label_names))
     score = scorer(cfg, parts)
+    solve = cfg.solves_head(len(pool.label_names))
     curve: Curve = []
+    trained: Curve = []
 
     def on_epoch_end(epoch: int) -> None:
-        curve.append(point(epoch, score(validation), score(test)))
+        (trained if solve else curve).append(point(epoch, score(validation), score(test)))
+        if solve:
+            solved = solved_head_scores(cfg, parts, [pool], validation, test)
+            curve.append({**point(epoch, solved["val"], solved["test"]), "shrinkage": solved["shrinkage"]})
 
     res = train_central(cfg, parts, pool, epochs=epochs, on_epoch_end=on_epoch_end)
-    return {"curve": curve, "seconds": res.seconds}
+    return {"curve": curve, "seconds": res.seconds, **({"trained_head_curve": trained} if solve else {})}
+
+
+def solved_head_scores(
+    cfg: FedConfig,
+    parts: ModelParts,
+    trains: Sequence[TextDataset],
+    validation: TextDataset,
+    test: TextDataset,
+) -> dict[str, Any]:
+    """Scores of ``parts.model``'s encoder with the LDA head of ``trains``' pooled statistics.
+
+    The statistics are each training set's (:class:`~fedtune.common.head_fit.HeadStatistics`, what
+    secure aggregation sums), pooled; the shrinkage is chosen on ``validation`` from
+    :data:`SHRINKAGES`. The model's own head is left as it is. Returns ``{"val": metrics, "test":
+    metrics, "shrinkage": chosen}``.
+    """
+    from fedtune.common.head_fit import HeadStatistics, head_inputs, solve_lda
+    from fedtune.common.train import score
+
+    classes = len(test.label_names)
+
+    def inputs(ds: TextDataset) -> np.ndarray:
+        with torch_threads(bench_threads()):
+            return head_inputs(
+                parts.model,
+                parts.tokenizer,
+                ds,
+                batch_size=cfg.batch_size,
+                max_length=cfg.max_length,
+                device=parts.device,
+            )
+
+    stats = HeadStatistics.pooled([HeadStatistics.of(inputs(ds), ds.labels, classes) for ds in trains])
+    features = {"val": (inputs(validation), validation.labels), "test": (inputs(test), test.labels)}
+
+    def scored(shrinkage: float, split: str) -> dict[str, float]:
+        weight, bias = solve_lda(stats, shrinkage)
+        x, labels = features[split]
+        logits = x @ weight.T + bias
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return score(probs / probs.sum(axis=1, keepdims=True), labels, classes).as_metrics()
+
+    best = max(SHRINKAGES, key=lambda lam: scored(lam, "val")["macro_f1"])
+    return {"val": scored(best, "val"), "test": scored(best, "test"), "shrinkage": best}
 
 
 def summary(arm: str, curve: Curve, budget: int) -> dict[str, Any]:

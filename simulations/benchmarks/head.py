@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .arms import arms_dir, cached, env_list, federated_arm, resolved
+from .curves import SHRINKAGES, scorer, solved_head_scores
 from .figures import new_figure, save_figure
 from .spec import Benchmark, Outcome
 
@@ -45,7 +46,6 @@ COLUMNS = (
     "lda_test_acc",
 )
 ARMS: dict[str, dict[str, Any]] = {"averaged": {"head-fit": "none"}, "lda": {"head-fit": "lda"}}
-SHRINKAGES: tuple[float, ...] = (0.0, 0.1, 0.3)
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -133,7 +133,6 @@ def score_heads(
     from fedtune.common.model import bring_up
     from fedtune.common.sites import coordinator_test_set, simulated_site
 
-    from .curves import scorer
     from .training import bench_threads, concat, torch_threads
 
     test = coordinator_test_set(cfg)
@@ -145,7 +144,9 @@ def score_heads(
         set_adapter_arrays(parts.model, arrays)
         with torch_threads(bench_threads()):
             shared = {name: scorer(cfg, parts)(ds) for name, ds in (("val", validation), ("test", test))}
-            solved = _solved_head_scores(cfg, parts, data, validation, test) if solve else None
+            solved = (
+                solved_head_scores(cfg, parts, [d.train for d in data], validation, test) if solve else None
+            )
         rows.append(
             {
                 "shared_val_f1": shared["val"]["macro_f1"],
@@ -158,31 +159,6 @@ def score_heads(
             }
         )
     return rows
-
-
-def _solved_head_scores(cfg: Any, parts: Any, data: list[Any], validation: Any, test: Any) -> dict[str, Any]:
-    """Scores of the LDA head of the sites' pooled statistics, its shrinkage chosen on validation."""
-    from fedtune.common.head_fit import HeadStatistics, head_inputs, solve_lda
-    from fedtune.common.train import score
-
-    classes = len(test.label_names)
-
-    def inputs(ds: Any) -> np.ndarray:
-        kw = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": parts.device}
-        return head_inputs(parts.model, parts.tokenizer, ds, **kw)
-
-    stats = HeadStatistics.pooled([HeadStatistics.of(inputs(d.train), d.train.labels, classes) for d in data])
-    features = {"val": (inputs(validation), validation.labels), "test": (inputs(test), test.labels)}
-
-    def scored(shrinkage: float, split: str) -> dict[str, float]:
-        weight, bias = solve_lda(stats, shrinkage)
-        x, labels = features[split]
-        logits = x @ weight.T + bias
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return score(probs / probs.sum(axis=1, keepdims=True), labels, classes).as_metrics()
-
-    best = max(SHRINKAGES, key=lambda lam: scored(lam, "val")["macro_f1"])
-    return {"val": scored(best, "val"), "test": scored(best, "test"), "shrinkage": best}
 
 
 def _notes(rows: list[dict[str, Any]], s: Mapping[str, Any]) -> list[str]:

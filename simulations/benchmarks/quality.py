@@ -31,7 +31,8 @@ Running a subset
     centralized settings, 10 sites x 10 local rounds) takes about 7 hours per partition and seed on
     2 CPU cores (a 30-step round about 3 minutes, a 10-step round about 1), ~100 hours in all.
     Choose with ``FEDTUNE_BENCH_PARTITIONS``, ``FEDTUNE_BENCH_STRATEGIES``, ``FEDTUNE_BENCH_SEEDS``,
-    ``FEDTUNE_BENCH_FEDERATED``, ``FEDTUNE_BENCH_CENTRAL`` (comma-separated names) and shorten with
+    ``FEDTUNE_BENCH_FEDERATED``, ``FEDTUNE_BENCH_CENTRAL`` (comma-separated names), leave the
+    local-only arms out with ``FEDTUNE_BENCH_LOCAL=0``, and shorten with
     ``FEDTUNE_BENCH_MAX_ROUNDS`` / ``FEDTUNE_BENCH_MAX_EPOCHS`` (the notes then say the protocol was
     cut). Every arm's result is saved in ``results/arms/quality/``; ``FEDTUNE_BENCH_RESUME=1`` reuses
     an arm saved with the same settings, and ``FEDTUNE_BENCH_SAVED_ONLY=1`` computes nothing and lists
@@ -42,6 +43,7 @@ Quick: 3 sites, ``max-examples=600``, Dirichlet 0.3, 1 seed, 3 rounds / epochs, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -87,6 +89,8 @@ CENTRAL_GRID: dict[str, dict[str, Any]] = {
     "lr2e-3": {"learning-rate": 2e-3, "label-skew": "none"},
     "lr5e-3-la": {"learning-rate": 5e-3, "label-skew": "logit-adjust"},
     "lr2e-3-la": {"learning-rate": 2e-3, "label-skew": "logit-adjust"},
+    # the centralized counterpart of head-fit=lda: each epoch's encoder with the pooled data's LDA head
+    "lr2e-3-la-lda": {"learning-rate": 2e-3, "label-skew": "logit-adjust", "head-fit": "lda"},
 }
 
 
@@ -142,6 +146,12 @@ def chosen_settings(quick: bool) -> dict[str, Any]:
         if s[key] < s["budget"]:
             raise ValueError(f"${var}={s[key]}: must be at least the default budget, {s['budget']}.")
     s["seeds"] = env_list("FEDTUNE_BENCH_SEEDS", s["seeds"], int)
+    local = os.environ.get("FEDTUNE_BENCH_LOCAL", "1")
+    if local not in ("0", "1"):
+        raise ValueError(
+            f"$FEDTUNE_BENCH_LOCAL={local!r}: must be 1 (run the local-only arms) or 0 (leave them out)."
+        )
+    s["local"] = local == "1"
     return s
 
 
@@ -201,6 +211,8 @@ def _arm_plan(
             {"sites": sites, "epochs": s["max_epochs"], "config": resolved(config)},
             lambda config=config: centralized_curve(config, sites, s["max_epochs"]),
         )
+    if not s.get("local", True):
+        return plan
     plan["local"] = (
         f"{part}-seed{seed}-local",
         {"sites": sites, "rounds": s["local_rounds"], "budget": s["budget"], "config": resolved(base)},

@@ -22,12 +22,19 @@ def arm_summaries(arms: Mapping[str, Any], budget: int, grids: Mapping[str, Sequ
     ``grids`` maps each judged arm (a strategy, ``centralized``) to its settings; the run of setting
     ``x`` is saved as arm ``"{arm}-{x}"``. An arm is its setting with the best validation macro-F1,
     chosen separately at the best point and at the budget (named in ``setting_best`` /
-    ``setting_budget``). Local-only: ``local-mean`` (mean over sites, each at its own best round) and
-    ``local-best`` (the site best on the held-out set, a reference).
+    ``setting_budget``); a centralized run that solved its head also offers its trained head's curve
+    as setting ``"{x}-trained-head"``. Local-only: ``local-mean`` (mean over sites, each at its own
+    best round) and ``local-best`` (the site best on the held-out set, a reference).
     """
     out: Judged = {}
     for arm, grid in grids.items():
-        runs = [summary(x, arms[f"{arm}-{x}"]["curve"], budget) for x in grid if f"{arm}-{x}" in arms]
+        runs = [
+            summary(name, arms[f"{arm}-{x}"][key], budget)
+            for x in grid
+            if f"{arm}-{x}" in arms
+            for name, key in ((x, "curve"), (f"{x}-trained-head", "trained_head_curve"))
+            if key in arms[f"{arm}-{x}"]
+        ]
         if runs:
             at_best = max(runs, key=lambda r: r["val_f1_best"])
             at_budget = max(runs, key=lambda r: r["val_f1_budget"])
@@ -92,6 +99,8 @@ def protocol_cut(s: Mapping[str, Any]) -> list[str]:
     ]
     if len(s["seeds"]) < s["protocol"]["seeds"]:
         cut.append(f"{len(s['seeds'])} seed(s) of {s['protocol']['seeds']}")
+    if not s.get("local", True):
+        cut.append("the local-only arms left out ($FEDTUNE_BENCH_LOCAL=0)")
     return [f"Protocol cut to fit the machine: {'; '.join(cut)}."] if cut else []
 
 
