@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from fedtune.common import instructions
 from fedtune.common.audit import WireLog, message_record, payload_bytes, save_arrays, secagg_stage
+from fedtune.common.head_fit import StatisticsFrame
 from fedtune.common.run_folder import (
     HEAD_MOMENTS_LABEL,
     HEAD_STATS_LABEL,
@@ -72,7 +72,8 @@ def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
             name = head_stats_round_name(server_round, HEAD_MOMENTS_LABEL if moments else HEAD_STATS_LABEL)
             frame = fitins.config.get(instructions.HEAD_FRAME)
             if isinstance(frame, bytes):  # the frame follows the statistics: [..., centre, scale]
-                sent += [*np.split(np.frombuffer(frame, dtype="<f8"), 2)]
+                decoded = StatisticsFrame.from_bytes(frame)
+                sent += [decoded.centre, decoded.scale]
         else:
             save_arrays(out_dir / global_round_name(server_round), parameters_to_ndarrays(fitins.parameters))
             name = sent_round_name(server_round)
