@@ -279,3 +279,81 @@ def test_bench_quality_quick_runs_every_arm_on_real_data(tmp_path: Path) -> None
         r["macro_f1"] for r in records[1:]
     ]
     assert (tmp_path / "results" / "quality_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_centralized_run_that_solved_its_head_offers_its_trained_head_too() -> None:
+    # Prepare: the solved head peaks higher on validation; the trained head is better at the budget
+    run = _curve((0.2, 0.2), (0.5, 0.45), (0.4, 0.5))
+    run["trained_head_curve"] = _curve((0.1, 0.1), (0.6, 0.3), (0.3, 0.7))["curve"]
+    run["curve"] = _curve((0.2, 0.2), (0.5, 0.45), (0.7, 0.5))["curve"]
+    arms = {"centralized-a": run}
+
+    # Execute
+    judged = arm_summaries(arms, budget=2, grids={"centralized": ["a"]})["centralized"]
+
+    # Assert: each point chooses between the two heads of the one run on validation
+    assert (judged["setting_best"], judged["best"], judged["test_f1_best"]) == ("a", 3, 0.5)
+    assert (judged["setting_budget"], judged["test_f1_budget"]) == ("a-trained-head", 0.3)
+
+
+def test_local_only_arms_can_be_left_out_and_the_cut_is_named(monkeypatch) -> None:
+    from fedtune.simulations.benchmarks.quality_report import protocol_cut
+
+    # Prepare
+    s = bench_quality.chosen_settings(quick=True)
+    base = bench_quality._base_config(s, "dirichlet-0.3", 42)
+    assert "local" in bench_quality._arm_plan(s, "dirichlet-0.3", 42, base) and protocol_cut(s) == []
+
+    # Execute
+    monkeypatch.setenv("FEDTUNE_BENCH_LOCAL", "0")
+    s = bench_quality.chosen_settings(quick=True)
+
+    # Assert
+    assert list(bench_quality._arm_plan(s, "dirichlet-0.3", 42, base)) == [
+        "fedavg-s30-lr5e-3",
+        "centralized-lr5e-3",
+    ]
+    assert protocol_cut(s) == [
+        "Protocol cut to fit the machine: the local-only arms left out ($FEDTUNE_BENCH_LOCAL=0)."
+    ]
+    monkeypatch.setenv("FEDTUNE_BENCH_LOCAL", "no")
+    with pytest.raises(ValueError, match=r"\$FEDTUNE_BENCH_LOCAL='no': must be 1 .* or 0"):
+        bench_quality.chosen_settings(quick=True)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_centralized_run_that_solves_its_head_scores_the_pooled_lda_head_and_trains_as_before(
+    tiny_base_model: Path,
+) -> None:
+    from fedtune.common.config import parse_run_config
+    from fedtune.common.model import bring_up
+    from fedtune.simulations.benchmarks.curves import SHRINKAGES, centralized_curve, sets, solved_head_scores
+    from fedtune.simulations.benchmarks.training import train_central
+
+    # Prepare: the Pima table over 2 sites, trained 2 epochs with and without a solved head
+    run_config = {
+        "task": "diabetes",
+        "base-model": str(tiny_base_model),
+        "batch-size": 16,
+        "head-fit": "none",
+    }
+    plain = centralized_curve(run_config, 2, 2)
+
+    # Execute
+    solving = centralized_curve({**run_config, "head-fit": "lda"}, 2, 2)
+
+    # Assert: the same training (the trained head's curve is the plain run's) ...
+    assert "trained_head_curve" not in plain
+    assert solving["trained_head_curve"] == pytest.approx(plain["curve"])
+    # ... scored with the LDA head of the pooled training data, replayed by hand after epoch 2
+    cfg = parse_run_config({**run_config, "head-fit": "lda"})
+    pool, validation, test = sets(cfg, 2)
+    parts = bring_up(cfg, len(pool.label_names))
+    train_central(cfg, parts, pool, epochs=2)
+    expected = solved_head_scores(cfg, parts, [pool], validation, test)
+    last = solving["curve"][-1]
+    assert last["step"] == 2 and last["shrinkage"] == expected["shrinkage"] in SHRINKAGES
+    assert (last["val_macro_f1"], last["test_macro_f1"]) == pytest.approx(
+        (expected["val"]["macro_f1"], expected["test"]["macro_f1"])
+    )
+    assert last["test_macro_f1"] != pytest.approx(solving["trained_head_curve"][-1]["test_macro_f1"])
