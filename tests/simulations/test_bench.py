@@ -587,10 +587,41 @@ def test_tuning_choice_is_made_on_validation_and_judges_the_targets_on_held_out(
     assert notes[1].endswith("83% (met).")
     assert "`centralized-lr5e-3` epoch 4 held-out 0.450" in notes[2] and "+14.0 points" in notes[2]
     assert "missed" in notes[2]
-    assert "picks `prefix-la-s30-lr1e-2-const`" in notes[3] and "+6.0 held-out points" in notes[3]
+    assert "head-fit=none (validation picks `prefix-la-s30-lr1e-2-const`" in notes[3]
+    assert "+6.0 held-out points" in notes[3]
     assert notes[3].endswith("(target <= 5: missed).")
     assert len(bench_tuning.choice_notes(rows[:4])) == 3
     assert bench_tuning.choice_notes(rows[:2]) == []
+
+
+def test_prefix_tuning_is_judged_against_lora_with_the_same_head_fit() -> None:
+    # Prepare: LoRA with and without the solved head; prefix arms of both kinds, the held-out set
+    # preferring the arm validation does not pick within each kind
+    def row(arm: str, val_budget: float, test_budget: float) -> dict:
+        return {"arm": arm, "val_f1_budget": val_budget, "test_f1_budget": test_budget}
+
+    rows = [
+        row("fedavg-la-s30-lr5e-3-const", 0.30, 0.31),
+        row("fedavg-la-s30-lr5e-3-const-lda", 0.70, 0.72),
+        row("prefix-la-s30-lr5e-3-const", 0.25, 0.28),
+        row("prefix-la-s30-lr5e-3-const-lda", 0.69, 0.71),
+        row("prefix-la-s30-lr1e-2-const-lda", 0.60, 0.75),
+    ]
+    prefix = [r for r in rows if r["arm"].startswith("prefix")]
+
+    # Execute
+    notes = bench_tuning._prefix_note(prefix, rows)
+
+    # Assert: one note per head-fit, each against its own LoRA reference
+    assert len(notes) == 2
+    assert notes[0].startswith("Prefix tuning, head-fit=none (validation picks `prefix-la-s30-lr5e-3-const`")
+    assert "`fedavg-la-s30-lr5e-3-const`: 0.300 / 0.310" in notes[0] and "= +3.0 held-out" in notes[0]
+    assert notes[1].startswith(
+        "Prefix tuning, head-fit=lda (validation picks `prefix-la-s30-lr5e-3-const-lda`"
+    )
+    assert "`fedavg-la-s30-lr5e-3-const-lda`: 0.700 / 0.720" in notes[1] and "= +1.0 held-out" in notes[1]
+    assert notes[1].endswith("(target <= 5: met).")
+    assert bench_tuning._prefix_note(prefix, rows[:1]) == [notes[0]]
 
 
 def test_overhead_rows_are_each_timing_against_its_baseline() -> None:
