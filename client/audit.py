@@ -11,7 +11,6 @@ from pathlib import Path
 
 from fedtune.common import instructions
 from fedtune.common.audit import WireLog, message_record, payload_bytes, save_arrays, secagg_stage
-from fedtune.common.head_fit import StatisticsFrame
 from fedtune.common.run_folder import (
     HEAD_MOMENTS_LABEL,
     HEAD_STATS_LABEL,
@@ -72,6 +71,8 @@ def make_audit_mods(audit_dir: str | None) -> tuple[Mod, Mod]:
             name = head_stats_round_name(server_round, HEAD_MOMENTS_LABEL if moments else HEAD_STATS_LABEL)
             frame = fitins.config.get(instructions.HEAD_FRAME)
             if isinstance(frame, bytes):  # the frame follows the statistics: [..., centre, scale]
+                from fedtune.common.head_fit import StatisticsFrame  # torch: not for key exchange alone
+
                 decoded = StatisticsFrame.from_bytes(frame)
                 sent += [decoded.centre, decoded.scale]
         else:
