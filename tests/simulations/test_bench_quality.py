@@ -357,3 +357,36 @@ def test_a_centralized_run_that_solves_its_head_scores_the_pooled_lda_head_and_t
         (expected["val"]["macro_f1"], expected["test"]["macro_f1"])
     )
     assert last["test_macro_f1"] != pytest.approx(solving["trained_head_curve"][-1]["test_macro_f1"])
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_solved_heads_shrinkage_is_chosen_on_validation_not_on_the_held_out_set(
+    tiny_base_model: Path, monkeypatch
+) -> None:
+    import numpy as np
+    from fedtune.common import head_fit
+    from fedtune.common.config import parse_run_config
+    from fedtune.common.model import bring_up
+    from fedtune.simulations.benchmarks.curves import sets, solved_head_scores
+
+    # Prepare: a stand-in solve whose head predicts class 1 at shrinkage 0.3 and class 0 otherwise;
+    # validation holds only class 1, the held-out set only class 0
+    def solve(stats: head_fit.HeadStatistics, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+        d = stats.second_moment.shape[0] - 1
+        return np.zeros((2, d)), np.array([0.0, 1.0]) * (1 if shrinkage == 0.3 else -1)
+
+    monkeypatch.setattr(head_fit, "solve_lda", solve)
+    cfg = parse_run_config({"task": "diabetes", "base-model": str(tiny_base_model), "max-length": 32})
+    pool, validation, test = sets(cfg, 2)
+    parts = bring_up(cfg, 2)
+    ones, zeros = (
+        validation.subset(np.flatnonzero(validation.labels == 1)),
+        test.subset(np.flatnonzero(test.labels == 0)),
+    )
+
+    # Execute
+    got = solved_head_scores(cfg, parts, [pool], ones, zeros)
+
+    # Assert: validation's choice, scored on both sets
+    assert got["shrinkage"] == 0.3
+    assert got["val"]["accuracy"] == 1.0 and got["test"]["accuracy"] == 0.0
