@@ -206,9 +206,11 @@ def _arm_plan(
             )
     for setting in s["central"]:
         config = {**base, **CENTRAL_GRID[setting]}
+        # the federation's rounds do not touch a centralized arm: one saved arm serves every max_rounds
+        central = {k: v for k, v in resolved(config).items() if k != "num-server-rounds"}
         plan[f"centralized-{setting}"] = (
             f"{part}-seed{seed}-centralized-{setting}",
-            {"sites": sites, "epochs": s["max_epochs"], "config": resolved(config)},
+            {"sites": sites, "epochs": s["max_epochs"], "config": central},
             lambda config=config: centralized_curve(config, sites, s["max_epochs"]),
         )
     if not s.get("local", True):

@@ -390,3 +390,23 @@ def test_a_solved_heads_shrinkage_is_chosen_on_validation_not_on_the_held_out_se
     # Assert: validation's choice, scored on both sets
     assert got["shrinkage"] == 0.3
     assert got["val"]["accuracy"] == 1.0 and got["test"]["accuracy"] == 0.0
+
+
+def test_a_centralized_arm_is_saved_under_one_key_whatever_the_federations_rounds() -> None:
+    # Prepare
+    s5, s10 = (_settings(max_rounds=n, central=["lr5e-3"], federated=["s30-lr5e-3"]) for n in (5, 10))
+
+    def keys(s: dict[str, Any]) -> dict[str, Any]:
+        base = bench_quality._base_config(s, "dirichlet-0.3", 42)
+        return {
+            arm: key for arm, (_, key, _) in bench_quality._arm_plan(s, "dirichlet-0.3", 42, base).items()
+        }
+
+    # Execute
+    k5, k10 = keys(s5), keys(s10)
+
+    # Assert: the centralized arm's key holds no rounds; the federated arm's does
+    assert k5["centralized-lr5e-3"] == k10["centralized-lr5e-3"]
+    assert "num-server-rounds" not in k5["centralized-lr5e-3"]["config"]
+    rounds = [k["fedavg-s30-lr5e-3"]["config"]["num-server-rounds"] for k in (k5, k10)]
+    assert rounds == [5, 10]
