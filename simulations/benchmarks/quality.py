@@ -13,8 +13,11 @@ budget** (round / epoch 5). For every partition and seed:
   :data:`FEDERATED_GRID` (local steps per round, learning rate); the setting with the best
   validation macro-F1 is the arm's, chosen per seed and per judging point;
 - **centralized**: the same model and training loop on the pooled training splits for up to
-  ``max_epochs`` epochs, once per setting of :data:`CENTRAL_GRID` (learning rate, label prior); the
-  setting with the best validation macro-F1 is the arm's, chosen per seed and per judging point;
+  ``max_epochs`` epochs, once per setting of :data:`CENTRAL_GRID` (learning rate, label prior, and
+  ``head-fit=lda``: each epoch's encoder also scored with the pooled data's LDA head, the
+  counterpart of a federation that solves its head, its trained head's curve a candidate beside
+  it); the setting with the best validation macro-F1 is the arm's, chosen per seed and per judging
+  point;
 - **local-only**: each site alone with the federation's recipe (its local steps per round, learning
   rate and own label prior; a fresh optimiser each round), for up to ``local_rounds`` rounds, judged
   on its own local split (what a hospital alone can use) and scored on the held-out set at its best
