@@ -46,6 +46,7 @@ Quick: 3 sites, ``max-examples=600``, Dirichlet 0.3, 1 seed, 3 rounds / epochs, 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -68,6 +69,7 @@ COLUMNS = (
     "macro_f1_budget",
     "accuracy_budget",
 )
+Plan = dict[str, tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]]  # arm -> (label, key, compute)
 PARTITIONS: dict[str, dict[str, Any]] = {
     "iid": {"partitioning": "iid"},
     "dirichlet-1.0": {"partitioning": "dirichlet", "dirichlet-alpha": 1.0},
@@ -193,11 +195,10 @@ def _base_config(s: Mapping[str, Any], part: str, seed: int) -> dict[str, Any]:
     }
 
 
-def _arm_plan(
-    s: Mapping[str, Any], part: str, seed: int, base: dict[str, Any]
-) -> dict[str, tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]]:
+def _arm_plan(s: Mapping[str, Any], part: str, seed: int, base: dict[str, Any]) -> Plan:
     """``{arm: (saved file's label, key, compute)}`` for one partition and seed, in running order."""
-    sites, plan = s["sites"], {}
+    sites = s["sites"]
+    plan: Plan = {}
     for strategy in s["strategies"]:
         for setting in s["federated"]:
             config = {**base, "strategy": strategy, "audit": "true", **FEDERATED_GRID[setting]}
@@ -205,7 +206,7 @@ def _arm_plan(
             plan[f"{strategy}-{setting}"] = (
                 label,
                 {"sites": sites, "config": resolved(config)},
-                lambda label=label, config=config: federated_curve(NAME, label, config, sites),
+                functools.partial(federated_curve, NAME, label, config, sites),
             )
     for setting in s["central"]:
         config = {**base, **CENTRAL_GRID[setting]}
@@ -214,14 +215,14 @@ def _arm_plan(
         plan[f"centralized-{setting}"] = (
             f"{part}-seed{seed}-centralized-{setting}",
             {"sites": sites, "epochs": s["max_epochs"], "config": central},
-            lambda config=config: centralized_curve(config, sites, s["max_epochs"]),
+            functools.partial(centralized_curve, config, sites, s["max_epochs"]),
         )
     if not s.get("local", True):
         return plan
     plan["local"] = (
         f"{part}-seed{seed}-local",
         {"sites": sites, "rounds": s["local_rounds"], "budget": s["budget"], "config": resolved(base)},
-        lambda: local_only(base, sites, s["local_rounds"], s["budget"]),
+        functools.partial(local_only, base, sites, s["local_rounds"], s["budget"]),
     )
     return plan
 
