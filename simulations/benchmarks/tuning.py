@@ -271,7 +271,9 @@ def choice_notes(rows: list[dict[str, Any]]) -> list[str]:
         f"Best validation points: federated round {f['best']} held-out {f['test_f1_best']:.3f}; centralized "
         f"`{c_best['arm']}` epoch {c_best['best']} held-out {c_best['test_f1_best']:.3f}: centralized - "
         f"federated = {gap:+.1f} points (target <= 3: {'met' if gap <= 3 else 'missed'}; federated is "
-        "limited to the rounds run here).",
+        "limited to the rounds run here). Centralized here is this grid's (a trained head); the fair "
+        "comparison, centralized with its own settings chosen on validation and a solved head as well, "
+        "is `fedtune bench quality`'s.",
         *_prefix_note(prefix, rows),
     ]
 
