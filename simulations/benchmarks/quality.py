@@ -219,10 +219,12 @@ def _arm_plan(s: Mapping[str, Any], part: str, seed: int, base: dict[str, Any]) 
         )
     if not s.get("local", True):
         return plan
+    # a site alone runs its own rounds: they, not the federation's, are what its schedule spans
+    alone = {**base, "num-server-rounds": s["local_rounds"]}
     plan["local"] = (
         f"{part}-seed{seed}-local",
-        {"sites": sites, "rounds": s["local_rounds"], "budget": s["budget"], "config": resolved(base)},
-        functools.partial(local_only, base, sites, s["local_rounds"], s["budget"]),
+        {"sites": sites, "rounds": s["local_rounds"], "budget": s["budget"], "config": resolved(alone)},
+        functools.partial(local_only, alone, sites, s["local_rounds"], s["budget"]),
     )
     return plan
 

@@ -392,7 +392,7 @@ def test_a_solved_heads_shrinkage_is_chosen_on_validation_not_on_the_held_out_se
     assert got["val"]["accuracy"] == 1.0 and got["test"]["accuracy"] == 0.0
 
 
-def test_a_centralized_arm_is_saved_under_one_key_whatever_the_federations_rounds() -> None:
+def test_centralized_and_local_arms_are_saved_under_one_key_whatever_the_federations_rounds() -> None:
     # Prepare
     s5, s10 = (_settings(max_rounds=n, central=["lr5e-3"], federated=["s30-lr5e-3"]) for n in (5, 10))
 
@@ -405,8 +405,10 @@ def test_a_centralized_arm_is_saved_under_one_key_whatever_the_federations_round
     # Execute
     k5, k10 = keys(s5), keys(s10)
 
-    # Assert: the centralized arm's key holds no rounds; the federated arm's does
+    # Assert: the centralized arm's key holds no rounds, a site alone its own; the federated arm's
+    # holds the federation's
     assert k5["centralized-lr5e-3"] == k10["centralized-lr5e-3"]
+    assert k5["local"] == k10["local"] and k5["local"]["config"]["num-server-rounds"] == s5["local_rounds"]
     assert "num-server-rounds" not in k5["centralized-lr5e-3"]["config"]
     rounds = [k["fedavg-s30-lr5e-3"]["config"]["num-server-rounds"] for k in (k5, k10)]
     assert rounds == [5, 10]
