@@ -21,7 +21,7 @@ from fedtune.common.run_folder import RunFolder
 
 from .arms import federated_arm
 from .stats import mean_std
-from .training import bench_threads, concat, predict, torch_threads, train_central
+from .training import concat, head_features, predict, train_central
 
 if TYPE_CHECKING:
     from fedtune.common.config import FedConfig
@@ -129,24 +129,18 @@ def solved_head_scores(
     :data:`SHRINKAGES`. The model's own head is left as it is. Returns ``{"val": metrics, "test":
     metrics, "shrinkage": chosen}``.
     """
-    from fedtune.common.head_fit import HeadStatistics, head_inputs, solve_lda
+    from fedtune.common.head_fit import HeadStatistics, solve_lda
     from fedtune.common.train import score
 
     classes = len(test.label_names)
 
-    def inputs(ds: TextDataset) -> np.ndarray:
-        with torch_threads(bench_threads()):
-            return head_inputs(
-                parts.model,
-                parts.tokenizer,
-                ds,
-                batch_size=cfg.batch_size,
-                max_length=cfg.max_length,
-                device=parts.device,
-            )
-
-    stats = HeadStatistics.pooled([HeadStatistics.of(inputs(ds), ds.labels, classes) for ds in trains])
-    features = {"val": (inputs(validation), validation.labels), "test": (inputs(test), test.labels)}
+    stats = HeadStatistics.pooled(
+        [HeadStatistics.of(head_features(cfg, parts, ds), ds.labels, classes) for ds in trains]
+    )
+    features = {
+        split: (head_features(cfg, parts, ds), ds.labels)
+        for split, ds in (("val", validation), ("test", test))
+    }
 
     def scored(shrinkage: float, split: str) -> dict[str, float]:
         weight, bias = solve_lda(stats, shrinkage)

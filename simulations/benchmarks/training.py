@@ -103,6 +103,25 @@ def train_central(
         )
 
 
+def head_features(cfg: FedConfig, parts: ModelParts, ds: TextDataset) -> np.ndarray:
+    """What ``parts.model``'s classifier head receives for each example of ``ds``, shape ``(n, d)``.
+
+    :func:`fedtune.common.head_fit.head_inputs` with the run config's batch size and length, on
+    :func:`bench_threads` torch threads, as :func:`predict`.
+    """
+    from fedtune.common.head_fit import head_inputs
+
+    with torch_threads(bench_threads()):
+        return head_inputs(
+            parts.model,
+            parts.tokenizer,
+            ds,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            device=parts.device,
+        )
+
+
 def predict(cfg: FedConfig, parts: ModelParts, ds: TextDataset) -> np.ndarray:
     """Class probabilities of ``parts.model`` on ``ds`` with the run config's batch size and length.
 
