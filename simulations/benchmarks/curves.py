@@ -106,10 +106,12 @@ def centralized_curve(run_config: Mapping[str, Any], sites: int, epochs: int) ->
     trained: Curve = []
 
     def on_epoch_end(epoch: int) -> None:
-        (trained if solve else curve).append(point(epoch, score(validation), score(test)))
-        if solve:
-            solved = solved_head_scores(cfg, parts, [pool], validation, test)
-            curve.append({**point(epoch, solved["val"], solved["test"]), "shrinkage": solved["shrinkage"]})
+        if not solve:
+            curve.append(point(epoch, score(validation), score(test)))
+            return
+        solved = solved_head_scores(cfg, parts, [pool], validation, test)  # one pass scores both heads
+        trained.append(point(epoch, solved["model_head"]["val"], solved["model_head"]["test"]))
+        curve.append({**point(epoch, solved["val"], solved["test"]), "shrinkage": solved["shrinkage"]})
 
     res = train_central(cfg, parts, pool, epochs=epochs, on_epoch_end=on_epoch_end)
     return {"curve": curve, "seconds": res.seconds, **({"trained_head_curve": trained} if solve else {})}
@@ -126,10 +128,11 @@ def solved_head_scores(
 
     The statistics are each training set's (:class:`~fedtune.common.head_fit.HeadStatistics`, what
     secure aggregation sums), pooled; the shrinkage is chosen on ``validation`` from
-    :data:`SHRINKAGES`. The model's own head is left as it is. Returns ``{"val": metrics, "test":
-    metrics, "shrinkage": chosen}``.
+    :data:`SHRINKAGES`. The model's own head is left as it is and scored on the same features (one
+    forward pass per set serves both heads). Returns ``{"val": metrics, "test": metrics,
+    "shrinkage": chosen, "model_head": {"val": metrics, "test": metrics}}``.
     """
-    from fedtune.common.head_fit import HeadStatistics, solve_lda
+    from fedtune.common.head_fit import HeadStatistics, head_layer, solve_lda
     from fedtune.common.train import score
 
     classes = len(test.label_names)
@@ -142,15 +145,22 @@ def solved_head_scores(
         for split, ds in (("val", validation), ("test", test))
     }
 
-    def scored(shrinkage: float, split: str) -> dict[str, float]:
-        weight, bias = solve_lda(stats, shrinkage)
-        x, labels = features[split]
+    def scored(head: tuple[np.ndarray, np.ndarray], split: str) -> dict[str, float]:
+        (weight, bias), (x, labels) = head, features[split]
         logits = x @ weight.T + bias
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         return score(probs / probs.sum(axis=1, keepdims=True), labels, classes).as_metrics()
 
-    best = max(SHRINKAGES, key=lambda lam: scored(lam, "val")["macro_f1"])
-    return {"val": scored(best, "val"), "test": scored(best, "test"), "shrinkage": best}
+    solved = {lam: solve_lda(stats, lam) for lam in SHRINKAGES}
+    best = max(SHRINKAGES, key=lambda lam: scored(solved[lam], "val")["macro_f1"])
+    layer = head_layer(parts.model)
+    own = (layer.weight.detach().float().cpu().numpy(), layer.bias.detach().float().cpu().numpy())
+    return {
+        "val": scored(solved[best], "val"),
+        "test": scored(solved[best], "test"),
+        "shrinkage": best,
+        "model_head": {split: scored(own, split) for split in ("val", "test")},
+    }
 
 
 def summary(arm: str, curve: Curve, budget: int) -> dict[str, Any]:

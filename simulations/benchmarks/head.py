@@ -143,9 +143,13 @@ def score_heads(
     for arrays in adapters:
         set_adapter_arrays(parts.model, arrays)
         with torch_threads(bench_threads()):
-            shared = {name: scorer(cfg, parts)(ds) for name, ds in (("val", validation), ("test", test))}
             solved = (
                 solved_head_scores(cfg, parts, [d.train for d in data], validation, test) if solve else None
+            )
+            shared = (
+                solved["model_head"]  # scored on the features the solve saw: no second pass
+                if solved
+                else {name: scorer(cfg, parts)(ds) for name, ds in (("val", validation), ("test", test))}
             )
         rows.append(
             {
