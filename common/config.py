@@ -189,6 +189,9 @@ class FedConfig:
         min=0.0,
         max=1.0,
     )
+    local_head: str = _opt(
+        "train", "What a site does with the classifier head in local training.", choices=options.LOCAL_HEADS
+    )
     device: str = _opt("auto", "Where sites train.", choices=options.DEVICES)
     # --- data ---------------------------------------------------------------------------
     task: str = _opt("icd10-chapter", "Task.", choices=options.TASKS)

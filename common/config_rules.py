@@ -88,6 +88,11 @@ def _generation(cfg: FedConfig) -> None:
             f"`head-fit={cfg.head_fit}` solves a classifier head, but `task={cfg.task}` generates its answer "
             "with a causal LM: set `head-fit=none`."
         )
+    if cfg.local_head == "frozen":
+        raise ConfigError(
+            f"`local-head={cfg.local_head}` keeps a classifier head fixed, but `task={cfg.task}` generates "
+            "its answer with a causal LM: set `local-head=train`."
+        )
     if cfg.label_skew != "none":
         raise ConfigError(
             f"`label-skew={cfg.label_skew}` corrects a classifier's logits, but `task={cfg.task}` generates "

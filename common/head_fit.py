@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from peft.utils import ModulesToSaveWrapper
 from transformers import PreTrainedTokenizerBase
 
 from .data import TextDataset
+from .model import head_layer
 from .train import predict_proba
 from .updates import moments_defect, statistics_defect
 
@@ -295,20 +295,6 @@ def solve_lda(
         weight, bias = weight * scale, bias * scale
     bias[~present] = -(limit if limit is not None else ABSENT_MARGIN)
     return weight, bias
-
-
-def head_layer(model: torch.nn.Module) -> torch.nn.Linear:
-    """The trainable classifier head of a PEFT sequence classifier (peft's ``modules_to_save`` copy)."""
-    heads = [
-        m.modules_to_save[m.active_adapter] for m in model.modules() if isinstance(m, ModulesToSaveWrapper)
-    ]
-    linear = [h for h in heads if isinstance(h, torch.nn.Linear)]
-    if len(linear) != 1:
-        raise ValueError(
-            f"head_layer: expected one trainable linear classifier head, found {len(linear)}; a head "
-            "is solved only for a sequence-classification task."
-        )
-    return linear[0]
 
 
 def statistics_shapes(model: torch.nn.Module) -> list[list[int]]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from peft import (
     TaskType,
     get_peft_model,
 )
+from peft.utils import ModulesToSaveWrapper
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
@@ -260,6 +262,37 @@ def trainable_counts(model: torch.nn.Module) -> tuple[int, int]:
     """Return ``(trainable, total)`` parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def head_layer(model: torch.nn.Module) -> torch.nn.Linear:
+    """The trainable classifier head of a PEFT sequence classifier (peft's ``modules_to_save`` copy)."""
+    heads = [
+        m.modules_to_save[m.active_adapter] for m in model.modules() if isinstance(m, ModulesToSaveWrapper)
+    ]
+    linear = [h for h in heads if isinstance(h, torch.nn.Linear)]
+    if len(linear) != 1:
+        raise ValueError(
+            f"head_layer: expected one trainable linear classifier head, found {len(linear)}; a head "
+            "exists only for a sequence-classification task."
+        )
+    return linear[0]
+
+
+@contextmanager
+def frozen_head(model: torch.nn.Module, frozen: bool = True) -> Iterator[None]:
+    """Within the block, ``model``'s classifier head (:func:`head_layer`) takes no gradient (``frozen``).
+
+    Its parameters count as frozen there, so :func:`frozen_state_fingerprint` covers them; they are
+    trainable again after the block, however it ends. ``frozen=False``: nothing changes.
+    """
+    params = list(head_layer(model).parameters()) if frozen else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def frozen_state_fingerprint(model: torch.nn.Module) -> str:

@@ -53,6 +53,11 @@ HEAD_FITS: dict[str, str] = {
     "lda": "after every round the head is solved by LDA from the sites' securely aggregated feature "
     "statistics (fedtune.common.head_fit)",
 }
+LOCAL_HEADS: dict[str, str] = {
+    "train": "a site trains the classifier head with its adapter",
+    "frozen": "a site keeps the shared head as it came and trains only its adapter (FedBABU, Oh et al. "
+    "2022): every site's features learn against the one head of all classes",
+}
 # head-fit=auto solves the head from this many labels on: with two, every site holds both labels and
 # the averaged head is not diluted; on Pima diabetes the solved one measured on par with it, for
 # twice the upload (see the README's Measured)

@@ -25,7 +25,7 @@ from .config import FedConfig
 from .dataset import TextDataset
 from .dp_sgd import ExampleDP, empty_step, private, release
 from .local_plan import LogitTransform, Schedule, skew_transform, steps_per_round
-from .model import frozen_state_fingerprint
+from .model import frozen_head, frozen_state_fingerprint
 
 
 @dataclass(frozen=True)
@@ -229,21 +229,23 @@ def train_local(
 
     The site takes :func:`~fedtune.common.local_plan.steps_per_round` steps; the learning rate follows
     the run-wide schedule from where the previous round stopped; the training logits are corrected
-    with this site's own label counts (``label-skew``); ``example_dp``: with DP-SGD.
+    with this site's own label counts (``label-skew``); with ``local-head=frozen`` the classifier head
+    stays as it came (only the adapter trains); ``example_dp``: with DP-SGD.
     """
     round_steps = steps_per_round(len(ds), cfg)
-    return train(
-        model,
-        tokenizer,
-        ds,
-        steps=round_steps,
-        device=device,
-        seed=seed,
-        proximal_mu=proximal_mu,
-        schedule=Schedule.for_round(cfg, server_round, round_steps),
-        example_dp=example_dp,
-        **recipe(cfg, ds),
-    )
+    with frozen_head(model, cfg.local_head == "frozen"):
+        return train(
+            model,
+            tokenizer,
+            ds,
+            steps=round_steps,
+            device=device,
+            seed=seed,
+            proximal_mu=proximal_mu,
+            schedule=Schedule.for_round(cfg, server_round, round_steps),
+            example_dp=example_dp,
+            **recipe(cfg, ds),
+        )
 
 
 def recipe(cfg: FedConfig, ds: TextDataset) -> dict[str, Any]:

@@ -39,7 +39,8 @@ from fedtune.common import instructions
 from fedtune.common.adapters import adapter_names
 from fedtune.common.audit import save_arrays
 from fedtune.common.config import FedConfig
-from fedtune.common.head_fit import FeatureMoments, HeadStatistics, StatisticsFrame, head_layer, solve_lda
+from fedtune.common.head_fit import FeatureMoments, HeadStatistics, StatisticsFrame, solve_lda
+from fedtune.common.model import head_layer
 from fedtune.common.run_folder import (
     HEAD_MOMENTS_LABEL,
     HEAD_STATS_LABEL,

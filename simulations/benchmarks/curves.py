@@ -132,7 +132,8 @@ def solved_head_scores(
     forward pass per set serves both heads). Returns ``{"val": metrics, "test": metrics,
     "shrinkage": chosen, "model_head": {"val": metrics, "test": metrics}}``.
     """
-    from fedtune.common.head_fit import HeadStatistics, head_layer, solve_lda
+    from fedtune.common.head_fit import HeadStatistics, solve_lda
+    from fedtune.common.model import head_layer
     from fedtune.common.train import score
 
     classes = len(test.label_names)

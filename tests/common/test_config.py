@@ -372,6 +372,10 @@ def test_bound_values_are_inclusive(key: str, value: Any) -> None:
             ("head-fit=lda", "task=icd10-code", "set `head-fit=none`"),
         ),
         (
+            {"task": "icd10-code", "label-skew": "none", "local-head": "frozen"},
+            ("local-head=frozen", "task=icd10-code", "set `local-head=train`"),
+        ),
+        (
             {"head-fit": "lda", "dp-mode": "example"},
             ("head-fit=lda", "dp-mode=example", "set `head-fit=none`"),
         ),

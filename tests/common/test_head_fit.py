@@ -15,11 +15,10 @@ from fedtune.common.head_fit import (
     HeadStatistics,
     StatisticsFrame,
     head_inputs,
-    head_layer,
     set_head,
     solve_lda,
 )
-from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer
+from fedtune.common.model import PeftSpec, build_peft_model, head_layer, load_tokenizer
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -13,7 +13,14 @@ from fedtune.common.adapters import get_adapter_arrays, set_adapter_arrays
 from fedtune.common.config import FedConfig
 from fedtune.common.data import TextDataset
 from fedtune.common.local_plan import LogitTransform, Schedule
-from fedtune.common.model import PeftSpec, build_peft_model, load_tokenizer, select_device
+from fedtune.common.model import (
+    PeftSpec,
+    build_peft_model,
+    frozen_head,
+    head_layer,
+    load_tokenizer,
+    select_device,
+)
 from fedtune.common.train import (
     EvalResult,
     TrainResult,
@@ -481,6 +488,49 @@ def test_train_local_corrects_the_training_logits_with_the_sites_labels(
 
     # Assert
     assert plain.loss > 0.1 and adjusted.loss < 1e-3
+
+
+@pytest.mark.parametrize("local_head", ["train", "frozen"])
+def test_train_local_trains_the_head_unless_the_run_freezes_it(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset, local_head: str
+) -> None:
+    # Prepare
+    cfg = FedConfig(
+        local_steps=3, batch_size=8, learning_rate=0.02, max_length=MAX_LENGTH, local_head=local_head
+    )
+    head = head_layer(model)
+    head_before = [p.detach().clone() for p in head.parameters()]
+    head_ids = {id(p) for p in head.parameters()}
+    body = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in head_ids]
+    body_before = [p.detach().clone() for _, p in body]
+
+    # Execute
+    result = train_local(model, tokenizer, dataset, cfg, device=CPU, seed=0, server_round=1)
+
+    # Assert: the adapter always trains; the head only with local-head=train; trainable again after
+    assert result.steps == 3 and body
+    assert all(not torch.equal(a, p) for a, (_, p) in zip(body_before, body, strict=True))
+    moved = [not torch.equal(a, p) for a, p in zip(head_before, head.parameters(), strict=True)]
+    assert moved == ([True, True] if local_head == "train" else [False, False])
+    assert all(p.requires_grad for p in head.parameters())
+
+
+def test_a_frozen_head_counts_as_frozen_and_is_trainable_again_after_a_failure(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: TextDataset
+) -> None:
+    # Prepare: something other than the optimiser touches the frozen head mid-training
+    head = head_layer(model)
+
+    def tamper(epoch: int) -> None:
+        with torch.no_grad():
+            head.bias.add_(1.0)
+
+    # Execute / Assert
+    with pytest.raises(RuntimeError, match="A frozen base-model parameter changed"), frozen_head(model):
+        _train(model, tokenizer, dataset, on_epoch_end=tamper)
+    assert all(p.requires_grad for p in head.parameters())
+    with frozen_head(model, frozen=False):
+        assert head.bias.requires_grad
 
 
 def test_a_frozen_base_weight_changed_during_training_is_refused(
