@@ -103,16 +103,13 @@ def train_central(
         )
 
 
-def head_features(cfg: FedConfig, parts: ModelParts, ds: TextDataset) -> np.ndarray:
-    """What ``parts.model``'s classifier head receives for each example of ``ds``, shape ``(n, d)``.
+def _batched(cfg: FedConfig, parts: ModelParts, ds: TextDataset, fn: Callable[..., np.ndarray]) -> np.ndarray:
+    """``fn(model, tokenizer, ds, ...)`` with the run config's batch size and length.
 
-    :func:`fedtune.common.head_fit.head_inputs` with the run config's batch size and length, on
-    :func:`bench_threads` torch threads, as :func:`predict`.
+    Runs on :func:`bench_threads` torch threads, as the arms train.
     """
-    from fedtune.common.head_fit import head_inputs
-
     with torch_threads(bench_threads()):
-        return head_inputs(
+        return fn(
             parts.model,
             parts.tokenizer,
             ds,
@@ -120,6 +117,16 @@ def head_features(cfg: FedConfig, parts: ModelParts, ds: TextDataset) -> np.ndar
             max_length=cfg.max_length,
             device=parts.device,
         )
+
+
+def head_features(cfg: FedConfig, parts: ModelParts, ds: TextDataset) -> np.ndarray:
+    """What ``parts.model``'s classifier head receives for each example of ``ds``, shape ``(n, d)``.
+
+    :func:`fedtune.common.head_fit.head_inputs`, batched as :func:`predict`.
+    """
+    from fedtune.common.head_fit import head_inputs
+
+    return _batched(cfg, parts, ds, head_inputs)
 
 
 def predict(cfg: FedConfig, parts: ModelParts, ds: TextDataset) -> np.ndarray:
@@ -129,15 +136,7 @@ def predict(cfg: FedConfig, parts: ModelParts, ds: TextDataset) -> np.ndarray:
     """
     from fedtune.common.train import predict_proba
 
-    with torch_threads(bench_threads()):
-        return predict_proba(
-            parts.model,
-            parts.tokenizer,
-            ds,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-            device=parts.device,
-        )
+    return _batched(cfg, parts, ds, predict_proba)
 
 
 def train_and_score(
