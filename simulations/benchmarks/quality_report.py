@@ -40,6 +40,7 @@ def arm_summaries(arms: Mapping[str, Any], budget: int, grids: Mapping[str, Sequ
             at_budget = max(runs, key=lambda r: r["val_f1_budget"])
             out[arm] = {
                 **{k: at_best[k] for k in ("best", "val_f1_best", "test_f1_best", "test_acc_best")},
+                "test_f1_late": at_best["test_f1_late"],
                 **{k: at_budget[k] for k in ("val_f1_budget", "test_f1_budget", "test_acc_budget")},
                 "setting_best": at_best["arm"],
                 "setting_budget": at_budget["arm"],
@@ -157,10 +158,21 @@ def _target_notes(part: str, arms: Mapping[str, list[dict[str, Any]]], s: Mappin
         text += f"{100 * _f1(central, 'budget'):.1f} = {100 * ratio:.0f}% "
         text += f"(target >= {100 * BUDGET_RATIO:.0f}%: "
         text += f"{'met' if ratio >= BUDGET_RATIO else 'missed'})."
+        text += _late_note(fed, central, s)
         if any(r["best"] == s["max_rounds"] for r in fed):
             text += f" Its best validation point is its last round: still rising at round {s['max_rounds']}."
         notes.append(text)
     return notes
+
+
+def _late_note(fed: list[dict[str, Any]], central: list[dict[str, Any]], s: Mapping[str, Any]) -> str:
+    """Both sides' held-out macro-F1 averaged from the budget on (each seed's chosen setting)."""
+    fed_late, central_late = _f1(fed, "late"), _f1(central, "late")
+    return (
+        f" Averaged from the budget on (rounds {s['budget']}-{s['max_rounds']}, epochs {s['budget']}-"
+        f"{s['max_epochs']}; no single validation pick decides it): {100 * fed_late:.1f} vs "
+        f"{100 * central_late:.1f}, {100 * (central_late - fed_late):+.1f} points."
+    )
 
 
 def _plot_curves(per_seed: Mapping[str, Mapping[int, Mapping[str, Any]]], s: Mapping[str, Any]) -> None:

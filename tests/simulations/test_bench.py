@@ -461,6 +461,10 @@ def test_tuning_summary_takes_the_best_validation_point_not_the_best_test_point(
     assert (row["best"], row["val_f1_best"], row["test_f1_best"]) == (2, 0.30, 0.25)
     assert (row["val_f1_budget"], row["test_f1_budget"], row["test_acc_budget"]) == (0.28, 0.30, 0.80)
     assert bench_curves.summary("arm", curve[:2], budget=5)["val_f1_budget"] == 0.30  # short curve: its end
+    # Assert: the held-out mean from the budget on (round 3 alone; rounds 2-3; a short curve's end)
+    assert row["test_f1_late"] == pytest.approx(0.30)
+    assert bench_curves.summary("arm", curve, budget=2)["test_f1_late"] == pytest.approx(0.275)
+    assert bench_curves.summary("arm", curve[:2], budget=5)["test_f1_late"] == pytest.approx(0.25)
 
 
 def _tuning_point(step: int, val: float, test: float) -> dict[str, float]:
