@@ -82,7 +82,7 @@ SEEDS: tuple[int, ...] = (42, 43, 44)
 # federated local recipes (the rest of the recipe at its defaults); validation picks one per strategy
 # and seed: fewer local steps per round drift less under label skew, a lower rate is steadier, and
 # head-fit=lda solves the shared head from the sites' statistics instead of averaging it (at the
-# default 5e-3 and at centralized's 2e-3), and
+# default 5e-3, at centralized's 2e-3, and decayed to 0 over the rounds run by a cosine), and
 # local-head=frozen has the sites train their adapters against that shared head of all classes
 FEDERATED_GRID: dict[str, dict[str, Any]] = {
     "s30-lr5e-3": {"local-steps": 30, "learning-rate": 5e-3},
@@ -90,6 +90,12 @@ FEDERATED_GRID: dict[str, dict[str, Any]] = {
     "s30-lr2e-3": {"local-steps": 30, "learning-rate": 2e-3},
     "s30-lr5e-3-lda": {"local-steps": 30, "learning-rate": 5e-3, "head-fit": "lda"},
     "s30-lr2e-3-lda": {"local-steps": 30, "learning-rate": 2e-3, "head-fit": "lda"},
+    "s30-lr5e-3-lda-cosine": {
+        "local-steps": 30,
+        "learning-rate": 5e-3,
+        "head-fit": "lda",
+        "lr-schedule": "cosine",
+    },
     "s30-lr5e-3-lda-frozen-head": {
         "local-steps": 30,
         "learning-rate": 5e-3,
