@@ -171,7 +171,7 @@ def _late_note(fed: list[dict[str, Any]], central: list[dict[str, Any]], s: Mapp
     return (
         f" Averaged from the budget on (rounds {s['budget']}-{s['max_rounds']}, epochs {s['budget']}-"
         f"{s['max_epochs']}; no single validation pick decides it): {100 * fed_late:.1f} vs "
-        f"{100 * central_late:.1f}, {100 * (central_late - fed_late):+.1f} points."
+        f"{100 * central_late:.1f}, gap {100 * (central_late - fed_late):+.1f} points."
     )
 
 

@@ -110,7 +110,7 @@ def test_report_judges_each_target_on_the_mean_over_seeds(tmp_path: Path, monkey
     assert "mean local-only site 10.0, lift +21.0 (target >= 10: met)" in target
     assert "30.0 vs centralized after 2 epochs 36.0 = 83% (target >= 80%: met)" in target
     # Assert: held-out means over rounds (epochs) 2-3: federated (0.2 + 0.31) / 2, centralized 0.36
-    late = "(rounds 2-3, epochs 2-20; no single validation pick decides it): 25.5 vs 36.0, +10.5 points."
+    late = "(rounds 2-3, epochs 2-20; no single validation pick decides it): 25.5 vs 36.0, gap +10.5 points."
     assert late in target
     assert target.endswith("still rising at round 3.")
 
