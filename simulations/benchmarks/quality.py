@@ -30,9 +30,10 @@ within 3 macro-F1 points of centralized at Dirichlet 0.3 (1.5 at IID, 5 at speci
 above the mean local-only site, and at the budget at least 80% of centralized after as many epochs.
 
 Running a subset
-    The full protocol (5 partitions x 3 seeds; 50 rounds x 3 federated settings, 20 epochs x 4
-    centralized settings, 10 sites x 10 local rounds) takes about 7 hours per partition and seed on
-    2 CPU cores (a 30-step round about 3 minutes, a 10-step round about 1), ~100 hours in all.
+    The full protocol (5 partitions x 3 seeds; 50 rounds x 7 federated settings, 20 epochs x 5
+    centralized settings, 10 sites x 10 local rounds) takes about 16 hours per partition and seed on
+    2 CPU cores (a 30-step round about 2.5 minutes, a 10-step round about 1, 20 centralized epochs
+    20-30 minutes), ~240 hours in all.
     Choose with ``FEDTUNE_BENCH_PARTITIONS``, ``FEDTUNE_BENCH_STRATEGIES``, ``FEDTUNE_BENCH_SEEDS``,
     ``FEDTUNE_BENCH_FEDERATED``, ``FEDTUNE_BENCH_CENTRAL`` (comma-separated names), leave the
     local-only arms out with ``FEDTUNE_BENCH_LOCAL=0``, and shorten with
