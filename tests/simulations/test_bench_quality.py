@@ -56,6 +56,8 @@ def test_each_arm_chooses_its_setting_on_validation_separately_at_each_point() -
     central = judged["centralized"]
     assert (central["setting_best"], central["best"], central["test_f1_best"]) == ("a", 3, 0.4)
     assert (central["setting_budget"], central["test_f1_budget"]) == ("b", 0.2)
+    # the averaged reading follows the best-point choice ("a": epochs 2-3), not the budget's ("b")
+    assert central["test_f1_late"] == pytest.approx(0.375)
     assert judged["local-mean"]["test_f1_best"] == pytest.approx(0.2)
     assert judged["local-mean"]["test_f1_budget"] == pytest.approx(0.1)
     assert judged["local-best"]["test_f1_best"] == 0.3 and judged["local-best"]["best"] == 3
