@@ -106,11 +106,11 @@ def protocol_cut(s: Mapping[str, Any]) -> list[str]:
 
 
 def _by_arm(seeds: Mapping[int, Judged]) -> dict[str, list[dict[str, Any]]]:
-    """``{arm: [its figures for each seed that has it]}``, arms in first-seen order."""
+    """``{arm: [its figures, and ``seed``, for each seed that has it]}``, arms in first-seen order."""
     out: dict[str, list[dict[str, Any]]] = {}
     for seed in sorted(seeds):
         for arm, figures in seeds[seed].items():
-            out.setdefault(arm, []).append(figures)
+            out.setdefault(arm, []).append({**figures, "seed": seed})
     return out
 
 
@@ -158,7 +158,7 @@ def _target_notes(part: str, arms: Mapping[str, list[dict[str, Any]]], s: Mappin
         text += f"{100 * _f1(central, 'budget'):.1f} = {100 * ratio:.0f}% "
         text += f"(target >= {100 * BUDGET_RATIO:.0f}%: "
         text += f"{'met' if ratio >= BUDGET_RATIO else 'missed'})."
-        text += _late_note(fed, central, s)
+        text += _late_note(fed, central, s) + _paired_note(fed, central)
         if any(r["best"] == s["max_rounds"] for r in fed):
             text += f" Its best validation point is its last round: still rising at round {s['max_rounds']}."
         notes.append(text)
@@ -172,6 +172,25 @@ def _late_note(fed: list[dict[str, Any]], central: list[dict[str, Any]], s: Mapp
         f" Averaged from the budget on (rounds {s['budget']}-{s['max_rounds']}, epochs {s['budget']}-"
         f"{s['max_epochs']}; no single validation pick decides it): {100 * fed_late:.1f} vs "
         f"{100 * central_late:.1f}, gap {100 * (central_late - fed_late):+.1f} points."
+    )
+
+
+def _paired_note(fed: list[dict[str, Any]], central: list[dict[str, Any]]) -> str:
+    """The gap at the best validation point seed by seed, and the standard error of its mean.
+
+    Only the seeds both sides have count; with fewer than two there is no spread and no note.
+    """
+    central_f1 = {r["seed"]: r["test_f1_best"] for r in central}
+    paired = [
+        (r["seed"], 100 * (central_f1[r["seed"]] - r["test_f1_best"])) for r in fed if r["seed"] in central_f1
+    ]
+    if len(paired) < 2:
+        return ""
+    seeds, gaps = zip(*paired, strict=True)
+    error = mean_std(gaps)[1] / len(gaps) ** 0.5
+    return (
+        f" Seed by seed ({', '.join(map(str, seeds))}): gap {', '.join(f'{g:+.1f}' for g in gaps)} points; "
+        f"standard error of the mean gap {error:.1f} points."
     )
 
 

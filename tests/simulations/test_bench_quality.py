@@ -114,6 +114,9 @@ def test_report_judges_each_target_on_the_mean_over_seeds(tmp_path: Path, monkey
     # Assert: held-out means over rounds (epochs) 2-3: federated (0.2 + 0.31) / 2, centralized 0.36
     late = "(rounds 2-3, epochs 2-20; no single validation pick decides it): 25.5 vs 36.0, gap +10.5 points."
     assert late in target
+    # Assert: seed 42's gap 34 - 30, seed 43's 38 - 32; standard error std(4, 6) / sqrt(2) = 1.0
+    paired = "Seed by seed (42, 43): gap +4.0, +6.0 points; standard error of the mean gap 1.0 points."
+    assert paired in target
     assert target.endswith("still rising at round 3.")
 
     # Execute: the benchmark's plot of the same outcome
@@ -135,6 +138,32 @@ def test_partitions_without_a_gap_target_are_reported_without_a_verdict(tmp_path
     # Assert: no cut (rounds under the protocol's are the only ones named), a gap but no target
     assert notes[1].startswith("Protocol cut to fit the machine: federated rounds 5 of 50.")
     assert "gap +10.0 points." in notes[2] and "target <= " not in notes[2].split("At the budget")[0]
+
+
+def test_the_seed_by_seed_gap_pairs_only_the_seeds_both_sides_have(tmp_path: Path, monkeypatch) -> None:
+    # Prepare: federated in seeds 42-44, centralized in 42 and 44 only; seed 43's federated would
+    # give a gap of +30 if it were paired with another seed's centralized run
+    monkeypatch.chdir(tmp_path)
+    fed = {42: 0.30, 43: 0.10, 44: 0.36}
+    central = {42: 0.40, 44: 0.42}
+    per_seed = {
+        "dirichlet-0.3": {
+            seed: {
+                "fedavg-x": _curve((0.3, f1)),
+                **({"centralized-a": _curve((0.3, central[seed]))} if seed in central else {}),
+            }
+            for seed, f1 in fed.items()
+        }
+    }
+
+    # Execute
+    _, notes = report(per_seed, _settings(max_rounds=5, budget=1, seeds=[42, 43, 44]))
+    _, one_seed = report({"dirichlet-0.3": {42: per_seed["dirichlet-0.3"][42]}}, _settings(budget=1))
+
+    # Assert: gaps 40 - 30 and 42 - 36; standard error std(10, 6) / sqrt(2) = 2.0; no spread of one seed
+    paired = "Seed by seed (42, 44): gap +10.0, +6.0 points; standard error of the mean gap 2.0 points."
+    assert paired in notes[2]
+    assert "gap +10.0 points" in one_seed[-1] and "Seed by seed" not in one_seed[-1]
 
 
 def test_shortened_protocol_is_checked_against_the_budget(monkeypatch) -> None:
